@@ -1,0 +1,550 @@
+"""Functional batch normalization: Algorithm 1 (training), Algorithm 2 (inference).
+
+Pure functions on explicit pytrees, no hidden state, no Flax::
+
+    cfg = BatchNormConfig(axis=-1, momentum=0.99)
+    params, state = init(100, cfg)                  # BNParams, BatchStats
+    y, state = apply_train(params, state, x, cfg)   # mini-batch statistics
+    y = apply_eval(params, state, x, cfg)           # frozen statistics, one affine map
+
+``cfg`` is a frozen (hashable) dataclass, so it can be a static argument of
+``jax.jit`` and equal configs never retrace.
+
+Gradient (``cfg.grad``):
+
+``"vjp"`` (default)
+    A ``jax.custom_vjp`` implementing the paper's backward pass in its fused form
+    ``dx = gamma / (m sigma) * (m dy - sum(dy) - xhat sum(dy xhat))``,
+    ``dgamma = sum(dy xhat)``, ``dbeta = sum(dy)``, with masks (only valid
+    elements enter the statistics; ``m`` is their count) and with cotangents of
+    the returned batch statistics. It saves only ``x``, the mean and the inverse
+    standard deviation. The backward rule is plain ``jax.numpy``, so
+    reverse-over-reverse (Hessian-vector products by ``grad(grad(...))``) works;
+    forward mode (``jax.jvp``, ``jax.jacfwd``) is not available on a
+    ``custom_vjp``.
+``"jvp"``
+    A ``jax.custom_jvp`` whose tangent map is the linearization of the same
+    algebra, ``dy = gamma (dxhat) + dgamma xhat + dbeta`` with
+    ``dxhat = (dx - mean(dx) - xhat mean(dx xhat)) / sigma``; JAX transposes it
+    into exactly the fused backward above. Forward and reverse mode, any order.
+``"autodiff"``
+    Plain JAX autodiff of the forward computation (a reference).
+
+``jax.vmap`` without an ``axis_name``: each mapped slice is normalized with its
+own statistics and gets its own state (an ensemble of models). With
+``cfg.axis_name`` bound by ``vmap``/``pmap``/``shard_map``, statistics (and the
+backward reductions) are pooled exactly over that axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax import population as _pop
+from bnjax import stats as _stats
+from bnjax.population import BatchStats
+from bnjax.stats import Moments
+
+__all__ = [
+    "BatchNormConfig",
+    "BNParams",
+    "BatchStats",
+    "init",
+    "init_state",
+    "apply_train",
+    "apply_eval",
+    "apply",
+    "batch_moments",
+    "inference_affine",
+    "feature_axes",
+]
+
+Array = jax.Array
+Axes = int | tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormConfig:
+    """Static (hashable) configuration of a batch-norm layer.
+
+    Attributes:
+      axis: feature axis or axes (one gamma/beta per feature); statistics are
+        taken over all other axes. ``-1`` for NHWC / (batch, features), ``1`` for NCHW.
+      epsilon: added to the variance for numerical stability.
+      momentum: EMA momentum, flax convention ``new = momentum * old + (1 - momentum) * batch``.
+      use_scale: learn ``gamma`` (else gamma = 1).
+      use_bias: learn ``beta`` (else beta = 0).
+      dtype: output dtype; ``None`` means ``result_type(x, params)`` like flax.
+      param_dtype: dtype of gamma and beta made by :func:`init`.
+      population: ``"ema"`` or ``"average"`` (the paper's Algorithm 2), see
+        :mod:`bnjax.population`.
+      axis_name: a named axis (``shard_map``/``pmap``/``vmap``) over which the
+        statistics are pooled exactly, or ``None``.
+      axis_index_groups: optional groups of indices of ``axis_name`` to pool within.
+      virtual_batch_size: ghost batch norm: normalize sub-batches of this many
+        examples along axis 0 independently (``None``: the whole batch).
+      stats_method: ``"shifted"`` (one pass, default) or ``"two_pass"``.
+      grad: ``"vjp"``, ``"jvp"`` or ``"autodiff"`` (see the module docstring).
+    """
+
+    axis: Axes = -1
+    epsilon: float = 1e-5
+    momentum: float = 0.99
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    population: str = "ema"
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    virtual_batch_size: int | None = None
+    stats_method: str = "shifted"
+    grad: str = "vjp"
+
+    def __post_init__(self):
+        if self.population not in _pop.POPULATION_ESTIMATORS:
+            raise ValueError(
+                f"population must be one of {_pop.POPULATION_ESTIMATORS}, got {self.population!r}"
+            )
+        if self.grad not in ("vjp", "jvp", "autodiff"):
+            raise ValueError(f"grad must be 'vjp', 'jvp' or 'autodiff', got {self.grad!r}")
+        if self.stats_method not in ("shifted", "two_pass"):
+            raise ValueError(
+                f"stats_method must be 'shifted' or 'two_pass', got {self.stats_method!r}"
+            )
+        if not self.epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+        if not 0 <= self.momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
+        if self.virtual_batch_size is not None and self.virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be >= 1, got {self.virtual_batch_size}")
+        if isinstance(self.axis, list):
+            object.__setattr__(self, "axis", tuple(self.axis))
+        if self.axis_index_groups is not None:
+            groups = tuple(tuple(int(i) for i in g) for g in self.axis_index_groups)
+            object.__setattr__(self, "axis_index_groups", groups)
+
+
+class BNParams(NamedTuple):
+    """Learned parameters: ``scale`` (gamma) and ``bias`` (beta), or ``None`` if unused."""
+
+    scale: Array | None
+    bias: Array | None
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def feature_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
+    """The canonical (sorted, non-negative) feature axes of a rank-``ndim`` input."""
+    return _stats.canonicalize_axes(ndim, axis, name="axis")
+
+
+def _feature_shape(shape: tuple[int, ...], faxes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[a] for a in faxes)
+
+
+def _broadcast_shape(shape, faxes):
+    return tuple(s if i in faxes else 1 for i, s in enumerate(shape))
+
+
+def _check_input(x: Array, what: str = "x") -> None:
+    dt = jnp.result_type(x)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(
+            f"batch norm needs a floating-point {what}, got dtype {dt} (shape "
+            f"{tuple(jnp.shape(x))}); cast it first, e.g. x.astype(jnp.float32)"
+        )
+
+
+def _check_features(x_shape, faxes, arr: Array | None, name: str) -> None:
+    if arr is None:
+        return
+    fshape = _feature_shape(x_shape, faxes)
+    if tuple(arr.shape) != fshape:
+        raise ValueError(
+            f"{name} has shape {tuple(arr.shape)} but the input of shape {tuple(x_shape)} "
+            f"has features {fshape} on axis {faxes}"
+        )
+
+
+# --------------------------------------------------------------------------- init
+
+
+def init_state(feature_shape: int | Sequence[int], dtype=jnp.float32) -> BatchStats:
+    """Fresh population statistics: mean 0, var 1, count 0 (flax's initial values)."""
+    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+    return BatchStats(
+        mean=jnp.zeros(shape, dtype),
+        var=jnp.ones(shape, dtype),
+        count=jnp.zeros(shape, dtype),
+        batches=jnp.zeros(shape, dtype),
+    )
+
+
+def init(
+    feature_shape: int | Sequence[int], config: BatchNormConfig = BatchNormConfig()
+) -> tuple[BNParams, BatchStats]:
+    """Parameters (gamma = 1, beta = 0) and fresh statistics for ``feature_shape``.
+
+    Args:
+      feature_shape: number of features, or the shape of the feature axes
+        (``(C,)`` for ``axis=-1``; ``(H, W)`` for ``axis=(1, 2)``).
+      config: the layer's :class:`BatchNormConfig` (``param_dtype``, ``use_scale``, ``use_bias``).
+
+    Returns:
+      ``(BNParams, BatchStats)``; statistics are float32 (at least).
+
+    Example:
+      >>> params, state = init(64)
+      >>> params.scale.shape, state.var.shape
+      ((64,), (64,))
+    """
+    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+    pdt = config.param_dtype
+    params = BNParams(
+        scale=jnp.ones(shape, pdt) if config.use_scale else None,
+        bias=jnp.zeros(shape, pdt) if config.use_bias else None,
+    )
+    return params, init_state(shape, _stats.stats_dtype(pdt))
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static description of one normalization call (hashable, for custom_vjp)."""
+
+    stat_axes: tuple[int, ...]
+    epsilon: float
+    axis_name: Any
+    axis_index_groups: Any
+    method: str
+    out_dtype: Any
+
+
+def _forward(spec: _Spec, x, mask, scale, bias):
+    """Algorithm 1 on (possibly reshaped) ``x``. Returns (y, moments, mean, inv)."""
+    dt = _stats.stats_dtype(x.dtype)
+    m = _stats.moments(x, spec.stat_axes, mask=mask, method=spec.method)
+    m = _stats.all_reduce(m, spec.axis_name, spec.axis_index_groups)
+    mean = m.mean
+    inv = lax.rsqrt(m.var() + jnp.asarray(spec.epsilon, dt))
+    y = _scale_shift((x.astype(dt) - mean) * inv, scale, bias, dt)
+    return y.astype(spec.out_dtype), m, mean, inv
+
+
+def _scale_shift(xhat, scale, bias, dt):
+    y = xhat
+    if scale is not None:
+        y = y * scale.astype(dt)
+    if bias is not None:
+        y = y + bias.astype(dt)
+    return y
+
+
+def _sum_to(a: Array, shape: tuple[int, ...]) -> Array:
+    axes = tuple(i for i, (s, t) in enumerate(zip(a.shape, shape, strict=True)) if t == 1 and s != 1)
+    return jnp.sum(a, axis=axes, keepdims=True) if axes else a
+
+
+def _psum(a, spec: _Spec):
+    if spec.axis_name is None:
+        return a
+    return lax.psum(a, spec.axis_name, axis_index_groups=spec.axis_index_groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bn_vjp(spec, x, mask, scale, bias):
+    y, m, _, _ = _forward(spec, x, mask, scale, bias)
+    return y, m
+
+
+def _bn_vjp_fwd(spec, x, mask, scale, bias):
+    y, m, mean, inv = _forward(spec, x, mask, scale, bias)
+    return (y, m), (x, mask, scale, bias, mean, inv, m.count)
+
+
+def _bn_vjp_bwd(spec, res, cts):
+    x, mask, scale, bias, mean, inv, count = res
+    gy, gm = cts
+    dt = mean.dtype
+    xc = x.astype(dt) - mean
+    xhat = xc * inv
+    gyf = gy.astype(dt)
+    # The two reductions of the fused backward (local), then one collective.
+    sum_dy = jnp.sum(gyf, axis=spec.stat_axes, keepdims=True)
+    sum_dy_xhat = jnp.sum(gyf * xhat, axis=spec.stat_axes, keepdims=True)
+    dscale = None if scale is None else _sum_to(sum_dy_xhat, scale.shape).astype(scale.dtype)
+    dbias = None if bias is None else _sum_to(sum_dy, bias.shape).astype(bias.dtype)
+    if spec.axis_name is not None:
+        both = _psum(jnp.stack([sum_dy, sum_dy_xhat]), spec)
+        sum_dy, sum_dy_xhat = both[0], both[1]
+    gamma = 1 if scale is None else scale.astype(dt)
+    n = jnp.where(count > 0, count, 1)
+    w = 1 if mask is None else mask.astype(dt)
+    # dx = gamma / (m sigma) * (m dy - sum(dy) - xhat sum(dy xhat)), masked elements
+    # outside the statistics; plus the cotangents of the returned mean and M2.
+    dx = (gamma * inv) * (gyf - (w / n) * (sum_dy + xhat * sum_dy_xhat))
+    if gm is not None:
+        gmean = gm.mean.astype(dt)
+        gm2 = gm.m2.astype(dt)
+        dx = dx + w * (gmean / n + 2 * xc * gm2)
+    return dx.astype(x.dtype), None, dscale, dbias
+
+
+_bn_vjp.defvjp(_bn_vjp_fwd, _bn_vjp_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _bn_jvp(spec, x, mask, scale, bias):
+    y, m, _, _ = _forward(spec, x, mask, scale, bias)
+    return y, m
+
+
+@_bn_jvp.defjvp
+def _bn_jvp_rule(spec, primals, tangents):
+    x, mask, scale, bias = primals
+    tx, _, tscale, tbias = tangents
+    y, m, mean, inv = _forward(spec, x, mask, scale, bias)
+    dt = mean.dtype
+    n = jnp.where(m.count > 0, m.count, 1)
+    w = 1 if mask is None else mask.astype(dt)
+    xc = x.astype(dt) - mean
+    xhat = xc * inv
+    txf = tx.astype(dt)
+    sums = jnp.stack(
+        [
+            jnp.sum(w * txf, axis=spec.stat_axes, keepdims=True),
+            jnp.sum(w * xc * txf, axis=spec.stat_axes, keepdims=True),
+        ]
+    )
+    sums = _psum(sums, spec)
+    tmean = sums[0] / n
+    tm2 = 2 * sums[1]
+    txhat = inv * (txf - tmean - xhat * (inv * sums[1] / n))
+    ty = txhat if scale is None else txhat * scale.astype(dt)
+    if tscale is not None and scale is not None:
+        ty = ty + xhat * tscale.astype(dt)
+    if tbias is not None and bias is not None:
+        ty = ty + tbias.astype(dt)
+    tm = Moments(jnp.zeros_like(m.count), tmean.astype(m.mean.dtype), tm2.astype(m.m2.dtype))
+    return (y, m), (ty.astype(y.dtype), tm)
+
+
+def _bn_autodiff(spec, x, mask, scale, bias):
+    y, m, _, _ = _forward(spec, x, mask, scale, bias)
+    return y, m
+
+
+_KERNELS = {"vjp": _bn_vjp, "jvp": _bn_jvp, "autodiff": _bn_autodiff}
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _out_dtype(x, params: BNParams, config: BatchNormConfig):
+    if config.dtype is not None:
+        return jnp.dtype(config.dtype)
+    args = [x] + [p for p in params if p is not None]
+    return jnp.result_type(*args)
+
+
+def _prepare(params: BNParams, x: Array, config: BatchNormConfig, state: BatchStats | None):
+    x = jnp.asarray(x)
+    _check_input(x)
+    faxes = feature_axes(x.ndim, config.axis)
+    if len(faxes) == x.ndim:
+        raise ValueError(
+            f"axis={config.axis!r} makes every axis of the input (shape {tuple(x.shape)}) a "
+            "feature axis: there is nothing to normalize over"
+        )
+    _check_features(x.shape, faxes, params.scale, "params.scale")
+    _check_features(x.shape, faxes, params.bias, "params.bias")
+    if state is not None:
+        _check_features(x.shape, faxes, state.mean, "state.mean")
+        _check_features(x.shape, faxes, state.var, "state.var")
+    if config.use_scale != (params.scale is not None) or config.use_bias != (
+        params.bias is not None
+    ):
+        raise ValueError(
+            f"params {tuple(f if v is not None else None for f, v in zip(params._fields, params, strict=True))} "
+            f"do not match use_scale={config.use_scale}, use_bias={config.use_bias}"
+        )
+    return x, faxes
+
+
+def _bcast(a, shape, faxes):
+    return None if a is None else jnp.reshape(a, _broadcast_shape(shape, faxes))
+
+
+def batch_moments(
+    x: Array,
+    config: BatchNormConfig = BatchNormConfig(),
+    *,
+    mask: Array | None = None,
+) -> Moments:
+    """The (cross-device pooled) batch moments of ``x``, feature-shaped.
+
+    What :func:`apply_train` folds into the running statistics; useful for
+    population estimation (PreciseBN) and diagnostics.
+    """
+    x = jnp.asarray(x)
+    _check_input(x)
+    faxes = feature_axes(x.ndim, config.axis)
+    red = tuple(i for i in range(x.ndim) if i not in faxes)
+    if mask is not None:
+        mask = _stats.check_mask(mask, x.shape)
+    m = _stats.moments(x, red, mask=mask, method=config.stats_method)
+    m = _stats.all_reduce(m, config.axis_name, config.axis_index_groups)
+    fshape = _feature_shape(x.shape, faxes)
+    return Moments(*(f.reshape(fshape) for f in m))
+
+
+def apply_train(
+    params: BNParams,
+    state: BatchStats,
+    x: Array,
+    config: BatchNormConfig = BatchNormConfig(),
+    *,
+    mask: Array | None = None,
+) -> tuple[Array, BatchStats]:
+    """Algorithm 1: normalize ``x`` with its mini-batch statistics; update the state.
+
+    Args:
+      params: :class:`BNParams` with feature-shaped ``scale``/``bias``.
+      state: :class:`BatchStats` (feature-shaped).
+      x: floating input, e.g. ``(N, C)``, NHWC ``(N, H, W, C)`` (``axis=-1``) or
+        NCHW (``axis=1``). Statistics are per feature over all other axes (the
+        paper's conv rule: ``m' = N H W`` per feature map).
+      config: a :class:`BatchNormConfig`.
+      mask: optional boolean array broadcastable to ``x``: only ``True``
+        elements enter the statistics (all elements are normalized).
+
+    Returns:
+      ``(y, new_state)``: ``y`` has ``x``'s shape (dtype ``config.dtype`` or
+      ``result_type(x, params)``); ``new_state`` has the population statistics
+      updated with the (biased) batch moments by the configured estimator.
+      Features without a valid element keep their state.
+
+    Raises:
+      TypeError: integer input or non-boolean mask.
+      ValueError: mismatched feature shapes, bad axis, bad mask shape, a
+        reduction of one element per feature, or a virtual batch size that
+        does not divide the batch.
+    """
+    x, faxes = _prepare(params, x, config, state)
+    if mask is not None:
+        mask = _stats.check_mask(mask, x.shape)
+    red = tuple(i for i in range(x.ndim) if i not in faxes)
+    shape = x.shape
+    scale_b = _bcast(params.scale, shape, faxes)
+    bias_b = _bcast(params.bias, shape, faxes)
+    vbs = config.virtual_batch_size
+    if vbs is not None:
+        if 0 in faxes:
+            raise ValueError("virtual_batch_size needs axis 0 (the batch axis) to be reduced")
+        if shape[0] % vbs:
+            raise ValueError(
+                f"virtual_batch_size={vbs} does not divide the batch size {shape[0]} "
+                f"(input shape {tuple(shape)})"
+            )
+        groups = shape[0] // vbs
+        x_k = x.reshape((groups, vbs) + shape[1:])
+        mask_k = None if mask is None else jnp.broadcast_to(mask, shape).reshape(x_k.shape)
+        scale_k = None if scale_b is None else scale_b.reshape((1,) + scale_b.shape)
+        bias_k = None if bias_b is None else bias_b.reshape((1,) + bias_b.shape)
+        stat_axes = tuple(a + 1 for a in red)
+        axis_name = None  # ghost batches are local; the running stats are pooled below
+    else:
+        x_k, mask_k, scale_k, bias_k = x, mask, scale_b, bias_b
+        stat_axes = red
+        axis_name = config.axis_name
+    per_stat = 1
+    for a in stat_axes:
+        per_stat *= x_k.shape[a]
+    if mask is None and per_stat == 1 and axis_name is None:
+        raise ValueError(
+            f"training batch norm on an input of shape {tuple(shape)} with axis={config.axis!r} "
+            "reduces over one element per feature: the batch variance is 0 and the output "
+            "meaningless. Use a larger batch, or apply_eval / use_running_average for inference"
+        )
+    spec = _Spec(
+        stat_axes=stat_axes,
+        epsilon=float(config.epsilon),
+        axis_name=axis_name,
+        axis_index_groups=config.axis_index_groups if axis_name is not None else None,
+        method="two_pass" if mask is not None else config.stats_method,
+        out_dtype=_out_dtype(x, params, config),
+    )
+    y, m = _KERNELS[config.grad](spec, x_k, mask_k, scale_k, bias_k)
+    if vbs is not None:
+        y = y.reshape(shape)
+        m = _stats.merge_along(m, 0)
+        m = _stats.all_reduce(m, config.axis_name, config.axis_index_groups)
+    fshape = _feature_shape(shape, faxes)
+    m = Moments(*(f.reshape(fshape) for f in m))
+    new_state = _pop.update(
+        state, m, estimator=config.population, momentum=config.momentum
+    )
+    return y, new_state
+
+
+def inference_affine(
+    params: BNParams, state: BatchStats, epsilon: float = 1e-5
+) -> tuple[Array, Array]:
+    """Algorithm 2's per-feature affine map ``y = a * x + b``.
+
+    ``a = gamma / sqrt(var + eps)``, ``b = beta - mean * a``, computed in the
+    statistics dtype (at least float32) whatever the parameter dtype.
+    """
+    dt = state.var.dtype
+    a = lax.rsqrt(state.var + jnp.asarray(epsilon, dt))
+    if params.scale is not None:
+        a = a * params.scale.astype(dt)
+    b = -state.mean.astype(dt) * a
+    if params.bias is not None:
+        b = b + params.bias.astype(dt)
+    return a, b
+
+
+def apply_eval(
+    params: BNParams,
+    state: BatchStats,
+    x: Array,
+    config: BatchNormConfig = BatchNormConfig(),
+) -> Array:
+    """Algorithm 2: ``y = a * x + b`` with the frozen population statistics.
+
+    Deterministic and per example (no batch statistics). ``a, b`` come from
+    :func:`inference_affine`; the product is formed in at least float32 and cast
+    to the output dtype.
+    """
+    x, faxes = _prepare(params, x, config, state)
+    a, b = inference_affine(params, state, config.epsilon)
+    dt = a.dtype
+    y = x.astype(dt) * _bcast(a, x.shape, faxes) + _bcast(b, x.shape, faxes)
+    return y.astype(_out_dtype(x, params, config))
+
+
+def apply(
+    params: BNParams,
+    state: BatchStats,
+    x: Array,
+    config: BatchNormConfig = BatchNormConfig(),
+    *,
+    train: bool,
+    mask: Array | None = None,
+) -> tuple[Array, BatchStats]:
+    """:func:`apply_train` if ``train`` else (:func:`apply_eval`, unchanged state)."""
+    if train:
+        return apply_train(params, state, x, config, mask=mask)
+    return apply_eval(params, state, x, config), state

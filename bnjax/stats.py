@@ -1,0 +1,249 @@
+"""Per-feature moments: count, mean and centred second moment (M2).
+
+This is the bottom of bnjax's data path. Everything here is pure ``jax.numpy``
+and knows nothing about parameters, running statistics or Flax.
+
+A :class:`Moments` triple ``(count, mean, m2)`` is what Algorithm 1 of the paper
+needs (``mu_B = mean``, ``sigma2_B = m2 / count``) and, unlike a ``(mean, var)``
+pair, it can be merged *exactly* across batches or devices with the parallel
+formula of Chan et al. (:func:`merge`), whatever the element counts are.
+
+Numerics:
+
+* Accumulation is in at least float32 (bf16/fp16 inputs get float32 moments;
+  float64 inputs stay float64).
+* The variance is never computed as ``E[x^2] - E[x]^2``. The default
+  ``method="shifted"`` accumulates ``sum(x - k)`` and ``sum((x - k)^2)`` around a
+  per-feature shift ``k`` taken from the data itself (the first element of each
+  feature), so both sums are of order ``std`` rather than ``|mean|`` and the
+  cancellation is harmless; XLA computes both sums in one pass over ``x``.
+  ``method="two_pass"`` computes the mean first and then ``sum((x - mean)^2)``.
+  With a mask the shift element may be an invalid (padding) value, so masked
+  inputs always use the two-pass form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "Moments",
+    "moments",
+    "merge",
+    "merge_along",
+    "all_reduce",
+    "stats_dtype",
+    "canonicalize_axes",
+]
+
+Array = jax.Array
+AxisName = str | tuple[str, ...] | None
+
+
+class Moments(NamedTuple):
+    """Per-feature sufficient statistics of a set of values.
+
+    All three fields have the same shape (the feature shape, or the keepdims
+    shape of the reduction) and the statistics dtype (at least float32).
+
+    Attributes:
+      count: number of valid elements ``n`` (a float, so it can be summed).
+      mean: ``sum(x) / n`` (0 where ``n == 0``).
+      m2: centred sum of squares ``sum((x - mean)^2)`` (0 where ``n == 0``).
+    """
+
+    count: Array
+    mean: Array
+    m2: Array
+
+    def var(self, ddof: int = 0) -> Array:
+        """Variance ``m2 / (count - ddof)``; 0 where ``count <= ddof``."""
+        denom = self.count - ddof
+        return jnp.where(denom > 0, self.m2 / jnp.where(denom > 0, denom, 1), 0)
+
+
+def stats_dtype(dtype) -> jnp.dtype:
+    """The accumulation dtype for inputs of ``dtype``: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def canonicalize_axes(ndim: int, axes: int | Sequence[int], *, name: str = "axis") -> tuple[int, ...]:
+    """Normalizes ``axes`` to a sorted tuple of non-negative ints.
+
+    Raises:
+      ValueError: naming ``name``, if an axis is out of range for ``ndim`` or repeated.
+    """
+    if isinstance(axes, int):
+        axes = (axes,)
+    out = []
+    for a in axes:
+        if not isinstance(a, int):
+            raise TypeError(f"{name} must be an int or a tuple of ints, got {axes!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{name}={tuple(axes)!r} is out of range for an input of rank {ndim}"
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}={tuple(axes)!r} repeats an axis")
+    return tuple(sorted(out))
+
+
+def _reduce_sum(x: Array, axes: tuple[int, ...]) -> Array:
+    return jnp.sum(x, axis=axes, keepdims=True)
+
+
+def moments(
+    x: Array,
+    reduction_axes: int | Sequence[int],
+    *,
+    mask: Array | None = None,
+    method: str = "shifted",
+) -> Moments:
+    """Count, mean and centred M2 of ``x`` over ``reduction_axes`` (keepdims shape).
+
+    Args:
+      x: input of any float dtype, shape ``(..., )``.
+      reduction_axes: the axes to reduce (for batch norm: all but the feature axes).
+      mask: optional boolean array broadcastable to ``x``; ``False`` marks elements
+        that must not contribute.
+      method: ``"shifted"`` (one pass over ``x``, the default) or ``"two_pass"``.
+
+    Returns:
+      :class:`Moments` whose fields have ``x``'s shape with size 1 on the reduced
+      axes, in :func:`stats_dtype` of ``x.dtype``.
+
+    Example:
+      >>> x = 1e4 + jax.random.normal(jax.random.key(0), (256, 8))
+      >>> m = moments(x, (0,))
+      >>> m.mean.shape, m.var().shape
+      ((1, 8), (1, 8))
+    """
+    axes = canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes")
+    dt = stats_dtype(x.dtype)
+    xf = x.astype(dt)
+    if mask is None:
+        count = jnp.full(
+            [1 if i in axes else s for i, s in enumerate(x.shape)],
+            _size(x.shape, axes),
+            dt,
+        )
+        if method == "shifted":
+            # The first element of each feature: an actual data value, so
+            # |x - k| is of the order of the spread, not of the mean.
+            k = lax.stop_gradient(
+                xf[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
+            )
+            d = xf - k
+            s1 = _reduce_sum(d, axes)
+            s2 = _reduce_sum(d * d, axes)
+            mean_d = s1 / count
+            mean = k + mean_d
+            m2 = jnp.maximum(s2 - s1 * mean_d, 0)
+            return Moments(count, mean, m2)
+        if method != "two_pass":
+            raise ValueError(f"method must be 'shifted' or 'two_pass', got {method!r}")
+        mean = _reduce_sum(xf, axes) / count
+        d = xf - mean
+        return Moments(count, mean, _reduce_sum(d * d, axes))
+    if method not in ("shifted", "two_pass"):
+        raise ValueError(f"method must be 'shifted' or 'two_pass', got {method!r}")
+    mask = check_mask(mask, x.shape)
+    w = jnp.broadcast_to(mask, x.shape)
+    count = _reduce_sum(w.astype(dt), axes)
+    safe = jnp.maximum(count, 1)
+    mean = _reduce_sum(jnp.where(w, xf, 0), axes) / safe
+    d = jnp.where(w, xf - mean, 0)
+    return Moments(count, mean, _reduce_sum(d * d, axes))
+
+
+def check_mask(mask: Array, shape: tuple[int, ...]) -> Array:
+    """Checks that ``mask`` is boolean and broadcastable to ``shape``."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+    try:
+        jnp.broadcast_shapes(mask.shape, shape)
+        ok = mask.ndim <= len(shape) and jnp.broadcast_shapes(mask.shape, shape) == tuple(shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} is not broadcastable to the input shape "
+            f"{tuple(shape)}"
+        )
+    return mask
+
+
+def _size(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+    n = 1
+    for a in axes:
+        n *= shape[a]
+    return n
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """Exact combination of two sets of moments (Chan, Golub & LeVeque).
+
+    ``n = n_a + n_b``, ``d = mean_b - mean_a``, ``mean = mean_a + d n_b / n``,
+    ``M2 = M2_a + M2_b + d^2 n_a n_b / n``. Exact for unequal counts; a side
+    with ``n == 0`` contributes nothing, and ``n_a = n_b = 0`` gives zeros.
+    """
+    n = a.count + b.count
+    safe = jnp.where(n > 0, n, 1)
+    d = b.mean - a.mean
+    mean = a.mean + d * (b.count / safe)
+    m2 = a.m2 + b.m2 + d * d * (a.count * b.count / safe)
+    return Moments(n, jnp.where(n > 0, mean, 0), jnp.where(n > 0, m2, 0))
+
+
+def merge_along(m: Moments, axis: int, *, keepdims: bool = False) -> Moments:
+    """Exactly merges moments stacked along ``axis`` (e.g. per device or per ghost batch).
+
+    Uses the pooled form ``mean = sum(n_i mean_i) / n`` and
+    ``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``, which is Chan's formula
+    applied to all parts at once (no ``E[x^2]`` cancellation).
+    """
+    n = jnp.sum(m.count, axis=axis, keepdims=True)
+    safe = jnp.where(n > 0, n, 1)
+    mean = jnp.sum(m.count * m.mean, axis=axis, keepdims=True) / safe
+    d = m.mean - mean
+    m2 = jnp.sum(m.m2 + m.count * d * d, axis=axis, keepdims=True)
+    out = Moments(n, mean, m2)
+    if not keepdims:
+        out = Moments(*(jnp.squeeze(f, axis) for f in out))
+    return out
+
+
+def all_reduce(
+    m: Moments,
+    axis_name: AxisName,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> Moments:
+    """Exactly merges per-device moments over a named axis with one collective.
+
+    The three fields are stacked and all-gathered in a single ``all_gather``
+    (``3 x features`` floats per device), then merged with :func:`merge_along`.
+    This is exact for unequal per-device counts and ignores devices without
+    valid elements, unlike averaging per-device means.
+
+    Raises:
+      NameError: if ``axis_name`` is not bound (from JAX, re-raised with context).
+    """
+    if axis_name is None:
+        return m
+    stacked = jnp.stack([m.count, m.mean, m.m2])
+    try:
+        gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+    except NameError as e:
+        raise NameError(
+            f"axis_name={axis_name!r} is not bound here: call batch norm inside "
+            "shard_map / pmap / vmap with that axis name, or set axis_name=None"
+        ) from e
+    parts = Moments(gathered[:, 0], gathered[:, 1], gathered[:, 2])
+    return merge_along(parts, 0)
