@@ -252,7 +252,8 @@ def _scale_shift(xhat, scale, bias, dt):
 
 
 def _sum_to(a: Array, shape: tuple[int, ...]) -> Array:
-    axes = tuple(i for i, (s, t) in enumerate(zip(a.shape, shape, strict=True)) if t == 1 and s != 1)
+    pairs = enumerate(zip(a.shape, shape, strict=True))
+    axes = tuple(i for i, (s, t) in pairs if t == 1 and s != 1)
     return jnp.sum(a, axis=axes, keepdims=True) if axes else a
 
 
@@ -375,9 +376,10 @@ def _prepare(params: BNParams, x: Array, config: BatchNormConfig, state: BatchSt
     if config.use_scale != (params.scale is not None) or config.use_bias != (
         params.bias is not None
     ):
+        present = [f for f, v in zip(params._fields, params, strict=True) if v is not None]
         raise ValueError(
-            f"params {tuple(f if v is not None else None for f, v in zip(params._fields, params, strict=True))} "
-            f"do not match use_scale={config.use_scale}, use_bias={config.use_bias}"
+            f"params hold {present} but the config says use_scale={config.use_scale}, "
+            f"use_bias={config.use_bias}"
         )
     return x, faxes
 

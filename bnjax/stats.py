@@ -39,6 +39,7 @@ __all__ = [
     "all_reduce",
     "stats_dtype",
     "canonicalize_axes",
+    "check_mask",
 ]
 
 Array = jax.Array
@@ -72,7 +73,9 @@ def stats_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def canonicalize_axes(ndim: int, axes: int | Sequence[int], *, name: str = "axis") -> tuple[int, ...]:
+def canonicalize_axes(
+    ndim: int, axes: int | Sequence[int], *, name: str = "axis"
+) -> tuple[int, ...]:
     """Normalizes ``axes`` to a sorted tuple of non-negative ints.
 
     Raises:
