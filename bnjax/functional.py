@@ -286,9 +286,22 @@ def _bn_vjp_bwd(spec, res, cts):
     sum_dy_xhat = jnp.sum(gyf * xhat, axis=spec.stat_axes, keepdims=True)
     dscale = None if scale is None else _sum_to(sum_dy_xhat, scale.shape).astype(scale.dtype)
     dbias = None if bias is None else _sum_to(sum_dy, bias.shape).astype(bias.dtype)
+    gmean = None if gm is None else gm.mean.astype(dt)
+    gm2 = None if gm is None else gm.m2.astype(dt)
     if spec.axis_name is not None:
-        both = _psum(jnp.stack([sum_dy, sum_dy_xhat]), spec)
+        # One all-reduce. The pooled moments feed every device, so their
+        # cotangent is the sum of the per-device ones (all_gather's transpose);
+        # unless they are typed invariant (shard_map, check_vma): then it already is.
+        names = spec.axis_name if isinstance(spec.axis_name, tuple) else (spec.axis_name,)
+        typed = set(names) <= _stats.varying_axes(x)
+        rows = [sum_dy, sum_dy_xhat]
+        sum_gm = gm is not None and (not typed or set(names) <= _stats.varying_axes(gmean))
+        if sum_gm:
+            rows += [jnp.broadcast_to(gmean, sum_dy.shape), jnp.broadcast_to(gm2, sum_dy.shape)]
+        both = _psum(jnp.stack(rows), spec)
         sum_dy, sum_dy_xhat = both[0], both[1]
+        if sum_gm:
+            gmean, gm2 = both[2], both[3]
     gamma = 1 if scale is None else scale.astype(dt)
     n = jnp.where(count > 0, count, 1)
     w = 1 if mask is None else mask.astype(dt)
@@ -296,8 +309,6 @@ def _bn_vjp_bwd(spec, res, cts):
     # outside the statistics; plus the cotangents of the returned mean and M2.
     dx = (gamma * inv) * (gyf - (w / n) * (sum_dy + xhat * sum_dy_xhat))
     if gm is not None:
-        gmean = gm.mean.astype(dt)
-        gm2 = gm.m2.astype(dt)
         dx = dx + w * (gmean / n + 2 * xc * gm2)
     return dx.astype(x.dtype), None, dscale, dbias
 
@@ -337,6 +348,7 @@ def _bn_jvp_rule(spec, primals, tangents):
         ty = ty + xhat * tscale.astype(dt)
     if tbias is not None and bias is not None:
         ty = ty + tbias.astype(dt)
+    tmean, tm2 = _stats.match_varying(tmean, tm2, like=(m.mean,))
     tm = Moments(jnp.zeros_like(m.count), tmean.astype(m.mean.dtype), tm2.astype(m.m2.dtype))
     return (y, m), (ty.astype(y.dtype), tm)
 
@@ -487,6 +499,9 @@ def apply_train(
         method="two_pass" if mask is not None else config.stats_method,
         out_dtype=_out_dtype(x, params, config),
     )
+    # shard_map(check_vma=True): replicated gamma/beta enter the kernel cast to
+    # "varying", so their gradients come back summed over devices (JAX's rule).
+    scale_k, bias_k = _stats.match_varying(scale_k, bias_k, like=(x_k,))
     y, m = _KERNELS[config.grad](spec, x_k, mask_k, scale_k, bias_k)
     if vbs is not None:
         y = y.reshape(shape)

@@ -31,6 +31,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+try:  # Varying -> Invariant all-gather (shard_map with check_vma=True); not public API.
+    from jax._src.lax.parallel import all_gather_invariant as _all_gather_invariant
+except ImportError:  # pragma: no cover - older/newer JAX: fall back to lax.all_gather
+    _all_gather_invariant = None
+
 __all__ = [
     "Moments",
     "moments",
@@ -40,6 +45,8 @@ __all__ = [
     "stats_dtype",
     "canonicalize_axes",
     "check_mask",
+    "varying_axes",
+    "match_varying",
 ]
 
 Array = jax.Array
@@ -241,8 +248,19 @@ def all_reduce(
     if axis_name is None:
         return m
     stacked = jnp.stack([m.count, m.mean, m.m2])
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     try:
-        gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+        if (
+            _all_gather_invariant is not None
+            and axis_index_groups is None
+            and set(names) <= varying_axes(stacked)
+        ):
+            # Inside shard_map(check_vma=True): the pooled moments are the same on
+            # every device; type them so (invariant), so that the new running
+            # statistics can leave shard_map with out_specs=P().
+            gathered = _all_gather_invariant(stacked, axis_name)
+        else:
+            gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
     except NameError as e:
         raise NameError(
             f"axis_name={axis_name!r} is not bound here: call batch norm inside "
@@ -250,3 +268,32 @@ def all_reduce(
         ) from e
     parts = Moments(gathered[:, 0], gathered[:, 1], gathered[:, 2])
     return merge_along(parts, 0)
+
+
+def varying_axes(a: Array) -> frozenset:
+    """The manual mesh axes over which ``a`` varies (``shard_map(check_vma=True)``).
+
+    Empty outside ``shard_map``, under ``pmap`` and with ``check_vma=False``.
+    """
+    t = jax.typeof(a)
+    v = getattr(t, "vma", None)
+    if v is None:
+        v = getattr(getattr(t, "mat", None), "varying", frozenset())
+    return frozenset(v)
+
+
+def match_varying(*arrays: Array | None, like: Sequence[Array | None] = ()) -> tuple:
+    """Casts ``arrays`` to vary over the union of their (and ``like``'s) varying axes.
+
+    Inside ``shard_map(check_vma=True)`` a ``custom_vjp``/``custom_jvp`` needs
+    inputs and cotangents of matching types; an invariant (replicated) parameter
+    cast to varying gets, by JAX's transpose of the cast, the *sum* over devices
+    of its per-device cotangents. A no-op elsewhere. ``None`` passes through.
+    """
+    present = [a for a in (*arrays, *like) if a is not None]
+    union = frozenset().union(*(varying_axes(a) for a in present))
+    out = []
+    for a in arrays:
+        missing = tuple(sorted(union - varying_axes(a))) if a is not None else ()
+        out.append(lax.pcast(a, missing, to="varying") if missing else a)
+    return tuple(out)
