@@ -1,0 +1,269 @@
+"""``bnjax.nnx.BatchNorm``: a drop-in replacement for ``flax.nnx.BatchNorm``.
+
+Same constructor, same variables (``scale``/``bias`` as :class:`flax.nnx.Param`,
+``mean``/``var`` as :class:`flax.nnx.BatchStat`, same shapes and dtypes), the
+same ``.train()`` / ``.eval()`` / :func:`flax.nnx.view` switching, so the state of
+a ``flax.nnx.BatchNorm`` loads unchanged (``nnx.update(bn, nnx.state(flax_bn))``).
+All numerics live in :mod:`bnjax.functional`; this module only maps NNX variables
+to the functional pytrees and back.
+
+Extra keyword arguments (defaults keep flax's behaviour):
+
+* ``population="average"``: the paper's exact population average (Algorithm 2)
+  instead of the EMA; adds ``count`` and ``batches`` as ``nnx.BatchStat``. What
+  ``var`` means in each mode is documented in :mod:`bnjax.population`: with
+  ``"ema"`` it is an EMA of the *biased* batch variance (flax's convention); with
+  ``"average"`` it is the pooled *unbiased* within-batch variance
+  ``sum_B n_B sigma2_B / sum_B (n_B - 1)`` (the paper's ``m/(m-1) E_B[sigma2_B]``
+  for equal batch sizes; ``n_B`` counts batch times spatial positions);
+* ``virtual_batch_size``: ghost batch norm; ``grad``: ``"vjp"`` (the paper's
+  backward pass), ``"jvp"`` or ``"autodiff"``.
+
+``use_fast_variance`` and ``promote_dtype`` are accepted and ignored: the
+variance is always exact and statistics are always at least float32.
+
+Example::
+
+    >>> from flax import nnx
+    >>> import jax, jax.numpy as jnp
+    >>> bn = BatchNorm(6, rngs=nnx.Rngs(0))
+    >>> y = bn(jnp.ones((4, 6)) + jnp.arange(4.0)[:, None])   # train mode: batch stats
+    >>> bn.eval()
+    >>> y = bn(jnp.ones((1, 6)))                              # population stats
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import initializers
+
+from bnjax import functional as F
+
+__all__ = ["BatchNorm", "intercept"]
+
+Array = jax.Array
+_ZEROS = initializers.zeros_init()
+_ONES = initializers.ones_init()
+
+# Called as fn(module, x, mask, use_running_average) -> y instead of the layer's
+# own computation; see :func:`intercept`.
+_INTERCEPTOR: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "bnjax_nnx_interceptor", default=None
+)
+
+
+@contextlib.contextmanager
+def intercept(fn: Callable[[BatchNorm, Array, Array | None, bool], Array]) -> Iterator[None]:
+    """Routes every :class:`BatchNorm` call through ``fn`` inside the ``with`` block.
+
+    The NNX counterpart of :func:`flax.linen.intercept_methods`, used by
+    :mod:`bnjax.recalibrate` and :mod:`bnjax.diagnostics` to capture each layer's
+    input. ``fn(module, x, mask, use_running_average)`` returns the layer's output
+    and must not mutate the module (it runs at trace time under ``jit``).
+    """
+    token = _INTERCEPTOR.set(fn)
+    try:
+        yield
+    finally:
+        _INTERCEPTOR.reset(token)
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalization (Ioffe & Szegedy 2015) as a ``flax.nnx`` module.
+
+    Args:
+      num_features: number of features (an int; or a tuple, the feature shape
+        for several feature ``axis``).
+      use_running_average: if True, use the population statistics (Algorithm 2);
+        if False, normalize with batch statistics and update the population.
+        ``.train()`` / ``.eval()`` set it to False / True.
+      axis: feature axis or axes (default -1).
+      momentum: EMA momentum, flax convention (default 0.99).
+      epsilon: default 1e-5.
+      dtype: output dtype (default: ``result_type(x, params)``).
+      param_dtype: dtype of scale and bias (default float32).
+      use_bias, use_scale: learn beta / gamma.
+      bias_init, scale_init: initializers (zeros / ones).
+      axis_name, axis_index_groups: pool statistics exactly over a named axis.
+      use_fast_variance, promote_dtype: accepted for flax compatibility, ignored.
+      rngs: :class:`flax.nnx.Rngs`; one ``params`` key is drawn for each of scale
+        and bias, exactly as flax does (so the streams of later layers match).
+        May be omitted (the initializers are deterministic).
+      bias_metadata, scale_metadata: metadata of the ``nnx.Param`` variables.
+      population: ``"ema"`` (default, flax's) or ``"average"`` (the paper's).
+      virtual_batch_size: ghost batch size along axis 0 (``None``: whole batch).
+      grad: ``"vjp"`` (default), ``"jvp"`` or ``"autodiff"``.
+
+    Attributes:
+      scale, bias: ``nnx.Param`` of shape ``(num_features,)`` (or ``None``).
+      mean, var: ``nnx.BatchStat`` float32 of shape ``(num_features,)``.
+      count, batches: ``nnx.BatchStat`` (only with ``population="average"``).
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        use_running_average: bool | None = False,
+        axis: int | Sequence[int] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Callable = _ZEROS,
+        scale_init: Callable = _ONES,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = None,
+        rngs: nnx.Rngs | None = None,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        population: str = "ema",
+        virtual_batch_size: int | None = None,
+        grad: str = "vjp",
+    ):
+        fshape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = tuple(axis) if not isinstance(axis, int) else axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.population = population
+        self.virtual_batch_size = virtual_batch_size
+        self.grad = grad
+        self.config()  # validates the options early, with the functional core's messages
+
+        fresh = F.init_state(fshape, jnp.float32)
+        self.mean = nnx.BatchStat(fresh.mean)
+        self.var = nnx.BatchStat(fresh.var)
+        if population == "average":
+            self.count = nnx.BatchStat(fresh.count)
+            self.batches = nnx.BatchStat(fresh.batches)
+
+        def key():
+            return rngs.params() if rngs is not None else jax.random.key(0)
+
+        if use_scale:
+            self.scale = nnx.Param(scale_init(key(), fshape, param_dtype), **scale_metadata)
+        else:
+            self.scale = nnx.data(None)
+        if use_bias:
+            self.bias = nnx.Param(bias_init(key(), fshape, param_dtype), **bias_metadata)
+        else:
+            self.bias = nnx.data(None)
+
+    def config(self) -> F.BatchNormConfig:
+        """The functional :class:`~bnjax.BatchNormConfig` this module runs."""
+        groups = self.axis_index_groups
+        return F.BatchNormConfig(
+            axis=self.axis,
+            epsilon=self.epsilon,
+            momentum=self.momentum,
+            use_scale=self.use_scale,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            population=self.population,
+            axis_name=self.axis_name,
+            axis_index_groups=None if groups is None else tuple(map(tuple, groups)),
+            virtual_batch_size=self.virtual_batch_size,
+            grad=self.grad,
+        )
+
+    def bn_params(self) -> F.BNParams:
+        """The current ``(scale, bias)`` as a :class:`~bnjax.BNParams`."""
+        return F.BNParams(
+            scale=None if self.scale is None else self.scale[...],
+            bias=None if self.bias is None else self.bias[...],
+        )
+
+    def bn_state(self) -> F.BatchStats:
+        """The current population statistics as a :class:`~bnjax.BatchStats`.
+
+        In ``"ema"`` mode ``count``/``batches`` are not stored and are returned as zeros.
+        """
+        mean, var = self.mean[...], self.var[...]
+        if self.population == "average":
+            return F.BatchStats(mean, var, self.count[...], self.batches[...])
+        zeros = jnp.zeros_like(mean)
+        return F.BatchStats(mean, var, zeros, zeros)
+
+    def set_bn_state(self, state: F.BatchStats) -> None:
+        """Writes population statistics (``count``/``batches`` only if stored)."""
+        self.mean[...] = state.mean.astype(self.mean[...].dtype)
+        self.var[...] = state.var.astype(self.var[...].dtype)
+        if self.population == "average":
+            self.count[...] = state.count.astype(self.count[...].dtype)
+            self.batches[...] = state.batches.astype(self.batches[...].dtype)
+
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        train: bool | None = None,
+        mask: Array | None = None,
+    ) -> Array:
+        """Normalizes ``x``.
+
+        Args:
+          x: floating input, features on ``axis``, e.g. ``(N, C)`` or NHWC.
+          use_running_average: overrides the attribute for this call (flax's rule).
+          train: bnjax's explicit switch, ``train = not use_running_average``;
+            overrides the attribute, contradicting ``use_running_average`` is an error.
+          mask: optional boolean array broadcastable to ``x``; only ``True``
+            elements enter the batch statistics.
+
+        Returns:
+          The normalized ``x`` (same shape). In training mode the population
+          statistics are updated in place (with ``stop_gradient``).
+        """
+        if train is not None:
+            if use_running_average is not None and use_running_average == bool(train):
+                raise ValueError(
+                    f"contradictory switches: train={train} and "
+                    f"use_running_average={use_running_average}; give one of them"
+                )
+            use_running_average = not train
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError(
+                "BatchNorm needs use_running_average: pass it to the constructor or the call, "
+                "or use model.train() / model.eval() / nnx.view(model, use_running_average=...)"
+            )
+        x = jnp.asarray(x)
+        hook = _INTERCEPTOR.get()
+        if hook is not None:
+            return hook(self, x, mask, bool(use_running_average))
+        cfg = self.config()
+        params, state = self.bn_params(), self.bn_state()
+        if use_running_average:
+            return F.apply_eval(params, state, x, cfg)
+        y, new_state = F.apply_train(params, state, x, cfg, mask=mask)
+        self.set_bn_state(jax.lax.stop_gradient(new_state))
+        return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by :func:`flax.nnx.view` (``nnx.view(model, use_running_average=True)``)."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
