@@ -1,0 +1,410 @@
+"""PreciseBN: recompute the population statistics of a trained network (Algorithm 2).
+
+The paper's inference rule (Algorithm 2, lines 8-10) freezes the trained weights,
+runs many training mini-batches of size ``m`` through the network and sets, for
+every batch-norm layer,
+
+    ``E[x] = E_B[mu_B]``  and  ``Var[x] = m / (m - 1) * E_B[sigma2_B]``.
+
+Wu & Johnson's PreciseBN ("Rethinking 'Batch' in BatchNorm", 2021) is the same
+recipe after (or during) training. :func:`recalibrate` (Flax linen) and
+:func:`recalibrate_nnx` (Flax NNX) implement it for every bnjax batch-norm layer
+of a model, wherever it is nested, leaving the parameters untouched:
+
+* batches are count-weighted exactly (unequal sizes and masks are fine): the
+  mean is ``sum_B n_B mu_B / sum_B n_B``;
+* ``variance="within"`` (default, the paper's rule) is the pooled *unbiased
+  within-batch* variance ``sum_B n_B sigma2_B / sum_B (n_B - 1)``, which is
+  ``m/(m-1) E_B[sigma2_B]`` for equal batch sizes: exactly what
+  ``population="average"`` accumulates during training (:mod:`bnjax.population`).
+  It depends on the batch *size* by design (it is the variance that a
+  mini-batch of that size sees, without the between-batch spread of the batch
+  means); feed batches of the training batch size. ``variance="total"`` is the
+  unbiased variance of all the inputs pooled (Chan merge of all batches),
+  independent of how the data is split into batches.
+
+Both estimates are independent of the order of the batches (up to float rounding).
+``n_B`` counts valid elements (batch times spatial positions for convolutions).
+
+Which network produces each layer's inputs (``mode``):
+
+``"train"`` (default; the paper's Algorithm 2 and PreciseBN as published)
+    One pass; every layer sees its input as computed by the *training* network,
+    i.e. the earlier batch-norm layers normalize with their batch statistics.
+    The statistics are those of the activations the weights were trained on.
+``"layerwise"``
+    The statistics of each layer's input in the *inference* network whose
+    earlier layers already use their recalibrated statistics: layer ``k`` is
+    recalibrated in pass ``k`` over the data, so it takes as many passes as
+    there are batch-norm calls (in call order). The result is self-consistent:
+    on the calibration data, each layer's population statistics are exactly
+    the statistics of its eval-mode input.
+``"single_pass"``
+    One pass through the inference network with the *old* statistics upstream:
+    cheap, but a layer's new statistics describe inputs produced with the old
+    statistics of the layers before it, so it is only as good as those were.
+
+With ``"train"`` a small batch makes the inputs of deep layers noisier than at
+inference; ``"layerwise"`` removes that train/eval mismatch at the cost of
+depth passes. On a well-trained network the three agree closely.
+
+Each batch step is ``jax.jit``-compiled once (the statistics are arguments, so
+the ``"layerwise"`` passes do not recompile). Statistics are computed locally:
+``axis_name`` of the layers is ignored (run the calibration data on one host).
+A feature that gets no valid element keeps its old statistics.
+
+Example::
+
+    new_variables = recalibrate(model, variables, (x for x, _ in loader), train=False)
+    recalibrate_nnx(nnx_model, batches, mode="layerwise")   # in place
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx, traverse_util
+from flax.core import unfreeze
+
+from bnjax import functional as F
+from bnjax import nnx as bnnnx
+from bnjax import population as _pop
+from bnjax import stats as _stats
+from bnjax.linen import BatchNorm as LinenBatchNorm
+from bnjax.stats import Moments
+
+__all__ = ["RECALIBRATION_MODES", "recalibrate", "recalibrate_nnx"]
+
+Array = jax.Array
+RECALIBRATION_MODES = ("train", "layerwise", "single_pass")
+_VARIANCES = ("within", "total")
+
+# record(x, mask, cfg, params, state, upstream) -> (y, record)
+Recorder = Callable[..., tuple[Array, Any]]
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def _local(cfg: F.BatchNormConfig) -> F.BatchNormConfig:
+    return dataclasses.replace(cfg, axis_name=None, axis_index_groups=None)
+
+
+def _linen_config(mod: nn.Module) -> F.BatchNormConfig | None:
+    """The functional config of a bnjax or flax linen batch norm, else ``None``."""
+    if isinstance(mod, LinenBatchNorm):
+        return _local(mod.config())
+    if isinstance(mod, nn.BatchNorm):
+        axis = mod.axis if isinstance(mod.axis, int) else tuple(mod.axis)
+        return F.BatchNormConfig(
+            axis=axis,
+            epsilon=mod.epsilon,
+            use_scale=mod.use_scale,
+            use_bias=mod.use_bias,
+            dtype=mod.dtype,
+            param_dtype=mod.param_dtype,
+        )
+    return None
+
+
+def _as_args(batch: Any) -> tuple:
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
+def _with_path(path: str, fn: Callable, *a):
+    try:
+        return fn(*a)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"batch-norm layer {path!r}: {e}") from None
+
+
+def linen_tracer(model: nn.Module, apply_kwargs: Mapping[str, Any]) -> Callable:
+    """``trace(variables, args, upstream, record) -> {path: [record, ...]}`` for linen."""
+
+    def trace(variables, args, upstream, record):
+        out: dict[str, list] = {}
+
+        def interceptor(next_fun, a, kw, context):
+            mod = context.module
+            cfg = _linen_config(mod) if context.method_name == "__call__" else None
+            if cfg is None:
+                return next_fun(*a, **kw)
+            path = "/".join(mod.path)
+            x = jnp.asarray(a[0])
+            mask = kw.get("mask")
+            params = F.BNParams(
+                mod.get_variable("params", "scale") if cfg.use_scale else None,
+                mod.get_variable("params", "bias") if cfg.use_bias else None,
+            )
+            mean = mod.get_variable("batch_stats", "mean")
+            var = mod.get_variable("batch_stats", "var")
+            if mean is None or var is None:
+                raise ValueError(f"batch-norm layer {path!r} has no batch_stats/mean and var")
+            zeros = jnp.zeros_like(var)
+            count = mod.get_variable("batch_stats", "count", zeros)
+            batches = mod.get_variable("batch_stats", "batches", zeros)
+            state = F.BatchStats(mean, var, count, batches)
+            y, rec = _with_path(path, record, x, mask, cfg, params, state, upstream)
+            out.setdefault(path, []).append(rec)
+            return y
+
+        with nn.intercept_methods(interceptor):
+            model.apply(variables, *args, **apply_kwargs)
+        return out
+
+    return trace
+
+
+def nnx_tracer(graphdef: Any, call_kwargs: Mapping[str, Any]) -> Callable:
+    """``trace(state, args, upstream, record) -> {path: [record, ...]}`` for NNX."""
+
+    def trace(state, args, upstream, record):
+        model = nnx.merge(graphdef, state)
+        paths = {
+            id(m): "/".join(map(str, p))
+            for p, m in nnx.iter_modules(model)
+            if isinstance(m, bnnnx.BatchNorm)
+        }
+        out: dict[str, list] = {}
+
+        def hook(mod, x, mask, use_running_average):
+            path = paths[id(mod)]
+            cfg = _local(mod.config())
+            y, rec = _with_path(
+                path, record, x, mask, cfg, mod.bn_params(), mod.bn_state(), upstream
+            )
+            out.setdefault(path, []).append(rec)
+            return y
+
+        with bnnnx.intercept(hook):
+            model(*args, **call_kwargs)
+        return out
+
+    return trace
+
+
+def _forward(x, mask, cfg, params, state, upstream):
+    if upstream == "train":
+        return F.apply_train(params, state, x, cfg, mask=mask)[0]
+    return F.apply_eval(params, state, x, cfg)
+
+
+def _record_moments(x, mask, cfg, params, state, upstream):
+    m = F.batch_moments(x, cfg, mask=mask)
+    return _forward(x, mask, cfg, params, state, upstream), (m, state)
+
+
+# --------------------------------------------------------------------------- accumulate
+
+
+def _batches_source(batches: Iterable | Callable[[], Iterable], passes: int):
+    """A function returning a fresh iterator per pass."""
+    if callable(batches) and not isinstance(batches, Iterable):
+        return batches
+    if passes > 1 and iter(batches) is batches:
+        batches = list(batches)  # a one-shot iterator, needed several times
+    return lambda: iter(batches)
+
+
+def _progress(it: Iterable, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("progress=True needs tqdm: pip install tqdm") from e
+    return tqdm(it, desc=desc, unit="batch")
+
+
+def _init_acc(recs):
+    acc = {}
+    for path, calls in recs.items():
+        m, state = calls[0]
+        acc[path] = (_pop.reset_population(state), Moments(*(jnp.zeros_like(f) for f in m)))
+    return acc
+
+
+def _fold_in(acc, recs):
+    acc = dict(acc)
+    for path, calls in recs.items():
+        st, tot = acc[path]
+        for m, _ in calls:
+            st = _pop.update(st, m, estimator="average", momentum=0.0)
+            tot = _stats.merge(tot, m)
+        acc[path] = (st, tot)
+    return acc
+
+
+def _make_steps(trace, upstream, order: list[str]):
+    """The jitted per-batch steps (built once, so later passes do not recompile).
+
+    ``order`` receives the layer paths in call order when ``first`` is traced
+    (a jitted dict comes back with sorted keys).
+    """
+
+    def first(carry, args):
+        recs = trace(carry, args, upstream, _record_moments)
+        order[:] = list(recs)
+        return _fold_in(_init_acc(recs), recs)
+
+    def step(acc, carry, args):
+        return _fold_in(acc, trace(carry, args, upstream, _record_moments))
+
+    return jax.jit(first), jax.jit(step)
+
+
+def _accumulate(steps, carry, source, progress, desc):
+    """One pass over the data: per layer path, (average-mode BatchStats, total Moments)."""
+    first, step = steps
+    acc = None
+    for batch in _progress(source(), progress, desc):
+        args = _as_args(batch)
+        acc = first(carry, args) if acc is None else step(acc, carry, args)
+    if acc is None:
+        raise ValueError(
+            "batches is empty: recalibration needs at least one batch of inputs "
+            "(an iterable of arrays, or of tuples of the model's positional arguments)"
+        )
+    if not acc:
+        raise ValueError("the model called no bnjax batch-norm layer: nothing to recalibrate")
+    return acc
+
+
+def _finalize(acc_entry, variance: str) -> F.BatchStats:
+    st, tot = acc_entry
+    if variance == "total":
+        ok = tot.count > 1
+        var = jnp.where(ok, tot.var(ddof=1), st.var).astype(st.var.dtype)
+        st = st._replace(var=var)
+    return st
+
+
+def _check(mode: str, variance: str) -> None:
+    if mode not in RECALIBRATION_MODES:
+        raise ValueError(f"mode must be one of {RECALIBRATION_MODES}, got {mode!r}")
+    if variance not in _VARIANCES:
+        raise ValueError(f"variance must be one of {_VARIANCES}, got {variance!r}")
+
+
+def _run(trace, carry, batches, mode, variance, progress, write):
+    """The driver shared by linen and NNX; ``write(carry, {path: BatchStats}) -> carry``."""
+    order: list[str] = []
+    steps = _make_steps(trace, "train" if mode == "train" else "eval", order)
+    if mode != "layerwise":
+        source = _batches_source(batches, 1)
+        acc = _accumulate(steps, carry, source, progress, "PreciseBN")
+        return write(carry, {p: _finalize(a, variance) for p, a in acc.items()})
+    source = _batches_source(batches, 2)
+    acc = _accumulate(steps, carry, source, progress, "PreciseBN layer 1")
+    carry = write(carry, {order[0]: _finalize(acc[order[0]], variance)})
+    for k in range(1, len(order)):
+        desc = f"PreciseBN layer {k + 1}/{len(order)}"
+        acc = _accumulate(steps, carry, source, progress, desc)
+        carry = write(carry, {order[k]: _finalize(acc[order[k]], variance)})
+    return carry
+
+
+# --------------------------------------------------------------------------- public
+
+
+def recalibrate(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    batches: Iterable | Callable[[], Iterable],
+    *,
+    mode: str = "train",
+    variance: str = "within",
+    progress: bool = False,
+    **apply_kwargs: Any,
+) -> dict[str, Any]:
+    """Recomputes the population statistics of every batch-norm layer of a linen model.
+
+    Handles ``bnjax.linen.BatchNorm`` and ``flax.linen.BatchNorm`` layers, nested
+    in submodules at any depth; a layer called several times pools all its calls.
+
+    Args:
+      model: the ``flax.linen`` module (unbound).
+      variables: its variables, ``{"params": ..., "batch_stats": ...}``.
+      batches: an iterable of inputs (each item an array passed as the one
+        positional argument, or a tuple of positional arguments), or a callable
+        returning a fresh iterable. ``"layerwise"`` iterates it once per layer
+        (a one-shot iterator is kept in a list).
+      mode: ``"train"``, ``"layerwise"`` or ``"single_pass"`` (module docstring).
+      variance: ``"within"`` (the paper's) or ``"total"`` (module docstring).
+      progress: show a tqdm progress bar per pass.
+      **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``, so
+        dropout is off). The batch-norm layers' own train/eval switch is ignored:
+        they run as ``mode`` says and nothing is mutated.
+
+    Returns:
+      New variables: ``batch_stats`` ``mean``/``var`` replaced (and ``count``/
+      ``batches``, where stored, set to the totals of the calibration data);
+      everything else, params included, is the same objects.
+
+    Raises:
+      ValueError: empty ``batches``, no batch-norm layer, a bad ``mode`` /
+        ``variance``, or inputs whose shapes do not match a layer (naming it).
+
+    Example::
+
+        new_vars = recalibrate(model, variables, (x for x, _ in train_batches), train=False)
+    """
+    _check(mode, variance)
+    trace = linen_tracer(model, apply_kwargs)
+
+    def write(variables, new):
+        stats = traverse_util.flatten_dict(unfreeze(variables["batch_stats"]))
+        for path, st in new.items():
+            key = tuple(path.split("/")) if path else ()
+            for name in ("mean", "var", "count", "batches"):
+                if key + (name,) in stats:
+                    old = stats[key + (name,)]
+                    stats[key + (name,)] = getattr(st, name).astype(old.dtype)
+        out = dict(variables)
+        out["batch_stats"] = traverse_util.unflatten_dict(stats)
+        return out
+
+    return _run(trace, dict(variables), batches, mode, variance, progress, write)
+
+
+def recalibrate_nnx(
+    model: nnx.Module,
+    batches: Iterable | Callable[[], Iterable],
+    *,
+    mode: str = "train",
+    variance: str = "within",
+    progress: bool = False,
+    **call_kwargs: Any,
+) -> nnx.Module:
+    """Recomputes, in place, the statistics of every ``bnjax.nnx.BatchNorm`` in ``model``.
+
+    The NNX counterpart of :func:`recalibrate` (same ``batches``, ``mode``,
+    ``variance`` and ``progress``); ``call_kwargs`` go to ``model(*args, **call_kwargs)``.
+    Only the ``mean``/``var`` (and ``count``/``batches``) ``nnx.BatchStat`` of the
+    batch-norm layers change; put dropout and the like in eval mode yourself
+    (``model.eval()``; the batch-norm layers ignore their own switch here).
+
+    Returns:
+      ``model`` (mutated in place).
+    """
+    _check(mode, variance)
+    graphdef, state = nnx.split(model)
+    trace = nnx_tracer(graphdef, call_kwargs)
+    layers = {
+        "/".join(map(str, p)): m
+        for p, m in nnx.iter_modules(model)
+        if isinstance(m, bnnnx.BatchNorm)
+    }
+
+    def write(state, new):
+        for path, st in new.items():
+            layers[path].set_bn_state(st)
+        return nnx.split(model)[1]
+
+    _run(trace, state, batches, mode, variance, progress, write)
+    return model
