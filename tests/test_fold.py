@@ -1,0 +1,206 @@
+"""Folding Algorithm 2's affine map into Dense / Conv kernels.
+
+Reference: the eval-mode network with batch norm (bnjax.linen or flax.linen
+BatchNorm, random non-trivial statistics); the folded BN-free network must give
+the same outputs within 1e-5 relative in float32. The affine map itself is
+checked against float64 NumPy.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnjax.linen as bl
+from bnjax.fold import FoldPair, affine, find_pairs, fold, fold_linear, fold_sequential
+
+
+def _randomize_bn(variables, seed=0):
+    """Non-trivial BN params and statistics (var in [0.2, 3], means of both signs)."""
+    key = iter(jax.random.split(jax.random.key(seed), 64))
+
+    def tweak(path, a):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            return jax.random.uniform(next(key), a.shape, a.dtype, 0.2, 3.0)
+        if name in ("bias", "mean"):
+            return jax.random.normal(next(key), a.shape, a.dtype)
+        return a
+
+    out = dict(variables)
+    out["batch_stats"] = jax.tree_util.tree_map_with_path(tweak, variables["batch_stats"])
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: tweak(p, a) if any("BatchNorm" in str(k.key) for k in p) else a,
+        variables["params"],
+    )
+    out["params"] = params
+    return out
+
+
+class _Pair(nn.Module):
+    """One linear layer followed by batch norm; ``folded=True`` is the BN-free twin."""
+
+    kind: str
+    use_bias: bool
+    features: int = 6
+    window: tuple[int, ...] = ()
+    groups: int = 1
+    folded: bool = False
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        bias = self.use_bias or self.folded
+        if self.kind == "dense":
+            x = nn.Dense(self.features, use_bias=bias, param_dtype=self.param_dtype)(x)
+        else:
+            x = nn.Conv(
+                self.features, self.window, feature_group_count=self.groups, use_bias=bias,
+                param_dtype=self.param_dtype,
+            )(x)
+        if not self.folded:
+            x = bl.BatchNorm(use_running_average=True, epsilon=1e-3,
+                             param_dtype=self.param_dtype)(x)
+        return x
+
+
+CASES = [
+    ("dense", (), 1, (8, 5)),
+    ("conv", (3,), 1, (4, 9, 4)),  # 1D
+    ("conv", (3, 3), 1, (2, 7, 7, 4)),  # 2D NHWC
+    ("conv", (2, 2, 2), 1, (2, 4, 4, 4, 4)),  # 3D
+    ("conv", (3, 3), 2, (2, 6, 6, 4)),  # grouped
+    ("conv", (3, 3), 6, (2, 6, 6, 6)),  # depthwise (groups = in = out)
+]
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("kind,window,groups,xshape", CASES)
+def test_folded_equals_eval_mode(kind, window, groups, xshape, use_bias):
+    x = jax.random.normal(jax.random.key(1), xshape)
+    model = _Pair(kind, use_bias, window=window, groups=groups)
+    v = _randomize_bn(model.init(jax.random.key(0), x))
+    if use_bias:
+        inner = v["params"]["Dense_0" if kind == "dense" else "Conv_0"]
+        inner["bias"] = jax.random.normal(jax.random.key(5), inner["bias"].shape)
+    pairs = find_pairs(model, v, x)
+    assert pairs == [FoldPair("Dense_0" if kind == "dense" else "Conv_0", "BatchNorm_0", 1e-3)]
+    folded = fold(v, pairs)
+    assert "batch_stats" not in folded and "BatchNorm_0" not in folded["params"]
+    y_ref = jax.jit(model.apply)(v, x)
+    y = jax.jit(model.clone(folded=True).apply)(folded, x)
+    rel = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
+    assert rel < 1e-5, rel
+
+
+def test_bf16_params_fold_in_float32():
+    x = jax.random.normal(jax.random.key(1), (4, 6, 6, 4))
+    model = _Pair("conv", True, window=(3, 3), param_dtype=jnp.bfloat16)
+    v = _randomize_bn(model.init(jax.random.key(0), x))
+    folded = fold(v, [("Conv_0", "BatchNorm_0")], epsilon=1e-3)
+    k = folded["params"]["Conv_0"]["kernel"]
+    assert k.dtype == jnp.bfloat16
+    # The fold is computed in float32 and rounded once to bfloat16.
+    a, b = affine(v["params"]["BatchNorm_0"], v["batch_stats"]["BatchNorm_0"], 1e-3)
+    assert a.dtype == jnp.float32
+    expect = (v["params"]["Conv_0"]["kernel"].astype(jnp.float32) * a).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(k, expect)
+    # Stored in float32 the folded network is exact to float32 rounding ...
+    f32 = fold(v, [("Conv_0", "BatchNorm_0")], epsilon=1e-3, dtype=jnp.float32)
+    y_ref = model.apply(v, x).astype(jnp.float32)
+    ref64 = np.asarray(y_ref, np.float64)
+    y32 = _Pair("conv", True, window=(3, 3), folded=True).apply(f32, x)
+    assert np.max(np.abs(y32 - ref64)) / np.max(np.abs(ref64)) < 1e-2  # bf16 conv in ref
+    # ... and in bfloat16 within bfloat16 rounding of the kernel (2^-8 relative).
+    y16 = model.clone(folded=True).apply(folded, x).astype(jnp.float32)
+    assert np.max(np.abs(y16 - y32)) / np.max(np.abs(y32)) < 2e-2
+
+
+def test_affine_matches_numpy(rng):
+    scale, bias = rng.normal(size=5), rng.normal(size=5)
+    mean, var = rng.normal(size=5), rng.uniform(0.1, 2, size=5)
+    a, b = affine(
+        {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)},
+        {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)},
+        1e-2,
+    )
+    a_ref = scale / np.sqrt(var + 1e-2)
+    np.testing.assert_allclose(a, a_ref, rtol=1e-6)
+    np.testing.assert_allclose(b, bias - mean * a_ref, rtol=1e-5, atol=1e-6)
+    # No scale / no bias: gamma = 1, beta = 0.
+    a1, b1 = affine({}, {"mean": jnp.asarray(mean), "var": jnp.asarray(var)}, 0.0)
+    np.testing.assert_allclose(a1, 1 / np.sqrt(var), rtol=1e-6)
+    np.testing.assert_allclose(b1, -mean / np.sqrt(var), rtol=1e-5)
+
+
+class _Nested(nn.Module):
+    folded: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        class Block(nn.Module):
+            folded: bool
+
+            @nn.compact
+            def __call__(self, x):
+                x = nn.Conv(4, (3, 3), use_bias=self.folded)(x)
+                if not self.folded:
+                    x = bl.BatchNorm()(x, train=train)
+                return nn.relu(x)
+
+        h = Block(self.folded, name="block")(x)
+        skip = nn.Dense(4, name="skip")(h)  # not followed by BN
+        h = nn.Dense(4, name="proj")(h)
+        if not self.folded:
+            h = nn.BatchNorm(use_running_average=not train, name="bn")(h)
+        return h + skip
+
+
+def test_find_pairs_nested_and_fold_mixed_bn_types():
+    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
+    v = _randomize_bn(_Nested().init(jax.random.key(0), x))
+    pairs = find_pairs(_Nested(), v, x, train=False)
+    assert sorted(pairs) == sorted(
+        [FoldPair("block/Conv_0", "block/BatchNorm_0", 1e-5), FoldPair("proj", "bn", 1e-5)]
+    )
+    folded = fold(v, pairs)
+    y_ref = _Nested().apply(v, x)
+    y = _Nested(folded=True).apply(folded, x)
+    assert float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref))) < 1e-5
+
+
+def test_fold_sequential():
+    layers = [nn.Dense(7, use_bias=False), bl.BatchNorm(use_running_average=True), nn.sigmoid,
+              nn.Dense(3), nn.BatchNorm(use_running_average=True, epsilon=1e-2), nn.Dense(2)]
+    seq = nn.Sequential(layers)
+    x = jax.random.normal(jax.random.key(0), (6, 4))
+    v = _randomize_bn(seq.init(jax.random.key(1), x))
+    seq2, v2 = fold_sequential(seq, v)
+    assert len(seq2.layers) == 4
+    assert set(v2["params"]) == {"layers_0", "layers_2", "layers_3"}
+    np.testing.assert_allclose(seq2.apply(v2, x), seq.apply(v, x), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs():
+    kernel = jnp.ones((3, 4))
+    with pytest.raises(ValueError, match=r"kernel of shape \(3, 4\).*must number 5"):
+        fold_linear(kernel, None, jnp.ones(5), jnp.ones(5))
+    with pytest.raises(ValueError, match="bias of shape"):
+        fold_linear(kernel, jnp.ones(3), jnp.ones(4), jnp.ones(4))
+    v = {
+        "params": {"Dense_0": {"kernel": kernel}, "BatchNorm_0": {"scale": jnp.ones(5)}},
+        "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(5), "var": jnp.ones(5)}},
+    }
+    with pytest.raises(ValueError, match="folding 'BatchNorm_0' into 'Dense_0'"):
+        fold(v, [("Dense_0", "BatchNorm_0")])
+    with pytest.raises(KeyError, match="Dense_9"):
+        fold(v, [("Dense_9", "BatchNorm_0")])
+    ok = {**v, "params": {**v["params"], "Dense_0": {"kernel": jnp.ones((3, 5))}}}
+    assert fold(ok, [("Dense_0", "BatchNorm_0")])["params"]["Dense_0"]["bias"].shape == (5,)
+    with pytest.raises(ValueError, match="more than one pair"):
+        fold(ok, [("Dense_0", "BatchNorm_0"), ("Dense_0", "BatchNorm_0")])
+    with pytest.raises(ValueError, match="scale has shape"):
+        affine({"scale": jnp.ones(3)}, {"mean": jnp.zeros(5), "var": jnp.ones(5)})
