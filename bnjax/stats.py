@@ -249,12 +249,9 @@ def all_reduce(
         return m
     stacked = jnp.stack([m.count, m.mean, m.m2])
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    typed = set(names) <= varying_axes(stacked)
     try:
-        if (
-            _all_gather_invariant is not None
-            and axis_index_groups is None
-            and set(names) <= varying_axes(stacked)
-        ):
+        if _all_gather_invariant is not None and axis_index_groups is None and typed:
             # Inside shard_map(check_vma=True): the pooled moments are the same on
             # every device; type them so (invariant), so that the new running
             # statistics can leave shard_map with out_specs=P().
@@ -267,7 +264,15 @@ def all_reduce(
             "shard_map / pmap / vmap with that axis name, or set axis_name=None"
         ) from e
     parts = Moments(gathered[:, 0], gathered[:, 1], gathered[:, 2])
-    return merge_along(parts, 0)
+    out = merge_along(parts, 0)
+    if not typed:
+        # One copy per device, also under vmap (whose all_gather result is a single
+        # unbatched value): then every untyped context (pmap, vmap, shard_map with
+        # check_vma=False) hands each device its own cotangent of the pooled
+        # moments, which the custom_vjp backward sums with one psum.
+        zero = (0 * lax.axis_index(axis_name)).astype(out.mean.dtype)
+        out = Moments(*(f + zero for f in out))
+    return out
 
 
 def varying_axes(a: Array) -> frozenset:
