@@ -221,50 +221,64 @@ def _progress(it: Iterable, enabled: bool, desc: str) -> Iterable:
     return tqdm(it, desc=desc, unit="batch")
 
 
-def _init_acc(recs):
+def _zero_acc(recs):
+    """Zero accumulators shaped like the abstract records ``{path: [(Moments, state)]}``."""
+
+    def zeros(a):
+        return jnp.zeros(a.shape, a.dtype)
+
     acc = {}
     for path, calls in recs.items():
         m, state = calls[0]
-        acc[path] = (_pop.reset_population(state), Moments(*(jnp.zeros_like(f) for f in m)))
+        st = F.BatchStats(*(zeros(state.mean) for _ in range(4)))
+        acc[path] = (st, Moments(*(zeros(f) for f in m)), jax.tree.map(zeros, state))
     return acc
 
 
 def _fold_in(acc, recs):
     acc = dict(acc)
     for path, calls in recs.items():
-        st, tot = acc[path]
+        st, tot, _ = acc[path]
         for m, _ in calls:
             st = _pop.update(st, m, estimator="average", momentum=0.0)
             tot = _stats.merge(tot, m)
-        acc[path] = (st, tot)
+        acc[path] = (st, tot, calls[-1][1])  # the layer's current (old) statistics
     return acc
 
 
-def _make_steps(trace, upstream, order: list[str]):
-    """The jitted per-batch steps (built once, so later passes do not recompile).
+class _Stepper:
+    """One jitted per-batch step for all passes (the statistics are arguments)."""
 
-    ``order`` receives the layer paths in call order when ``first`` is traced
-    (a jitted dict comes back with sorted keys).
-    """
+    def __init__(self, trace, upstream):
+        self.trace, self.upstream = trace, upstream
+        self.order: list[str] = []  # layer paths in call order
+        self._zero = None
 
-    def first(carry, args):
-        recs = trace(carry, args, upstream, _record_moments)
-        order[:] = list(recs)
-        return _fold_in(_init_acc(recs), recs)
+        def step(acc, carry, args):
+            return _fold_in(acc, trace(carry, args, upstream, _record_moments))
 
-    def step(acc, carry, args):
-        return _fold_in(acc, trace(carry, args, upstream, _record_moments))
+        self.step = jax.jit(step)
 
-    return jax.jit(first), jax.jit(step)
+    def zero(self, carry, args):
+        if self._zero is None:
+
+            def records(carry, args):
+                recs = self.trace(carry, args, self.upstream, _record_moments)
+                self.order[:] = list(recs)  # a jitted dict would come back sorted
+                return recs
+
+            self._zero = _zero_acc(jax.eval_shape(records, carry, args))
+        return self._zero
 
 
-def _accumulate(steps, carry, source, progress, desc):
-    """One pass over the data: per layer path, (average-mode BatchStats, total Moments)."""
-    first, step = steps
+def _accumulate(stepper, carry, source, progress, desc):
+    """One pass over the data: per layer path, (average BatchStats, total Moments, old)."""
     acc = None
     for batch in _progress(source(), progress, desc):
         args = _as_args(batch)
-        acc = first(carry, args) if acc is None else step(acc, carry, args)
+        if acc is None:
+            acc = stepper.zero(carry, args)
+        acc = stepper.step(acc, carry, args)
     if acc is None:
         raise ValueError(
             "batches is empty: recalibration needs at least one batch of inputs "
@@ -276,12 +290,14 @@ def _accumulate(steps, carry, source, progress, desc):
 
 
 def _finalize(acc_entry, variance: str) -> F.BatchStats:
-    st, tot = acc_entry
+    """The new statistics; features without data (or one element) keep the old ones."""
+    st, tot, old = acc_entry
+    mean = jnp.where(st.count > 0, st.mean, old.mean)
     if variance == "total":
-        ok = tot.count > 1
-        var = jnp.where(ok, tot.var(ddof=1), st.var).astype(st.var.dtype)
-        st = st._replace(var=var)
-    return st
+        var = jnp.where(tot.count > 1, tot.var(ddof=1), old.var)
+    else:
+        var = jnp.where(st.count - st.batches > 0, st.var, old.var)
+    return F.BatchStats(mean, var, st.count, st.batches)
 
 
 def _check(mode: str, variance: str) -> None:
@@ -293,18 +309,18 @@ def _check(mode: str, variance: str) -> None:
 
 def _run(trace, carry, batches, mode, variance, progress, write):
     """The driver shared by linen and NNX; ``write(carry, {path: BatchStats}) -> carry``."""
-    order: list[str] = []
-    steps = _make_steps(trace, "train" if mode == "train" else "eval", order)
+    stepper = _Stepper(trace, "train" if mode == "train" else "eval")
     if mode != "layerwise":
         source = _batches_source(batches, 1)
-        acc = _accumulate(steps, carry, source, progress, "PreciseBN")
+        acc = _accumulate(stepper, carry, source, progress, "PreciseBN")
         return write(carry, {p: _finalize(a, variance) for p, a in acc.items()})
     source = _batches_source(batches, 2)
-    acc = _accumulate(steps, carry, source, progress, "PreciseBN layer 1")
+    acc = _accumulate(stepper, carry, source, progress, "PreciseBN layer 1")
+    order = stepper.order
     carry = write(carry, {order[0]: _finalize(acc[order[0]], variance)})
     for k in range(1, len(order)):
         desc = f"PreciseBN layer {k + 1}/{len(order)}"
-        acc = _accumulate(steps, carry, source, progress, desc)
+        acc = _accumulate(stepper, carry, source, progress, desc)
         carry = write(carry, {order[k]: _finalize(acc[order[k]], variance)})
     return carry
 
