@@ -1,0 +1,226 @@
+"""Helpers shared by the experiment programs: command line, data, optimizers, outputs.
+
+An experiment module defines ``get_config()`` (an ``ml_collections.ConfigDict``
+with the defaults), ``CONFIG_HELP`` (one line per config field), ``run(config,
+workdir, ...)`` and ``main(argv)``; :func:`parse_command_line` gives every
+experiment the same command line, the Flax examples' convention::
+
+    python -m bnjax.experiments.figure1 --config configs/figure1.py \\
+        --config.num_seeds=5 --workdir runs/fig1 --data-dir /data
+
+``--config`` is an ``ml_collections`` config file (a Python file with
+``get_config()``); ``--config.<field>=<value>`` overrides single fields.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+import optax
+from absl import flags
+from ml_collections import config_flags
+
+__all__ = [
+    "CommandLine",
+    "parse_command_line",
+    "make_optimizer",
+    "load_data",
+    "write_json",
+    "write_csv",
+    "mean_std",
+    "first_step_reaching",
+    "config_changes",
+]
+
+
+@dataclasses.dataclass
+class CommandLine:
+    """The parsed command line of an experiment."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    data_dir: str | None
+    resume: bool
+    progress: bool
+    download: bool
+
+
+def _usage(prog: str, doc: str, fv: flags.FlagValues, config, config_help: Mapping[str, str]):
+    lines = [doc.strip(), "", f"usage: {prog} [flags]", "", "flags:"]
+    for name in sorted(fv):
+        if name in ("config",):
+            continue
+        f = fv[name]
+        if f.name != name:
+            continue
+        default = "" if f.default is None else f" (default: {f.default!r})"
+        lines.append(f"  --{name}: {f.help}{default}")
+    lines.append(
+        f"  --config: {fv['config'].help} (default: the defaults below, {fv['config'].default})"
+    )
+    lines += ["", "config fields (override any with --config.<field>=<value>):"]
+    for key, value in config.items():
+        lines.append(f"  {key} = {value!r}: {config_help.get(key, '')}")
+    return "\n".join(lines)
+
+
+def parse_command_line(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    doc: str,
+    default_config: str,
+    config_help: Mapping[str, str],
+    default_workdir: str,
+    quick: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] | None = None,
+) -> CommandLine:
+    """Parses an experiment's command line (``--help`` prints every option and exits).
+
+    Args:
+      argv: the arguments without the program name (``None``: ``sys.argv[1:]``).
+      prog: the program name for ``--help``.
+      doc: the text ``--help`` starts with.
+      default_config: the config file used without ``--config``.
+      config_help: one-line descriptions of the config fields.
+      default_workdir: the output folder used without ``--workdir``.
+      quick: if given, ``--quick`` applies it to the config; fields given
+        explicitly as ``--config.<field>=...`` keep their given values.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config",
+        default=default_config,
+        help_string="an ml_collections config file (a Python file with get_config())",
+        flag_values=fv,
+        lock_config=True,
+    )
+    flags.DEFINE_string("workdir", default_workdir, "output folder of the run", flag_values=fv)
+    flags.DEFINE_alias("out", "workdir", flag_values=fv)
+    flags.DEFINE_string(
+        "data-dir",
+        None,
+        "folder holding mnist/ and fashion-mnist/ (IDX files); else $BNJAX_DATA_DIR, "
+        "then the user cache",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "resume",
+        False,
+        "continue from the newest checkpoint in <workdir>/checkpoints",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "progress", True, "show a progress bar (--noprogress: none)", flag_values=fv
+    )
+    flags.DEFINE_boolean(
+        "download", False, "download the dataset (MD5-verified) if it is missing", flag_values=fv
+    )
+    if quick is not None:
+        flags.DEFINE_boolean(
+            "quick",
+            False,
+            "a smoke-test run of the same pipeline (under a minute)",
+            flag_values=fv,
+        )
+    if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv):
+        fv([prog])
+        print(_usage(prog, doc, fv, fv["config"].value, config_help))
+        raise SystemExit(0)
+    try:
+        fv([prog, *argv])
+    except flags.Error as e:
+        raise SystemExit(f"{prog}: {e}\nTry --help.") from None
+    config = fv["config"].value
+    if quick is not None and fv["quick"].value:
+        given = {a.split("=", 1)[0][len("--config.") :] for a in argv if a.startswith("--config.")}
+        fast = quick(ml_collections.ConfigDict(config.to_dict()))
+        with config.unlocked():
+            for key, value in fast.items():
+                if key not in given:
+                    config[key] = value
+    return CommandLine(
+        config=config,
+        workdir=Path(fv["workdir"].value),
+        data_dir=fv["data-dir"].value,
+        resume=fv["resume"].value,
+        progress=fv["progress"].value,
+        download=fv["download"].value,
+    )
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0):
+    """``"sgd"`` (plain), ``"momentum"`` (heavy ball), ``"nesterov"`` or ``"adam"``."""
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=momentum)
+    if name == "nesterov":
+        return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+    if name == "adam":
+        return optax.adam(learning_rate)
+    raise ValueError(f"optimizer must be 'sgd', 'momentum', 'nesterov' or 'adam', got {name!r}")
+
+
+def load_data(
+    dataset: str, data_dir: str | None = None, *, download: bool = False, flatten: bool = True
+):
+    """``(train_x, train_y), (test_x, test_y)``: float32 images in [0, 1], int32 labels."""
+    from bnjax.data import load_dataset
+
+    ds = load_dataset(dataset, data_dir=data_dir, download=download, flatten=flatten)
+    return (ds.train_images, ds.train_labels), (ds.test_images, ds.test_labels)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Writes ``obj`` (NumPy scalars and arrays allowed) as indented JSON."""
+
+    def default(o):
+        if isinstance(o, np.generic | np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serializable: {type(o)}")
+
+    path.write_text(json.dumps(obj, indent=1, default=default, allow_nan=True) + "\n")
+
+
+def write_csv(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Writes dict rows as CSV (the columns are the union of the keys, in first-seen order)."""
+    rows = list(rows)
+    columns: dict[str, None] = {}
+    for r in rows:
+        columns.update(dict.fromkeys(r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def first_step_reaching(steps: Sequence[int], values: Sequence[float], threshold: float):
+    """The first step whose value is ``>= threshold`` (None if never)."""
+    for s, v in zip(steps, values, strict=True):
+        if v >= threshold:
+            return int(s)
+    return None
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore=()) -> list[str]:
+    """Field names whose values differ between two config dicts (``ignore`` excepted)."""
+    keys = set(old) | set(new)
+    norm = lambda v: json.loads(json.dumps(v, default=str))
+    return sorted(k for k in keys if k not in ignore and norm(old.get(k)) != norm(new.get(k)))

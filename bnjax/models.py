@@ -1,0 +1,146 @@
+"""Small reference models for the paper's experiments, with or without batch norm.
+
+* :class:`MLP`: the paper's MNIST network (Sec. 4.1): ``784-100-100-100-10``,
+  sigmoid hidden units, weights from a small Gaussian, batch norm (optional)
+  between each hidden ``Dense`` and its nonlinearity, ``z = g(BN(W u))`` (the
+  hidden biases are dropped in the BN net: beta does their job).
+* :class:`ConvNet`: a small NHWC convnet (conv, BN, activation, max-pool) for
+  the learning-rate experiments, BN per feature map as in Sec. 3.2.
+
+Both take ``train`` explicitly and record, for every hidden layer ``i``, the
+input of its nonlinearity (``"act_in_i"``) and, with BN, the BN input
+(``"bn_in_i"``) in the ``"intermediates"`` collection when it is mutable, so a
+probe such as Figure 1(b, c) costs nothing unless asked for::
+
+    model = MLP(use_bn=True)
+    variables = model.init(key, jnp.zeros((1, 784)), train=False)
+    logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    logits, aux = model.apply(variables, x, train=False, mutable=["intermediates"])
+    aux["intermediates"]["act_in_2"][0].shape   # (batch, 100)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnjax.linen import BatchNorm
+
+__all__ = ["ACTIVATIONS", "MLP", "ConvNet", "activation"]
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "sigmoid": nn.sigmoid,
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+    "gelu": nn.gelu,
+    "identity": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The activation function called ``name`` (one of :data:`ACTIVATIONS`)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}") from None
+
+
+class MLP(nn.Module):
+    """The paper's MNIST network: ``Dense -> [BN] -> sigmoid`` per hidden layer.
+
+    Attributes:
+      hidden: hidden layer widths, default ``(100, 100, 100)``.
+      num_classes: output units (logits), default 10.
+      use_bn: insert :class:`bnjax.linen.BatchNorm` before each hidden nonlinearity
+        and drop the hidden biases.
+      init_std: standard deviation of the Gaussian initial weights
+        ``N(0, init_std^2)`` of every ``Dense`` kernel (biases start at 0).
+        The paper says only "small random Gaussian values".
+      act: hidden activation name (see :data:`ACTIVATIONS`), default ``"sigmoid"``.
+      bn: extra keyword arguments for every BatchNorm (``momentum``,
+        ``population``, ``grad``, ...), as a tuple of ``(name, value)`` pairs or
+        a dict.
+
+    Input ``(batch, ...)`` is flattened to ``(batch, features)``; output is
+    ``(batch, num_classes)`` logits.
+    """
+
+    hidden: Sequence[int] = (100, 100, 100)
+    num_classes: int = 10
+    use_bn: bool = True
+    init_std: float = 1.0
+    act: str = "sigmoid"
+    bn: Any = ()
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        g = activation(self.act)
+        init = nn.initializers.normal(stddev=self.init_std)
+        x = jnp.reshape(x, (x.shape[0], -1))
+        for i, width in enumerate(self.hidden):
+            x = nn.Dense(width, use_bias=not self.use_bn, kernel_init=init, name=f"dense_{i}")(x)
+            if self.use_bn:
+                self.sow("intermediates", f"bn_in_{i}", x)
+                x = BatchNorm(name=f"bn_{i}", **dict(self.bn))(x, train=train)
+            self.sow("intermediates", f"act_in_{i}", x)
+            x = g(x)
+        return nn.Dense(self.num_classes, kernel_init=init, name="head")(x)
+
+
+class ConvNet(nn.Module):
+    """A small NHWC convnet: per block ``Conv3x3 -> [BN] -> act -> MaxPool2``, then a head.
+
+    Attributes:
+      features: output channels of each conv block, default ``(32, 64)``.
+      dense: width of the hidden dense layer before the head (0: none), default 128.
+      num_classes: logits, default 10.
+      use_bn: batch norm (per feature map, Sec. 3.2) before each activation,
+        conv and dense biases dropped.
+      act: activation name (see :data:`ACTIVATIONS`), default ``"relu"``.
+      bn: extra BatchNorm keyword arguments (as for :class:`MLP`).
+
+    Input ``(batch, H, W)`` or ``(batch, H, W, C)`` (MNIST: ``(batch, 28, 28)``);
+    output ``(batch, num_classes)`` logits. Kernels use flax's default
+    LeCun-normal initializer.
+    """
+
+    features: Sequence[int] = (32, 64)
+    dense: int = 128
+    num_classes: int = 10
+    use_bn: bool = True
+    act: str = "relu"
+    bn: Any = ()
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        g = activation(self.act)
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4:
+            raise ValueError(
+                f"ConvNet expects images (batch, H, W) or (batch, H, W, C), got shape {x.shape}"
+            )
+        layers = [(f"conv_{i}", c) for i, c in enumerate(self.features)]
+        if self.dense:
+            layers.append(("dense", self.dense))
+        for i, (name, width) in enumerate(layers):
+            if name == "dense":
+                x = jnp.reshape(x, (x.shape[0], -1))
+                x = nn.Dense(width, use_bias=not self.use_bn, name=name)(x)
+            else:
+                x = nn.Conv(width, (3, 3), use_bias=not self.use_bn, name=name)(x)
+            if self.use_bn:
+                self.sow("intermediates", f"bn_in_{i}", x)
+                x = BatchNorm(name=f"bn_{i}", **dict(self.bn))(x, train=train)
+            self.sow("intermediates", f"act_in_{i}", x)
+            x = g(x)
+            if name != "dense":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = jnp.reshape(x, (x.shape[0], -1))
+        return nn.Dense(self.num_classes, name="head")(x)

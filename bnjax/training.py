@@ -1,0 +1,558 @@
+"""Training utilities: a train-state pytree, compiled multi-step loops over seeds, orbax.
+
+The pieces, from small to large (each usable on its own):
+
+* :class:`TrainState`: ``step``, ``params``, ``batch_stats``, ``opt_state``,
+  ``rng`` (a flax ``struct`` pytree: jit-, vmap- and checkpoint-friendly).
+  :func:`init_state` makes one; :func:`init_states` makes one per seed,
+  stacked on a leading "seed" axis.
+* :func:`make_train_step`: one SGD step of a flax model with batch norm
+  (``model.apply(..., train=True, mutable=["batch_stats"])``), pure, no jit.
+* :func:`epoch_batch_indices`: the mini-batches of steps ``[s, s + n)``: shuffled
+  epochs (a fresh permutation of the training set per epoch, the last
+  incomplete batch dropped), a pure function of ``(key, step)`` so a resumed
+  run sees exactly the batches of an uninterrupted one.
+* :func:`make_train_loop`: ``n`` steps compiled into one ``lax.scan`` with the
+  mini-batches sampled inside from the whole training set on the device,
+  ``jax.vmap``-ed over seeds and jitted: one dispatch per ``n`` steps.
+* :func:`make_eval_step`: accuracy / loss in inference mode (population
+  statistics) on a whole evaluation set, plus optional probes of intermediates.
+* :func:`save_checkpoint` / :func:`restore_checkpoint`: orbax, state plus
+  JSON-able metadata (for example the metric history).
+* :func:`fit`: the loop that experiments share: several named runs trained
+  side by side in chunks, evaluated every ``eval_every`` steps, checkpointed
+  every ``checkpoint_every`` steps, resumable, with a tqdm bar.
+
+Example (3 seeds of the paper's MNIST net in parallel)::
+
+    model, tx = MLP(use_bn=True), optax.sgd(1.0)
+    states = init_states(model, tx, seeds=jnp.arange(3), sample_input=train_x[:1])
+    loop = make_train_loop(model, tx, batch_size=60)
+    evaluate = make_eval_step(model)
+    states, metrics = loop(states, train_x, train_y, num_steps=500)   # 500 steps x 3 seeds
+    evaluate(states, test_x, test_y)["accuracy"]                     # shape (3,)
+
+The model must take ``train`` as a keyword (``model.apply(v, x, train=...)``);
+models without batch norm simply have an empty ``batch_stats``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax import lax
+
+__all__ = [
+    "TrainState",
+    "Run",
+    "FitResult",
+    "cross_entropy_loss",
+    "init_state",
+    "init_states",
+    "make_train_step",
+    "epoch_batch_indices",
+    "make_train_loop",
+    "make_eval_step",
+    "save_checkpoint",
+    "restore_checkpoint",
+    "latest_checkpoint_step",
+    "fit",
+]
+
+Array = jax.Array
+PyTree = Any
+LossFn = Callable[[Array, Array], Array]
+
+_DATA_STREAM = 0x0DA7A  # fold_in tag: the data-order key of a state's rng
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree.
+
+    Attributes:
+      step: int32 scalar, steps taken (``(seeds,)`` when stacked over seeds).
+      params: the model's ``"params"`` collection.
+      batch_stats: the model's ``"batch_stats"`` collection (``{}`` without BN).
+      opt_state: the optax state.
+      rng: a raw ``uint32[2]`` PRNG key; the data order and any per-step
+        randomness (``"dropout"``) are derived from it by ``fold_in``, never by
+        splitting, so they depend only on ``(rng, step)``.
+    """
+
+    step: Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    rng: Array
+
+    def variables(self) -> dict[str, PyTree]:
+        """``{"params": ..., "batch_stats": ...}`` for ``model.apply`` (no empty collections)."""
+        v = {"params": self.params}
+        if self.batch_stats:
+            v["batch_stats"] = self.batch_stats
+        return v
+
+
+def cross_entropy_loss(logits: Array, labels: Array) -> Array:
+    """Mean softmax cross-entropy; ``logits (B, C)``, integer ``labels (B,)`` -> scalar."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def init_state(
+    model: nn.Module, tx: optax.GradientTransformation, rng: Array, sample_input: Array
+) -> TrainState:
+    """A fresh :class:`TrainState` for one seed.
+
+    Args:
+      model: a flax module called as ``model(x, train=...)``.
+      tx: the optax optimizer.
+      rng: a raw PRNG key (``jax.random.PRNGKey(seed)``); the parameters are
+        initialized from ``fold_in(rng, 1)``, ``rng`` itself is kept for the data order.
+      sample_input: an input batch with the training shapes (e.g. ``x[:1]``).
+    """
+    variables = model.init(jax.random.fold_in(rng, 1), sample_input, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=jnp.asarray(rng),
+    )
+
+
+def init_states(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    seeds: Sequence[int] | Array,
+    sample_input: Array,
+) -> TrainState:
+    """One :class:`TrainState` per seed, stacked: every leaf gets a leading axis ``len(seeds)``.
+
+    Seed ``s`` uses ``jax.random.PRNGKey(s)``; two models with the same
+    parameter shapes get the same initial weights and the same data order for
+    the same seed (a paired comparison).
+
+    Example::
+
+        states = init_states(MLP(), optax.sgd(1.0), seeds=[0, 1, 2], sample_input=x[:1])
+        states.step.shape   # (3,)
+    """
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
+    return jax.vmap(lambda k: init_state(model, tx, k, sample_input))(keys)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn = cross_entropy_loss,
+) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
+    """One training step ``(state, x, y) -> (new_state, {"loss", "accuracy"})`` (pure, not jitted).
+
+    Batch norm runs in training mode (mini-batch statistics, Algorithm 1) and
+    its population statistics are updated; ``loss_fn(logits, y)`` is
+    differentiated w.r.t. ``state.params``; the per-step ``"dropout"`` key is
+    ``fold_in(state.rng, state.step)``.
+    """
+
+    def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
+        rngs = {"dropout": jax.random.fold_in(state.rng, state.step)}
+
+        def loss(params):
+            variables = state.replace(params=params).variables()
+            logits, updates = model.apply(
+                variables, x, train=True, mutable=["batch_stats"], rngs=rngs
+            )
+            return loss_fn(logits, y), (logits, updates)
+
+        (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        deltas, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, deltas),
+            batch_stats=updates.get("batch_stats", state.batch_stats),
+            opt_state=opt_state,
+        )
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        return new, {"loss": value, "accuracy": acc}
+
+    return step
+
+
+def epoch_batch_indices(
+    key: Array, start_step: Array | int, num_steps: int, num_examples: int, batch_size: int
+) -> Array:
+    """Example indices of the mini-batches of steps ``start_step .. start_step + num_steps - 1``.
+
+    Shuffled epochs: epoch ``e`` visits the examples in the order
+    ``jax.random.permutation(fold_in(key, e), num_examples)``, cut into
+    ``num_examples // batch_size`` batches (the remainder is dropped); step
+    ``t`` takes batch ``t % steps_per_epoch`` of epoch ``t // steps_per_epoch``.
+    ``start_step`` may be traced (jit/vmap); ``num_steps`` must be static.
+
+    Returns:
+      int32 array ``(num_steps, batch_size)``.
+
+    Example::
+
+        >>> idx = epoch_batch_indices(jax.random.PRNGKey(0), 0, 10, 60, 6)
+        >>> sorted(idx.ravel().tolist()) == list(range(60))   # one epoch: a permutation
+        True
+    """
+    if not 0 < batch_size <= num_examples:
+        raise ValueError(
+            f"batch_size must be in [1, num_examples={num_examples}], got {batch_size}"
+        )
+    spe = num_examples // batch_size
+    start = jnp.asarray(start_step, jnp.int32)
+    first_epoch = start // spe
+    touched = num_steps // spe + 2  # static bound on the epochs a chunk can touch
+    epochs = first_epoch + jnp.arange(touched, dtype=jnp.int32)
+    perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), num_examples))(
+        epochs
+    )
+    t = start + jnp.arange(num_steps, dtype=jnp.int32)
+    rows = (t // spe - first_epoch)[:, None]
+    cols = ((t % spe) * batch_size)[:, None] + jnp.arange(batch_size, dtype=jnp.int32)
+    return perms[rows, cols].astype(jnp.int32)
+
+
+def make_train_loop(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    loss_fn: LossFn = cross_entropy_loss,
+    over_seeds: bool = True,
+) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """``loop(state, images, labels, num_steps) -> (state, metrics)``: ``num_steps`` compiled steps.
+
+    The whole training set (``images (N, ...)``, ``labels (N,)``) stays on the
+    device; each step gathers its mini-batch of ``batch_size`` examples by
+    :func:`epoch_batch_indices` from the state's data key, so nothing crosses
+    the host boundary inside a chunk. The steps run in one ``lax.scan``; with
+    ``over_seeds`` (default) the whole loop is ``jax.vmap``-ed over the leading
+    seed axis of ``state`` (all seeds share the data, each has its own order).
+    Jitted, with ``num_steps`` static (one compilation per distinct chunk length).
+
+    Returns:
+      The new state and the mean training ``loss`` and ``accuracy`` over the
+      chunk's steps (shape ``(seeds,)`` with ``over_seeds``).
+    """
+    step_fn = make_train_step(model, tx, loss_fn)
+
+    def one_seed(state, images, labels, *, num_steps):
+        key = jax.random.fold_in(state.rng, _DATA_STREAM)
+        idx = epoch_batch_indices(key, state.step, num_steps, images.shape[0], batch_size)
+
+        def body(s, i):
+            return step_fn(s, images[i], labels[i])
+
+        state, metrics = lax.scan(body, state, idx)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    @functools.partial(jax.jit, static_argnames="num_steps")
+    def loop(state: TrainState, images: Array, labels: Array, num_steps: int):
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"images and labels disagree on the number of examples: images "
+                f"{images.shape}, labels {labels.shape}"
+            )
+        f = functools.partial(one_seed, num_steps=num_steps)
+        if over_seeds:
+            f = jax.vmap(f, in_axes=(0, None, None))
+        return f(state, images, labels)
+
+    return loop
+
+
+def make_eval_step(
+    model: nn.Module,
+    *,
+    loss_fn: LossFn = cross_entropy_loss,
+    probe: Callable[[PyTree], dict[str, Array]] | None = None,
+    batch_size: int | None = None,
+    over_seeds: bool = True,
+) -> Callable[[TrainState, Array, Array], dict[str, Array]]:
+    """``evaluate(state, images, labels) -> metrics`` in inference mode (population statistics).
+
+    Args:
+      model: the flax module.
+      loss_fn: as for training; reported as ``"loss"`` next to ``"accuracy"``.
+      probe: optional ``probe(intermediates) -> dict`` of extra metrics computed
+        from the ``"intermediates"`` collection the model sows (e.g. the
+        percentiles of one unit, see :mod:`bnjax.models`), over the whole set.
+      batch_size: evaluate in chunks of this many examples (must divide ``N``)
+        to bound memory; default: the whole set at once.
+      over_seeds: ``jax.vmap`` over the leading seed axis of ``state``.
+
+    Returns:
+      A jitted function; metrics have shape ``(seeds,)`` (plus the probe's own shape).
+    """
+
+    def forward(state, x):
+        if probe is None:
+            return model.apply(state.variables(), x, train=False), {}
+        logits, aux = model.apply(state.variables(), x, train=False, mutable=["intermediates"])
+        return logits, aux["intermediates"]
+
+    def one_seed(state, images, labels):
+        n = images.shape[0]
+        if batch_size is None or batch_size >= n:
+            logits, inter = forward(state, images)
+        else:
+            if n % batch_size:
+                raise ValueError(
+                    f"eval batch_size={batch_size} must divide the number of examples {n} "
+                    f"(images {images.shape})"
+                )
+            chunks = images.reshape((n // batch_size, batch_size) + images.shape[1:])
+            logits, inter = lax.map(lambda c: forward(state, c), chunks)
+            merge = lambda a: a.reshape((n,) + a.shape[2:])
+            logits, inter = merge(logits), jax.tree.map(merge, inter)
+        metrics = {
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+            "loss": loss_fn(logits, labels),
+        }
+        if probe is not None:
+            metrics.update(probe(inter))
+        return metrics
+
+    f = jax.vmap(one_seed, in_axes=(0, None, None)) if over_seeds else one_seed
+    return jax.jit(f)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _manager(directory: str | Path, max_to_keep: int | None = 2):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(
+        Path(directory).absolute(), options=options, item_names=("state", "meta")
+    )
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    state: PyTree,
+    meta: Mapping[str, Any] | None = None,
+    *,
+    max_to_keep: int | None = 2,
+) -> None:
+    """Saves ``state`` (any pytree of arrays) and JSON-able ``meta`` as checkpoint ``step``.
+
+    Synchronous (the files are complete when this returns); keeps the newest
+    ``max_to_keep`` checkpoints under ``directory``.
+    """
+    import orbax.checkpoint as ocp
+
+    with _manager(directory, max_to_keep) as mngr:
+        mngr.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}))
+            ),
+            force=True,
+        )
+        mngr.wait_until_finished()
+
+
+def latest_checkpoint_step(directory: str | Path) -> int | None:
+    """The newest checkpoint step under ``directory`` (None if there is none)."""
+    if not Path(directory).is_dir():
+        return None
+    with _manager(directory) as mngr:
+        return mngr.latest_step()
+
+
+def restore_checkpoint(
+    directory: str | Path, like: PyTree, *, step: int | None = None
+) -> tuple[PyTree, dict[str, Any]]:
+    """Restores ``(state, meta)`` saved by :func:`save_checkpoint`.
+
+    Args:
+      directory: the checkpoint folder.
+      like: a pytree with the structure, shapes and dtypes of the saved state
+        (e.g. a freshly initialized one), which the result takes.
+      step: the checkpoint to restore; default the newest.
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``directory``.
+    """
+    import orbax.checkpoint as ocp
+
+    with _manager(directory) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+    return out["state"], dict(out["meta"] or {})
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One named network trained by :func:`fit`.
+
+    Attributes:
+      state: its (seed-stacked) :class:`TrainState`.
+      train_loop: from :func:`make_train_loop` (same ``over_seeds`` as ``state``).
+      evaluate: from :func:`make_eval_step`.
+    """
+
+    state: TrainState
+    train_loop: Callable[..., tuple[TrainState, dict[str, Array]]]
+    evaluate: Callable[[TrainState, Array, Array], dict[str, Array]]
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+      states: the final state of every run, by name.
+      history: one record per evaluation and run: ``{"run", "step",
+        "train_loss", "train_accuracy", <eval metrics>}``; every metric is a
+        list over seeds (nested lists for array-valued probes).
+      seconds: wall time of this call (training and evaluation, compilation included).
+      resumed_from: the checkpoint step the run continued from, or None.
+    """
+
+    states: dict[str, TrainState]
+    history: list[dict[str, Any]]
+    seconds: float
+    resumed_from: int | None = None
+
+
+def _tolist(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: np.asarray(a).tolist(), tree)
+
+
+def _boundaries(start: int, num_steps: int, every: Sequence[int | None]) -> list[int]:
+    points = {num_steps}
+    for k in every:
+        if k:
+            points.update(range(k, num_steps, k))
+    return sorted(p for p in points if p > start)
+
+
+def fit(
+    runs: Mapping[str, Run],
+    train_data: tuple[Array, Array],
+    eval_data: tuple[Array, Array],
+    *,
+    num_steps: int,
+    eval_every: int,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+) -> FitResult:
+    """Trains several named runs side by side to ``num_steps``, evaluating every ``eval_every``.
+
+    Steps run in compiled chunks between consecutive multiples of
+    ``eval_every`` and ``checkpoint_every`` (and ``num_steps``): one dispatch
+    per run and chunk. After a chunk ending on a multiple of ``eval_every`` (or
+    at the end) every run is evaluated on ``eval_data``; after one ending on a
+    multiple of ``checkpoint_every`` (and at the end) the states and the
+    history are saved to ``checkpoint_dir`` with orbax.
+
+    With ``resume=True`` and a checkpoint in ``checkpoint_dir``, training
+    continues from it (its states and history replace the given ones) and ends
+    with exactly the states of an uninterrupted run, since the data order
+    depends only on ``(rng, step)`` and the chunk boundaries are the same.
+
+    Args:
+      runs: name -> :class:`Run`.
+      train_data: ``(images, labels)``, the whole training set (put on the device once).
+      eval_data: ``(images, labels)`` for evaluation.
+      num_steps: the total number of steps (counting those before a resume).
+      eval_every: evaluation interval in steps.
+      checkpoint_dir: where to save checkpoints (None: never).
+      checkpoint_every: checkpoint interval (None: only at the end).
+      resume: continue from the newest checkpoint in ``checkpoint_dir`` if any.
+      progress: show a tqdm bar (steps, elapsed time, latest mean accuracies).
+      desc: the bar's label.
+
+    Returns:
+      A :class:`FitResult`.
+    """
+    if eval_every < 1 or num_steps < 0:
+        raise ValueError(f"need eval_every >= 1 and num_steps >= 0, got {eval_every}, {num_steps}")
+    t0 = time.perf_counter()
+    states = {name: r.state for name, r in runs.items()}
+    history: list[dict[str, Any]] = []
+    start = 0
+    resumed_from = None
+    if resume and checkpoint_dir is not None and latest_checkpoint_step(checkpoint_dir) is not None:
+        states, meta = restore_checkpoint(checkpoint_dir, states)
+        history = list(meta.get("history", []))
+        start = resumed_from = int(meta["step"])
+        if start > num_steps:
+            raise ValueError(
+                f"the checkpoint in {checkpoint_dir} is at step {start}, past num_steps={num_steps}"
+            )
+    train_x, train_y = (jax.device_put(a) for a in train_data)
+    eval_x, eval_y = (jax.device_put(a) for a in eval_data)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    chunk_metrics: dict[str, dict[str, Array]] = {}
+    step = start
+    try:
+        for end in _boundaries(start, num_steps, (eval_every, checkpoint_every)):
+            for name, r in runs.items():
+                states[name], chunk_metrics[name] = r.train_loop(
+                    states[name], train_x, train_y, num_steps=end - step
+                )
+            advanced, step = end - step, end
+            if step % eval_every == 0 or step == num_steps:
+                latest = {}
+                for name, r in runs.items():
+                    m = r.evaluate(states[name], eval_x, eval_y)
+                    record = {"run": name, "step": step}
+                    record.update({f"train_{k}": v for k, v in chunk_metrics[name].items()})
+                    record.update(m)
+                    history.append(_tolist(record))
+                    latest[name] = f"{float(np.mean(m['accuracy'])):.4f}"
+                if bar is not None:
+                    bar.set_postfix(latest, refresh=False)
+            if bar is not None:
+                bar.update(advanced)
+            at_checkpoint = checkpoint_every and step % checkpoint_every == 0
+            if checkpoint_dir is not None and (at_checkpoint or step == num_steps):
+                save_checkpoint(checkpoint_dir, step, states, {"step": step, "history": history})
+    finally:
+        if bar is not None:
+            bar.close()
+    jax.block_until_ready(states)
+    return FitResult(states, history, time.perf_counter() - t0, resumed_from)

@@ -1,0 +1,253 @@
+"""Tests for bnjax.training: batching, the compiled seed-parallel loop, evaluation, orbax, resume.
+
+References are independent: a hand-written SGD step on ``flax.linen.BatchNorm``,
+NumPy argmax accuracy, per-seed runs without ``vmap``, an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bnjax import training as T
+from bnjax.models import MLP
+
+N, D, C = 240, 12, 3  # a tiny synthetic problem: fast to compile and run
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 2, (C, D)).astype(np.float32)
+    y = rng.integers(0, C, N).astype(np.int32)
+    x = centers[y] + rng.normal(0, 1, (N, D)).astype(np.float32)
+    return x, y
+
+
+def small_mlp(use_bn=True, **kw):
+    return MLP(hidden=(16, 16), num_classes=C, use_bn=use_bn, init_std=0.5, **kw)
+
+
+def leaves_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(la, lb, strict=True)
+    )
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize("n,bs", [(60, 6), (50, 7)])
+def test_epoch_batch_indices_are_shuffled_epochs(n, bs):
+    spe = n // bs
+    key = jax.random.PRNGKey(3)
+    idx = np.asarray(T.epoch_batch_indices(key, 0, 3 * spe, n, bs))
+    assert idx.shape == (3 * spe, bs) and idx.dtype == np.int32
+    epochs = idx.reshape(3, spe * bs)
+    for e in epochs:  # each epoch: distinct examples, all but the remainder n % bs
+        assert len(set(e.tolist())) == spe * bs and e.min() >= 0 and e.max() < n
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+
+
+def test_epoch_batch_indices_depend_only_on_step():
+    key = jax.random.PRNGKey(0)
+    whole = np.asarray(T.epoch_batch_indices(key, 0, 40, 60, 6))
+    # Split anywhere (also across epoch boundaries, with a traced start): same batches.
+    f = jax.jit(T.epoch_batch_indices, static_argnums=(2, 3, 4))
+    parts = [f(key, 0, 7, 60, 6), f(key, 7, 20, 60, 6), f(key, 27, 13, 60, 6)]
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in parts]), whole)
+
+
+def test_epoch_batch_indices_rejects_bad_batch_size():
+    with pytest.raises(ValueError, match="batch_size"):
+        T.epoch_batch_indices(jax.random.PRNGKey(0), 0, 3, 10, 11)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def test_train_step_matches_flax_batchnorm_sgd(data):
+    """One bnjax step == a hand-written SGD step of the same net with flax.linen.BatchNorm."""
+    x, y = jnp.asarray(data[0][:32]), jnp.asarray(data[1][:32])
+
+    class FlaxNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train):
+            init = nn.initializers.normal(0.5)
+            for i in range(2):
+                x = nn.Dense(16, use_bias=False, kernel_init=init, name=f"dense_{i}")(x)
+                x = nn.BatchNorm(use_running_average=not train, name=f"bn_{i}")(x)
+                x = nn.sigmoid(x)
+            return nn.Dense(C, kernel_init=init, name="head")(x)
+
+    model, tx = small_mlp(), optax.sgd(0.3)
+    state = T.init_state(model, tx, jax.random.PRNGKey(1), x[:1])
+    new, metrics = jax.jit(T.make_train_step(model, tx))(state, x, y)
+
+    ref = FlaxNet()
+
+    def loss(params):
+        v = {"params": params, "batch_stats": state.batch_stats}
+        logits, upd = ref.apply(v, x, train=True, mutable=["batch_stats"])
+        return T.cross_entropy_loss(logits, y), upd
+
+    (value, upd), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    params = jax.tree.map(lambda p, g: p - 0.3 * g, state.params, grads)
+    assert int(new.step) == 1
+    np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    for a, b in zip(
+        jax.tree.leaves(new.batch_stats), jax.tree.leaves(upd["batch_stats"]), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_init_states_pair_models_by_seed(data):
+    x = data[0][:1]
+    tx = optax.sgd(0.1)
+    a = T.init_states(small_mlp(True), tx, [5, 6], x)
+    b = T.init_states(small_mlp(False), tx, [5, 6], x)
+    assert a.step.shape == (2,)
+    k = a.params["dense_0"]["kernel"]
+    np.testing.assert_array_equal(k, b.params["dense_0"]["kernel"])  # same seed, same init
+    assert not np.array_equal(k[0], k[1])  # different seeds differ
+    assert b.batch_stats == {} and "bn_0" in a.batch_stats
+
+
+@pytest.mark.parametrize("use_bn", [True, False])
+def test_vmapped_loop_equals_each_seed_alone(data, use_bn):
+    model, tx = small_mlp(use_bn), optax.sgd(0.5)
+    x, y = (jnp.asarray(a) for a in data)
+    states = T.init_states(model, tx, [0, 1, 2], x[:1])
+    together, m = T.make_train_loop(model, tx, batch_size=20)(states, x, y, num_steps=30)
+    alone_loop = T.make_train_loop(model, tx, batch_size=20, over_seeds=False)
+    assert m["loss"].shape == (3,)
+    for k in range(3):
+        one = jax.tree.map(lambda a, k=k: a[k], states)
+        alone, _ = alone_loop(one, x, y, num_steps=30)
+        got = jax.tree.map(lambda a, k=k: a[k], together)
+        assert int(got.step) == int(alone.step) == 30
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(alone), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loop_is_the_step_repeated_on_the_sampled_batches(data):
+    """The scan-compiled loop == a Python loop of single jitted steps on the same batches."""
+    model, tx = small_mlp(), optax.sgd(0.5)
+    x, y = (jnp.asarray(a) for a in data)
+    state = T.init_state(model, tx, jax.random.PRNGKey(4), x[:1])
+    looped, _ = T.make_train_loop(model, tx, batch_size=20, over_seeds=False)(
+        state, x, y, num_steps=15
+    )
+    step = jax.jit(T.make_train_step(model, tx))
+    idx = T.epoch_batch_indices(jax.random.fold_in(state.rng, T._DATA_STREAM), 0, 15, N, 20)
+    for i in np.asarray(idx):
+        state, _ = step(state, x[i], y[i])
+    for a, b in zip(jax.tree.leaves(looped), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_training_reduces_loss(data):
+    model, tx = small_mlp(), optax.sgd(0.5)
+    x, y = (jnp.asarray(a) for a in data)
+    states = T.init_states(model, tx, [0, 1], x[:1])
+    evaluate = T.make_eval_step(model)
+    before = evaluate(states, x, y)
+    states, _ = T.make_train_loop(model, tx, batch_size=20)(states, x, y, num_steps=120)
+    after = evaluate(states, x, y)
+    assert np.all(after["loss"] < 0.5 * before["loss"])
+    assert np.all(after["accuracy"] > 0.9)
+
+
+def test_loop_rejects_mismatched_data(data):
+    model, tx = small_mlp(), optax.sgd(0.5)
+    x, y = (jnp.asarray(a) for a in data)
+    states = T.init_states(model, tx, [0], x[:1])
+    with pytest.raises(ValueError, match="images and labels"):
+        T.make_train_loop(model, tx, batch_size=20)(states, x, y[:-1], num_steps=2)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def test_eval_matches_numpy_and_chunks(data):
+    model, tx = small_mlp(), optax.sgd(0.5)
+    x, y = (jnp.asarray(a) for a in data)
+    states = T.init_states(model, tx, [0, 1], x[:1])
+    states, _ = T.make_train_loop(model, tx, batch_size=20)(states, x, y, num_steps=20)
+
+    def probe(inter):
+        return {"act_mean": inter["act_in_1"][0][:, 3].mean()}
+
+    whole = T.make_eval_step(model, probe=probe)(states, x, y)
+    chunked = T.make_eval_step(model, probe=probe, batch_size=60)(states, x, y)
+    for k in range(2):
+        st = jax.tree.map(lambda a, k=k: a[k], states)
+        logits = np.asarray(model.apply(st.variables(), x, train=False), np.float64)
+        acc = np.mean(logits.argmax(-1) == np.asarray(y))
+        shifted = logits - logits.max(-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        nll = -logp[np.arange(N), np.asarray(y)].mean()
+        _, aux = model.apply(st.variables(), x, train=False, mutable=["intermediates"])
+        unit = np.asarray(aux["intermediates"]["act_in_1"][0][:, 3], np.float64)
+        for m in (whole, chunked):
+            assert float(m["accuracy"][k]) == pytest.approx(acc, abs=1e-6)
+            assert float(m["loss"][k]) == pytest.approx(nll, rel=1e-4)
+            assert float(m["act_mean"][k]) == pytest.approx(unit.mean(), rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match="must divide"):
+        T.make_eval_step(model, batch_size=70)(states, x, y)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_roundtrip(tmp_path, data):
+    model, tx = small_mlp(), optax.adam(1e-2)  # a non-empty optimizer state
+    x, y = (jnp.asarray(a) for a in data)
+    states = T.init_states(model, tx, [0, 1], x[:1])
+    states, _ = T.make_train_loop(model, tx, batch_size=20)(states, x, y, num_steps=5)
+    assert T.latest_checkpoint_step(tmp_path / "ck") is None
+    T.save_checkpoint(tmp_path / "ck", 5, {"bn": states}, {"note": [1, 2]})
+    assert T.latest_checkpoint_step(tmp_path / "ck") == 5
+    fresh = {"bn": T.init_states(model, tx, [7, 8], x[:1])}
+    restored, meta = T.restore_checkpoint(tmp_path / "ck", fresh)
+    assert meta == {"note": [1, 2]}
+    assert isinstance(restored["bn"], T.TrainState)
+    assert leaves_equal(restored, {"bn": states})
+    with pytest.raises(FileNotFoundError):
+        T.restore_checkpoint(tmp_path / "empty", fresh)
+
+
+def _runs(model_bn, model_plain, tx, x):
+    runs = {}
+    for name, model in (("bn", model_bn), ("plain", model_plain)):
+        runs[name] = T.Run(
+            state=T.init_states(model, tx, [0, 1], x[:1]),
+            train_loop=T.make_train_loop(model, tx, batch_size=20),
+            evaluate=T.make_eval_step(model),
+        )
+    return runs
+
+
+def test_fit_resume_equals_uninterrupted(tmp_path, data):
+    tx = optax.sgd(0.5)
+    runs = _runs(small_mlp(True), small_mlp(False), tx, data[0])
+    kw = dict(eval_every=10, checkpoint_every=20, progress=False)
+    whole = T.fit(runs, data, data, num_steps=40, checkpoint_dir=tmp_path / "a", **kw)
+    first = T.fit(runs, data, data, num_steps=20, checkpoint_dir=tmp_path / "b", **kw)
+    assert first.resumed_from is None
+    rest = T.fit(runs, data, data, num_steps=40, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    assert rest.resumed_from == 20
+    assert leaves_equal(rest.states, whole.states)  # bit-identical
+    assert rest.history == whole.history
+    assert [r["step"] for r in whole.history if r["run"] == "bn"] == [10, 20, 30, 40]
+    rec = whole.history[-1]
+    assert set(rec) >= {"run", "step", "accuracy", "loss", "train_loss", "train_accuracy"}
+    assert len(rec["accuracy"]) == 2
+    assert T.latest_checkpoint_step(tmp_path / "a") == 40
