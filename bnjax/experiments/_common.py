@@ -96,13 +96,17 @@ def parse_command_line(
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config",
-        default=default_config,
-        help_string="an ml_collections config file (a Python file with get_config())",
-        flag_values=fv,
-        lock_config=True,
-    )
+    try:
+        config_flags.DEFINE_config_file(
+            "config",
+            default=default_config,
+            help_string="an ml_collections config file (a Python file with get_config())",
+            flag_values=fv,
+            lock_config=True,
+            sys_argv=[prog, *argv],  # config_flags finds the --config.<field> overrides here
+        )
+    except (AttributeError, KeyError) as e:  # an override of a field the config lacks
+        raise SystemExit(f"{prog}: unknown config field in an override: {e}\nTry --help.") from None
     flags.DEFINE_string("workdir", default_workdir, "output folder of the run", flag_values=fv)
     flags.DEFINE_alias("out", "workdir", flag_values=fv)
     flags.DEFINE_string(

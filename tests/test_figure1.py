@@ -1,0 +1,180 @@
+"""Tests for Experiment 1 (bnjax.experiments.figure1): a short real-MNIST run end to end,
+the command line, and the summary statistics against NumPy on synthetic histories."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from bnjax.experiments import _common, figure1
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, data_dir):
+    """300 steps x 2 seeds x 2 nets on real MNIST, through the public ``run``."""
+    cfg = figure1.get_config()
+    cfg.num_steps = 300
+    cfg.num_seeds = 2
+    cfg.eval_every = 100
+    cfg.checkpoint_every = 300
+    cfg.population_batches = 20
+    cfg.precise_bn_batches = 10
+    workdir = tmp_path_factory.mktemp("figure1")
+    out = figure1.run(cfg, workdir, data_dir=str(data_dir), progress=False)
+    return cfg, workdir, out
+
+
+def test_short_run_learns(short_run):
+    cfg, _, out = short_run
+    s = out["summary"]
+    for net in figure1.NETS:
+        acc = np.asarray(s[net]["final_accuracy"])
+        assert acc.shape == (2,)
+        assert np.all(acc > 0.8), (net, acc)  # chance is 0.1
+        assert s[net]["final_step"] == 300
+    pop = out["population"]
+    assert set(pop) == {"ema", "average", "precise_bn"}
+    for p in pop.values():
+        assert all(a > 0.8 for a in p["accuracy"])
+    # The recalibrated statistics are different numbers from the EMA ones.
+    assert pop["average"]["accuracy"] != pop["ema"]["accuracy"] or (
+        pop["average"]["loss_mean"] != pop["ema"]["loss_mean"]
+    )
+
+
+def test_short_run_outputs_parse(short_run):
+    cfg, workdir, out = short_run
+    names = {p.name for p in workdir.iterdir()}
+    assert {"figure1.png", "metrics.json", "metrics.csv", "results.md", "config.json"} <= names
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["config"]["num_steps"] == 300
+    assert len(metrics["history"]) == 2 * 3  # 2 nets x 3 evaluations
+    with (workdir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 * 2  # nets x evaluations x seeds
+    bn_rows = [r for r in rows if r["net"] == "bn"]
+    assert all(r["bn_in_p15"] and r["act_in_p85"] for r in bn_rows)
+    for r in rows:  # percentiles are ordered
+        assert float(r["act_in_p15"]) <= float(r["act_in_p50"]) <= float(r["act_in_p85"])
+    # The CSV holds the same numbers as the history.
+    last = [h for h in metrics["history"] if h["run"] == "bn"][-1]
+    csv_last = [r for r in bn_rows if int(r["step"]) == 300]
+    np.testing.assert_allclose([float(r["accuracy"]) for r in csv_last], last["accuracy"])
+    img = matplotlib.image.imread(workdir / "figure1.png")
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 800
+    md = (workdir / "results.md").read_text()
+    assert "With BN" in md and "Without BN" in md and "PreciseBN" in md
+    assert f"{out['summary']['bn']['final_accuracy_mean']:.4f}" in md
+
+
+def test_resume_refuses_a_changed_config(short_run):
+    cfg, workdir, _ = short_run
+    changed = figure1.get_config()
+    changed.update(cfg.to_dict())
+    changed.learning_rate = 0.1
+    with pytest.raises(ValueError, match="learning_rate"):
+        figure1.run(changed, workdir, resume=True, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        figure1.run(cfg, workdir, resume=False, progress=False)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_help_lists_every_option_and_config_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        figure1.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--workdir", "--data-dir", "--resume", "--quick", "--config", "--progress"):
+        assert flag in text
+    for field in figure1.get_config():
+        assert f"  {field} = " in text
+        assert field in figure1.CONFIG_HELP
+
+
+def test_command_line_overrides_and_quick():
+    cl = _common.parse_command_line(
+        ["--quick", "--config.num_steps=123", "--out=/tmp/x", "--data-dir=/d", "--noprogress"],
+        prog="p",
+        doc="d",
+        default_config=figure1.__file__,
+        config_help=figure1.CONFIG_HELP,
+        default_workdir="runs/x",
+        quick=figure1.quick_config,
+    )
+    quick = figure1.quick_config()
+    assert cl.config.num_steps == 123  # an explicit override beats --quick
+    assert cl.config.num_seeds == quick.num_seeds != figure1.get_config().num_seeds
+    assert str(cl.workdir) == "/tmp/x" and cl.data_dir == "/d" and not cl.progress
+    with pytest.raises(SystemExit, match="Try --help"):
+        _common.parse_command_line(
+            ["--config.no_such_field=1"],
+            prog="p",
+            doc="d",
+            default_config=figure1.__file__,
+            config_help={},
+            default_workdir="w",
+        )
+
+
+@pytest.mark.parametrize(
+    "name,lr,std", [("figure1", 1.0, 1.0), ("figure1_lr05", 0.5, 0.1), ("figure1_quick", 1.0, 1.0)]
+)
+def test_config_files_load(name, lr, std):
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    cl = _common.parse_command_line(
+        ["--config", str(path)],
+        prog="p",
+        doc="d",
+        default_config=figure1.__file__,
+        config_help={},
+        default_workdir="w",
+    )
+    assert cl.config.learning_rate == lr and cl.config.init_std == std
+    assert set(cl.config) == set(figure1.get_config())
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _history(acc_no_bn, acc_bn, pct, steps):
+    hist = []
+    for i, s in enumerate(steps):
+        for net, acc in (("no_bn", acc_no_bn), ("bn", acc_bn)):
+            rec = {"run": net, "step": int(s), "accuracy": acc[i].tolist()}
+            rec["act_in_pct"] = pct[i].tolist()
+            if net == "bn":
+                rec["bn_in_pct"] = pct[i].tolist()
+            hist.append(rec)
+    return hist
+
+
+def test_summarize_against_numpy():
+    rng = np.random.default_rng(0)
+    cfg = figure1.get_config()
+    steps = np.arange(1, 21) * 500
+    base = np.linspace(0.9, 0.99, 20)[:, None] + rng.normal(0, 0.003, (20, 3))
+    pct = np.sort(rng.normal(0, 1, (20, 3, 3)), axis=-1)  # (steps, seeds, q)
+    s = figure1.summarize(_history(base - 0.01, base, pct, steps), cfg)
+    for net, acc in (("no_bn", base - 0.01), ("bn", base)):
+        assert s[net]["final_accuracy_mean"] == pytest.approx(acc[-1].mean())
+        assert s[net]["final_accuracy_std"] == pytest.approx(acc[-1].std(ddof=1))
+        assert s[net]["max_accuracy_mean"] == pytest.approx(acc.max(0).mean())
+        assert s[net]["accuracy_at"][10_000] == pytest.approx(acc[steps == 10_000].mean())
+        for thr in cfg.thresholds:
+            hit = np.nonzero(acc.mean(1) >= thr)[0]
+            want = int(steps[hit[0]]) if hit.size else None
+            assert s[net]["steps_to"][f"{thr:g}"]["mean_curve"] == want
+        d = s[net]["act_in_drift"]["p50"]
+        v = pct[:, :, 1]
+        assert d["range"] == pytest.approx((v.max(0) - v.min(0)).mean())
+        assert d["std"] == pytest.approx(v.std(0).mean())
+        assert d["drift"] == pytest.approx(np.abs(v[-1] - v[0]).mean())
+    assert "bn_in_drift" in s["bn"] and "bn_in_drift" not in s["no_bn"]
+    assert s["bn_ahead_every_step"] and s["bn_ahead_fraction"] == 1.0
