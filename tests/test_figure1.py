@@ -148,9 +148,9 @@ def _history(acc_no_bn, acc_bn, pct, steps):
     for i, s in enumerate(steps):
         for net, acc in (("no_bn", acc_no_bn), ("bn", acc_bn)):
             rec = {"run": net, "step": int(s), "accuracy": acc[i].tolist()}
-            rec["act_in_pct"] = pct[i].tolist()
-            if net == "bn":
-                rec["bn_in_pct"] = pct[i].tolist()
+            for key in ("act_in", "bn_in") if net == "bn" else ("act_in",):
+                rec[f"{key}_pct"] = pct[i, :, 0].tolist()
+                rec[f"{key}_pct_units"] = pct[i].tolist()
             hist.append(rec)
     return hist
 
@@ -160,7 +160,7 @@ def test_summarize_against_numpy():
     cfg = figure1.get_config()
     steps = np.arange(1, 21) * 500
     base = np.linspace(0.9, 0.99, 20)[:, None] + rng.normal(0, 0.003, (20, 3))
-    pct = np.sort(rng.normal(0, 1, (20, 3, 3)), axis=-1)  # (steps, seeds, q)
+    pct = np.sort(rng.normal(0, 1, (20, 3, 4, 3)), axis=-1)  # (steps, seeds, units, q)
     s = figure1.summarize(_history(base - 0.01, base, pct, steps), cfg)
     for net, acc in (("no_bn", base - 0.01), ("bn", base)):
         assert s[net]["final_accuracy_mean"] == pytest.approx(acc[-1].mean())
@@ -172,9 +172,11 @@ def test_summarize_against_numpy():
             want = int(steps[hit[0]]) if hit.size else None
             assert s[net]["steps_to"][f"{thr:g}"]["mean_curve"] == want
         d = s[net]["act_in_drift"]["p50"]
-        v = pct[:, :, 1]
+        v = pct[..., 1].reshape(20, 12)  # every (seed, unit)
+        width = (pct[..., 2] - pct[..., 0]).reshape(20, 12).mean(0)
         assert d["range"] == pytest.approx((v.max(0) - v.min(0)).mean())
         assert d["std"] == pytest.approx(v.std(0).mean())
         assert d["drift"] == pytest.approx(np.abs(v[-1] - v[0]).mean())
+        assert d["range_rel"] == pytest.approx(((v.max(0) - v.min(0)) / width).mean())
     assert "bn_in_drift" in s["bn"] and "bn_in_drift" not in s["no_bn"]
     assert s["bn_ahead_every_step"] and s["bn_ahead_fraction"] == 1.0

@@ -66,7 +66,8 @@ CONFIG_HELP = {
     "bn_momentum": "EMA momentum of the BN population statistics (flax convention)",
     "bn_epsilon": "BN epsilon",
     "probe_layer": "hidden layer whose sigmoid input is tracked (-1: the last)",
-    "probe_unit": "the unit of that layer (the same for every run)",
+    "probe_unit": "the unit of that layer plotted in (b-d) (the same index for every run)",
+    "probe_units": "units 0..probe_units-1 of that layer enter the percentile-drift table",
     "percentiles": "percentiles of the probed sigmoid input over the test set",
     "thresholds": "accuracies for the 'steps to reach' table",
     "population_batches": "mini-batches for the paper's Algorithm 2 population average (0: skip)",
@@ -104,7 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.bn_momentum = 0.99
     c.bn_epsilon = 1e-5
     c.probe_layer = -1
-    c.probe_unit = 0
+    c.probe_unit = 1
+    c.probe_units = 10
     c.percentiles = (15, 50, 85)
     c.thresholds = (0.97, 0.98)
     c.population_batches = 1000
@@ -149,9 +151,13 @@ def make_probe(config: ml_collections.ConfigDict):
     ``act_in``: the sigmoid's input (post-BN with BN); ``bn_in``: the BN
     input ``W u`` (BN net only).
     """
-    layer, unit = _probe_layer(config), config.probe_unit
-    if not 0 <= unit < config.hidden[layer]:
-        raise ValueError(f"probe_unit={unit} out of range for a layer of {config.hidden[layer]}")
+    layer, unit, units = _probe_layer(config), config.probe_unit, config.probe_units
+    width = config.hidden[layer]
+    if not 0 <= unit < width or not 1 <= units <= width:
+        raise ValueError(
+            f"need 0 <= probe_unit < {width} and 1 <= probe_units <= {width} (the width of "
+            f"hidden layer {layer}), got probe_unit={unit}, probe_units={units}"
+        )
     q = jnp.asarray(config.percentiles, jnp.float32)
 
     def probe(inter):
@@ -159,7 +165,9 @@ def make_probe(config: ml_collections.ConfigDict):
         for name in ("act_in", "bn_in"):
             key = f"{name}_{layer}"
             if key in inter:
-                out[f"{name}_pct"] = jnp.percentile(inter[key][0][:, unit], q)
+                v = inter[key][0]  # (examples, width)
+                out[f"{name}_pct"] = jnp.percentile(v[:, unit], q)
+                out[f"{name}_pct_units"] = jnp.percentile(v[:, :units], q, axis=0).T
         return out
 
     return probe
@@ -267,7 +275,8 @@ def summarize(history: list[dict], config) -> dict[str, Any]:
         for key in ("act_in_pct", "bn_in_pct"):
             if not any(key in r for r in history if r["run"] == net):
                 continue
-            _, p = _series(history, net, key)  # (steps, seeds, q)
+            _, p = _series(history, net, key + "_units")  # (steps, seeds, units, q)
+            p = p.reshape(p.shape[0], -1, p.shape[-1])  # every (seed, unit) a sample
             drift = {}
             spread = p[:, :, -1] - p[:, :, 0]
             named = [(f"p{q:g}", p[:, :, j]) for j, q in enumerate(config.percentiles)]
@@ -276,6 +285,8 @@ def summarize(history: list[dict], config) -> dict[str, Any]:
                     "range": float((v.max(0) - v.min(0)).mean()),
                     "std": float(v.std(0).mean()),
                     "drift": float(np.abs(v[-1] - v[0]).mean()),
+                    # in units of the distribution's width (scale-free, comparable across nets)
+                    "range_rel": float(((v.max(0) - v.min(0)) / spread.mean(0)).mean()),
                 }
             s[key.replace("_pct", "_drift")] = drift
         out[net] = s
@@ -296,7 +307,7 @@ def history_rows(history: list[dict], config) -> list[dict[str, Any]]:
         for j, seed in enumerate(seeds):
             row = {"net": r["run"], "step": r["step"], "seed": seed}
             for key, value in r.items():
-                if key in ("run", "step"):
+                if key in ("run", "step") or key.endswith("_units"):
                     continue
                 v = value[j]
                 if isinstance(v, list):
@@ -423,14 +434,15 @@ def results_markdown(summary, population, config, seconds: float | None) -> str:
         "",
         "## Input of the probed sigmoid (Figure 1 b, c)",
         "",
-        f"Percentiles over the test set of the input to unit {config.probe_unit} of hidden "
-        f"layer {_probe_layer(config) + 1}, evaluated every {config.eval_every} steps; range = "
-        "max - min over training, std = std over training, drift = |last - first| (all three "
-        "per seed, then averaged over seeds; the unit index names a different neuron in each "
-        "seed); spread = p85 - p15.",
+        f"Percentiles over the test set of the inputs to units 0-{config.probe_units - 1} of "
+        f"hidden layer {_probe_layer(config) + 1} (the figure shows unit {config.probe_unit} of "
+        f"seed {config.seed}), evaluated every {config.eval_every} steps. Per unit and seed: "
+        "range = max - min over training, std = std over training, drift = |last - first|, "
+        "range/width = range divided by the mean p85 - p15 width (scale-free); then averaged "
+        "over units and seeds. spread = p85 - p15.",
         "",
-        "| net | quantity | percentile | range | std | drift |",
-        "|---|---|---|---|---|---|",
+        "| net | quantity | percentile | range | std | drift | range/width |",
+        "|---|---|---|---|---|---|---|",
     ]
     what = {"act_in_drift": "sigmoid input", "bn_in_drift": "pre-BN input Wu"}
     for net in NETS:
@@ -439,7 +451,7 @@ def results_markdown(summary, population, config, seconds: float | None) -> str:
             for q, d in s.get(key, {}).items():
                 lines.append(
                     f"| {LABELS[net]} | {label} | {q} | {d['range']:.3f} | {d['std']:.3f} | "
-                    f"{d['drift']:.3f} |"
+                    f"{d['drift']:.3f} | {d['range_rel']:.3f} |"
                 )
     if population:
         names = {
