@@ -278,12 +278,24 @@ def _bn_vjp_bwd(spec, res, cts):
     x, mask, scale, bias, mean, inv, count = res
     gy, gm = cts
     dt = mean.dtype
-    xc = x.astype(dt) - mean
-    xhat = xc * inv
+    xf = x.astype(dt)
     gyf = gy.astype(dt)
     # The two reductions of the fused backward (local), then one collective.
     sum_dy = jnp.sum(gyf, axis=spec.stat_axes, keepdims=True)
-    sum_dy_xhat = jnp.sum(gyf * xhat, axis=spec.stat_axes, keepdims=True)
+    if mask is None:
+        # sum(dy (x - mean)) = sum(dy (x - k)) - (mean - k) sum(dy) around the data
+        # shift k of the forward statistics (|x - k| ~ spread: no cancellation). A
+        # reduction around k, a materialized per-feature value, spelled (k - x), is
+        # one pass over x and dy; around `mean` (a computed value that dx below
+        # also broadcasts) XLA:CPU would materialize the broadcast mean or x - mean.
+        k = _stats._shifts(xf, spec.stat_axes, 3)[2]
+        s_k = jnp.sum(gyf * (k - xf), axis=spec.stat_axes, keepdims=True)
+        sum_dy_xc = -s_k - (mean - k) * sum_dy
+    else:
+        sum_dy_xc = jnp.sum(gyf * (xf - mean), axis=spec.stat_axes, keepdims=True)
+    sum_dy_xhat = inv * sum_dy_xc
+    xc = xf - mean
+    xhat = xc * inv
     dscale = None if scale is None else _sum_to(sum_dy_xhat, scale.shape).astype(scale.dtype)
     dbias = None if bias is None else _sum_to(sum_dy, bias.shape).astype(bias.dtype)
     gmean = None if gm is None else gm.mean.astype(dt)
