@@ -104,6 +104,9 @@ class ConvNet(nn.Module):
         conv and dense biases dropped.
       act: activation name (see :data:`ACTIVATIONS`), default ``"relu"``.
       bn: extra BatchNorm keyword arguments (as for :class:`MLP`).
+      downsample: ``"max_pool"`` (default: a 3x3 conv then a 2x2 max-pool) or
+        ``"stride"`` (a 3x3 conv of stride 2, no pooling: the same output sizes
+        at about a quarter of the FLOPs, and much faster on a CPU).
 
     Input ``(batch, H, W)`` or ``(batch, H, W, C)`` (MNIST: ``(batch, 28, 28)``);
     output ``(batch, num_classes)`` logits. Kernels use flax's default
@@ -116,10 +119,14 @@ class ConvNet(nn.Module):
     use_bn: bool = True
     act: str = "relu"
     bn: Any = ()
+    downsample: str = "max_pool"
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
         g = activation(self.act)
+        if self.downsample not in ("max_pool", "stride"):
+            raise ValueError(f"downsample must be 'max_pool' or 'stride', got {self.downsample!r}")
+        strides = (2, 2) if self.downsample == "stride" else (1, 1)
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim != 4:
@@ -134,13 +141,13 @@ class ConvNet(nn.Module):
                 x = jnp.reshape(x, (x.shape[0], -1))
                 x = nn.Dense(width, use_bias=not self.use_bn, name=name)(x)
             else:
-                x = nn.Conv(width, (3, 3), use_bias=not self.use_bn, name=name)(x)
+                x = nn.Conv(width, (3, 3), strides, use_bias=not self.use_bn, name=name)(x)
             if self.use_bn:
                 self.sow("intermediates", f"bn_in_{i}", x)
                 x = BatchNorm(name=f"bn_{i}", **dict(self.bn))(x, train=train)
             self.sow("intermediates", f"act_in_{i}", x)
             x = g(x)
-            if name != "dense":
+            if name != "dense" and self.downsample == "max_pool":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = jnp.reshape(x, (x.shape[0], -1))
         return nn.Dense(self.num_classes, name="head")(x)

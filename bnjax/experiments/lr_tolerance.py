@@ -1,0 +1,610 @@
+"""Experiment 2: learning-rate tolerance, a CPU-sized analogue of the paper's Figure 3 table.
+
+The paper (Sec. 4.2) trains Inception with and without batch norm and finds that
+BN lets the learning rate grow 5x and 30x (BN-x5, BN-x30) and makes a sigmoid
+network trainable (BN-x5-Sigmoid), while Inception without BN diverges at 5x
+the rate and does not train with sigmoids. Here the same comparison runs on a
+small NHWC convnet (:class:`bnjax.models.ConvNet`: two 3x3 stride-2 conv layers
+and a dense layer, each followed by BN per feature map when enabled, then the
+activation) on Fashion-MNIST (or MNIST), SGD with momentum:
+
+==================  =====  ==========  ==========
+variant             BN     activation  lr
+==================  =====  ==========  ==========
+``no_bn``           no     relu        base
+``no_bn_x5``        no     relu        5 x base
+``bn``              yes    relu        base
+``bn_x5``           yes    relu        5 x base
+``bn_x10``          yes    relu        10 x base (not in the paper)
+``bn_x30``          yes    relu        30 x base
+``sigmoid``         no     sigmoid     base
+``bn_x5_sigmoid``   yes    sigmoid     5 x base
+==================  =====  ==========  ==========
+
+All variants share the initial-weight seeds and the data order per seed
+(:func:`bnjax.training.init_states`), are trained side by side with
+:func:`bnjax.training.fit` (several seeds in parallel by ``jax.vmap``) and are
+evaluated on the test set every ``eval_every`` steps in inference mode, with
+the population statistics (EMA). The table gives, per variant, the first
+evaluated step at which the seed-mean test accuracy reaches the maximum
+seed-mean accuracy of the reference (``no_bn``), and its own maximum.
+
+Outputs in the run folder (``--workdir``): ``lr_tolerance.png`` (test accuracy
+and training loss against steps), ``results.md`` (the table), ``metrics.json``
+(config, summary, history), ``metrics.csv`` (one row per variant, step and
+seed), ``summary.csv`` (the table), ``config.json`` and ``checkpoints/``.
+
+Run::
+
+    bnjax-lr-tolerance                                   # the full run, defaults below
+    bnjax-lr-tolerance --quick --workdir runs/smoke      # a smoke test
+    bnjax-lr-tolerance --config.learning_rate=0.05 --config.num_seeds=3
+    python -m bnjax.experiments.lr_tolerance --config configs/lr_tolerance.py
+
+Programmatic use: ``results = run(get_config(), "runs/lr_tolerance")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from bnjax import training
+from bnjax.experiments import _common
+from bnjax.models import ConvNet
+
+__all__ = [
+    "CONFIG_HELP",
+    "VARIANTS",
+    "Variant",
+    "get_config",
+    "quick_config",
+    "build",
+    "summarize",
+    "results_markdown",
+    "plot",
+    "run",
+    "main",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One network of the comparison.
+
+    Attributes:
+      label: the name in the table and the plot (the paper's names where they exist).
+      use_bn: batch norm before every hidden activation.
+      act: ``"base"`` (the config's ``activation``) or an activation name.
+      lr_mult: the learning rate is ``lr_mult * config.learning_rate``.
+    """
+
+    label: str
+    use_bn: bool
+    act: str
+    lr_mult: float
+
+
+VARIANTS: dict[str, Variant] = {
+    "no_bn": Variant("No BN (base lr)", False, "base", 1.0),
+    "no_bn_x5": Variant("No BN, lr x5", False, "base", 5.0),
+    "bn": Variant("BN-Baseline", True, "base", 1.0),
+    "bn_x5": Variant("BN-x5", True, "base", 5.0),
+    "bn_x10": Variant("BN-x10", True, "base", 10.0),
+    "bn_x30": Variant("BN-x30", True, "base", 30.0),
+    "sigmoid": Variant("Sigmoid, no BN", False, "sigmoid", 1.0),
+    "bn_x5_sigmoid": Variant("BN-x5-Sigmoid", True, "sigmoid", 5.0),
+}
+COLORS = {
+    "no_bn": "black",
+    "no_bn_x5": "tab:gray",
+    "bn": "tab:blue",
+    "bn_x5": "tab:orange",
+    "bn_x10": "tab:purple",
+    "bn_x30": "tab:red",
+    "sigmoid": "tab:olive",
+    "bn_x5_sigmoid": "tab:green",
+}
+
+CHANCE = 0.2  # final test accuracy below this (10 classes): the net did not train
+
+CONFIG_HELP = {
+    "dataset": "'fashion-mnist' or 'mnist'",
+    "features": "channels of the conv layers (3x3, BN per feature map)",
+    "dense": "width of the hidden dense layer after the convs (0: none)",
+    "downsample": "'stride' (3x3 stride-2 convs, fast on CPU) or 'max_pool' (conv + 2x2 pool)",
+    "activation": "hidden nonlinearity of the non-sigmoid variants",
+    "optimizer": "'momentum' (SGD + heavy ball), 'sgd', 'nesterov' or 'adam'",
+    "learning_rate": "the base learning rate (x1); variants use 1x, 5x or 30x it",
+    "momentum": "momentum of the 'momentum'/'nesterov' optimizers",
+    "batch_size": "mini-batch size",
+    "num_steps": "training steps of every variant",
+    "num_seeds": "seeds trained in parallel (vmap); seeds are seed, seed+1, ...",
+    "seed": "first seed; a seed fixes the initial weights and the data order of every variant",
+    "eval_every": "evaluate on the test set every this many steps",
+    "eval_batch_size": "evaluate in chunks of this size (must divide 10,000; 0: all at once)",
+    "checkpoint_every": "save an orbax checkpoint every this many steps (0: only at the end)",
+    "variants": f"comma-separated variants to train, of {', '.join(VARIANTS)}",
+    "reference": "the variant whose max accuracy is the 'steps to reach' target",
+    "bn_momentum": "EMA momentum of the BN population statistics (flax convention)",
+    "bn_epsilon": "BN epsilon",
+}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The default configuration (about 15 minutes on 2 busy CPU cores).
+
+    The base learning rate 0.05 (SGD, momentum 0.9, batch 50) is close to the
+    largest rate at which the relu network without BN trains: in 1,000-step
+    probes (one seed) it trained at 0.05 and 0.1 and ended at chance level
+    (dead units, loss log 10) at 0.2 and 0.5. With BN the same network trained
+    at 0.25 and 0.5 but not at 1.2, 1.5 or 3.0, so BN-x10 is included next to
+    the paper's x5 and x30 to locate the limit (measured numbers of the full
+    run: ``docs/lr_tolerance/results.md``). BN's EMA momentum is 0.9 so that
+    the population statistics used at the first evaluations (every 100 steps)
+    are not dominated by their initial values (flax's 0.99 averages over
+    ~100 steps).
+    """
+    c = ml_collections.ConfigDict()
+    c.dataset = "fashion-mnist"
+    c.features = (8, 16)
+    c.dense = 32
+    c.downsample = "stride"
+    c.activation = "relu"
+    c.optimizer = "momentum"
+    c.learning_rate = 0.05
+    c.momentum = 0.9
+    c.batch_size = 50
+    c.num_steps = 1500
+    c.num_seeds = 2
+    c.seed = 0
+    c.eval_every = 100
+    c.eval_batch_size = 1000
+    c.checkpoint_every = 0
+    c.variants = ",".join(VARIANTS)
+    c.reference = "no_bn"
+    c.bn_momentum = 0.9
+    c.bn_epsilon = 1e-5
+    return c
+
+
+def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """``config`` (default :func:`get_config`) shortened to a smoke test of the same pipeline."""
+    c = get_config() if config is None else ml_collections.ConfigDict(config.to_dict())
+    c.num_steps = 200
+    c.num_seeds = 1
+    c.eval_every = 100
+    return c
+
+
+def variant_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The config's variants, validated, in the order given (the reference first if missing)."""
+    names = [v.strip() for v in str(config.variants).split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise ValueError(f"unknown variants {unknown or names}; choose from {list(VARIANTS)}")
+    if config.reference not in VARIANTS:
+        raise ValueError(f"reference={config.reference!r} is not one of {list(VARIANTS)}")
+    if config.reference not in names:
+        names.insert(0, config.reference)
+    return list(dict.fromkeys(names))
+
+
+def learning_rate(config: ml_collections.ConfigDict, name: str) -> float:
+    """The learning rate of variant ``name``."""
+    return VARIANTS[name].lr_mult * config.learning_rate
+
+
+def build(config: ml_collections.ConfigDict) -> dict[str, tuple[ConvNet, Any]]:
+    """``{variant: (model, optimizer)}`` for the config's variants."""
+    bn = (("momentum", config.bn_momentum), ("epsilon", config.bn_epsilon))
+    out = {}
+    for name in variant_names(config):
+        v = VARIANTS[name]
+        model = ConvNet(
+            features=tuple(config.features),
+            dense=config.dense,
+            use_bn=v.use_bn,
+            act=config.activation if v.act == "base" else v.act,
+            bn=bn if v.use_bn else (),
+            downsample=config.downsample,
+        )
+        tx = _common.make_optimizer(config.optimizer, learning_rate(config, name), config.momentum)
+        out[name] = (model, tx)
+    return out
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _series(history: list[dict], name: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    recs = [r for r in history if r["run"] == name]
+    steps = np.array([r["step"] for r in recs], np.int64)
+    vals = np.array([r[key] for r in recs], np.float64)  # (evals, seeds)
+    return steps, vals
+
+
+def summarize(history: list[dict], config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Per variant: max / final accuracy, steps to the reference's max accuracy, divergence.
+
+    The target is the reference's maximum over the evaluations of its
+    seed-mean test accuracy; a variant's ``steps_to_target`` is the first
+    evaluation step at which its seed-mean accuracy reaches it (``None``: never),
+    ``per_seed`` the same per seed against the same target. ``diverged`` counts
+    the seeds whose final training loss is not finite, ``at_chance`` those with
+    a finite loss but a final test accuracy below :data:`CHANCE` (a net that
+    blew up into dead units: the loss stays at ``log(10)``).
+    """
+    names = [n for n in variant_names(config) if any(r["run"] == n for r in history)]
+    ref = config.reference
+    target = None
+    if ref in names:
+        _, acc = _series(history, ref, "accuracy")
+        target = float(np.nanmax(acc.mean(1)))
+    out: dict[str, Any] = {"target": target, "reference": ref, "variants": {}}
+    for name in names:
+        steps, acc = _series(history, name, "accuracy")
+        _, loss = _series(history, name, "train_loss")
+        curve = acc.mean(1)
+        final_mean, final_std = _common.mean_std(acc[-1])
+        s: dict[str, Any] = {
+            "label": VARIANTS[name].label,
+            "learning_rate": learning_rate(config, name),
+            "use_bn": VARIANTS[name].use_bn,
+            "max_accuracy": float(np.nanmax(curve)),
+            "max_accuracy_step": int(steps[int(np.nanargmax(curve))]),
+            "max_accuracy_per_seed": np.nanmax(acc, 0).tolist(),
+            "final_accuracy_mean": final_mean,
+            "final_accuracy_std": final_std,
+            "final_accuracy": acc[-1].tolist(),
+            "final_train_loss": loss[-1].tolist(),
+            "diverged": int(np.sum(~np.isfinite(loss[-1]))),
+            "at_chance": int(np.sum(np.isfinite(loss[-1]) & (acc[-1] < CHANCE))),
+            "seeds": int(acc.shape[1]),
+            "steps_to_target": None,
+            "steps_to_target_per_seed": None,
+        }
+        if target is not None:
+            s["steps_to_target"] = _common.first_step_reaching(steps, curve, target)
+            s["steps_to_target_per_seed"] = [
+                _common.first_step_reaching(steps, acc[:, j], target) for j in range(acc.shape[1])
+            ]
+        out["variants"][name] = s
+    ref_steps = out["variants"].get(ref, {}).get("steps_to_target")
+    for s in out["variants"].values():
+        st = s["steps_to_target"]
+        s["speedup"] = None if (st is None or ref_steps is None) else ref_steps / st
+    return out
+
+
+def history_rows(history: list[dict], config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """One flat row per (variant, step, seed) for ``metrics.csv``."""
+    rows = []
+    for r in history:
+        for j, acc in enumerate(r["accuracy"]):
+            row = {
+                "variant": r["run"],
+                "learning_rate": learning_rate(config, r["run"]),
+                "step": r["step"],
+                "seed": config.seed + j,
+                "test_accuracy": acc,
+                "test_loss": r["loss"][j],
+                "train_loss": r["train_loss"][j],
+                "train_accuracy": r["train_accuracy"][j],
+            }
+            rows.append(row)
+    return rows
+
+
+def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table as CSV rows (``summary.csv``)."""
+    return [
+        {
+            "variant": name,
+            "label": s["label"],
+            "learning_rate": s["learning_rate"],
+            "steps_to_target": s["steps_to_target"],
+            "target_accuracy": summary["target"],
+            "max_accuracy": s["max_accuracy"],
+            "final_accuracy_mean": s["final_accuracy_mean"],
+            "final_accuracy_std": s["final_accuracy_std"],
+            "diverged_seeds": s["diverged"],
+            "at_chance_seeds": s["at_chance"],
+            "seeds": s["seeds"],
+        }
+        for name, s in summary["variants"].items()
+    ]
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _setting(config: ml_collections.ConfigDict) -> str:
+    convs = "-".join(map(str, config.features))
+    dense = f", dense {config.dense}" if config.dense else ""
+    opt = config.optimizer + (
+        f" {config.momentum:g}" if config.optimizer in ("momentum", "nesterov") else ""
+    )
+    return (
+        f"{config.dataset}, convnet {convs} (3x3, {config.downsample}){dense}, {opt}, "
+        f"base lr {config.learning_rate:g}, batch {config.batch_size}, "
+        f"{config.num_steps:,} steps, {config.num_seeds} seed(s)"
+    )
+
+
+def plot(history: list[dict], summary: dict[str, Any], config, path: Path) -> None:
+    """Writes ``lr_tolerance.png``: (a) test accuracy, (b) training loss, against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    names = list(summary["variants"])
+    for name in names:
+        steps, acc = _series(history, name, "accuracy")
+        _, loss = _series(history, name, "train_loss")
+        lr = learning_rate(config, name)
+        label = f"{VARIANTS[name].label} (lr {lr:g})"
+        if summary["variants"][name]["diverged"]:
+            label += ", diverged"
+        elif summary["variants"][name]["at_chance"]:
+            label += ", at chance"
+        ls = "--" if not VARIANTS[name].use_bn else "-"
+        c = COLORS.get(name)
+        axes[0].plot(steps, acc.mean(1), color=c, ls=ls, lw=1.6, label=label)
+        axes[0].fill_between(steps, acc.min(1), acc.max(1), color=c, alpha=0.2, lw=0)
+        finite = np.where(np.isfinite(loss), loss, np.nan)
+        axes[1].plot(steps, np.nanmean(finite, 1), color=c, ls=ls, lw=1.6, label=label)
+    target = summary.get("target")
+    if target is not None:
+        axes[0].axhline(target, color="k", lw=0.8, ls=":")
+        axes[0].annotate(
+            f"no-BN max {target:.4f}",
+            (0.01, target),
+            xycoords=("axes fraction", "data"),
+            va="bottom",
+            fontsize=8,
+        )
+    best = max((s["max_accuracy"] for s in summary["variants"].values()), default=1.0)
+    axes[0].set_ylim(max(0.0, min(best - 0.3, 0.6)), min(1.0, best + 0.03))
+    axes[0].set(xlabel="training steps", ylabel="test accuracy (eval mode, population stats)")
+    axes[0].set_title("(a) test accuracy; band: min-max over seeds")
+    axes[1].set_yscale("log")
+    axes[1].set(xlabel="training steps", ylabel="training loss (mean of the chunk)")
+    axes[1].set_title("(b) training loss (gaps: non-finite, diverged)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"Learning-rate tolerance: {_setting(config)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt_steps(v) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def results_markdown(
+    summary: dict[str, Any], config: ml_collections.ConfigDict, seconds: float | None
+) -> str:
+    """The Figure-3-style table and what it shows, as Markdown."""
+    target = summary["target"]
+    ref = VARIANTS[summary["reference"]].label
+    tgt = "-" if target is None else f"{target:.2%}"
+    lines = [
+        "# Learning-rate tolerance (the paper's Figure 3 table, CPU-sized)",
+        "",
+        f"{_setting(config)}. Test accuracy in eval mode (population statistics, EMA momentum "
+        f"{config.bn_momentum:g}), evaluated every {config.eval_every} steps; accuracies are "
+        "seed means.",
+        "",
+        f"| model | lr | steps to {tgt} | max accuracy | final accuracy | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary["variants"].values():
+        per = s["steps_to_target_per_seed"] or []
+        per_txt = f" ({', '.join(_fmt_steps(p) for p in per)})" if len(per) > 1 else ""
+        div = _failures(s, short=True)
+        speed = "-" if s["speedup"] is None else f"{s['speedup']:.1f}x"
+        lines.append(
+            f"| {s['label']} | {s['learning_rate']:g} | {_fmt_steps(s['steps_to_target'])}"
+            f"{per_txt} | {s['max_accuracy']:.2%} | {s['final_accuracy_mean']:.2%} ± "
+            f"{s['final_accuracy_std']:.2%}{div} | {speed} |"
+        )
+    lines += [
+        "",
+        f"Steps to {tgt}: the first evaluated step at which the seed-mean test accuracy reaches "
+        f"the maximum seed-mean accuracy of {ref} (per seed in parentheses, against the same "
+        "target); '-' = never within the run. Speed-up: the reference's steps over the "
+        "variant's. Max accuracy: the best seed-mean accuracy over the evaluations.",
+        "",
+        "## What the run shows",
+        "",
+    ]
+    lines += [f"- {t}" for t in observations(summary)]
+    if seconds is not None:
+        lines += [
+            "",
+            f"Wall time: {seconds:.0f} s (training, evaluation, compilation) on "
+            f"{os.cpu_count()} CPU core(s) / {jax.devices()[0].platform}, load average "
+            f"{os.getloadavg()[1]:.1f} over the last 5 minutes at the end.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _failures(s: dict[str, Any], short: bool = False) -> str:
+    """``"diverged in 2/2 seeds"`` and the like, or ``""``."""
+    parts = []
+    if s["diverged"]:
+        parts.append(f"diverged (non-finite loss) in {s['diverged']}/{s['seeds']} seeds")
+    if s["at_chance"]:
+        parts.append(
+            f"ended at chance level (accuracy < {CHANCE:g}) in {s['at_chance']}/{s['seeds']} seeds"
+        )
+    text = " and ".join(parts)
+    return (", " + text if text else "") if short else text
+
+
+def observations(summary: dict[str, Any]) -> list[str]:
+    """Plain statements read off the summary (no claims the numbers do not support)."""
+    v = summary["variants"]
+    out = []
+
+    def desc(name):
+        s = v[name]
+        return _failures(s) or f"reached {s['max_accuracy']:.2%} at best"
+
+    if "no_bn" in v and "no_bn_x5" in v:
+        a, b = v["no_bn"], v["no_bn_x5"]
+        verdict = (
+            "it hurt"
+            if b["diverged"] or b["at_chance"] or b["max_accuracy"] < a["max_accuracy"] - 0.005
+            else "it did not hurt here: the base rate is not at the no-BN net's limit"
+        )
+        out.append(
+            f"Without BN, the base rate {a['learning_rate']:g} reached {a['max_accuracy']:.2%}; "
+            f"at 5x ({b['learning_rate']:g}) the net {desc('no_bn_x5')}: {verdict}."
+        )
+    for name in ("bn", "bn_x5", "bn_x10", "bn_x30"):
+        if name in v:
+            s = v[name]
+            when = s["steps_to_target"]
+            reach = (
+                f"reached the no-BN maximum at step {when:,}"
+                if when is not None
+                else "never reached the no-BN maximum"
+            )
+            out.append(f"{s['label']} (lr {s['learning_rate']:g}) {reach} and {desc(name)}.")
+    if "sigmoid" in v:
+        out.append(
+            f"The sigmoid net without BN {desc('sigmoid')} (steps to the target: "
+            f"{_fmt_steps(v['sigmoid']['steps_to_target'])})."
+        )
+    if "bn_x5_sigmoid" in v:
+        out.append(
+            f"With BN at 5x, the sigmoid net {desc('bn_x5_sigmoid')} (steps to the "
+            f"target: {_fmt_steps(v['bn_x5_sigmoid']['steps_to_target'])})."
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- run
+
+
+_RESUMABLE = ("num_steps",)
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    data_dir: str | None = None,
+    download: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Runs Experiment 2 and writes its outputs to ``workdir``.
+
+    Args:
+      config: from :func:`get_config` (or a config file), possibly overridden.
+      workdir: the run folder (created).
+      data_dir: the dataset root (else ``$BNJAX_DATA_DIR``, then the cache).
+      download: download the dataset if missing.
+      resume: continue from ``workdir/checkpoints`` (the config must match, except
+        ``num_steps``).
+      progress: show a progress bar.
+
+    Returns:
+      The ``metrics.json`` content (``config``, ``summary``, ``history``,
+      ``seconds``, ...) plus ``states`` (the final train states, by variant).
+    """
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = config.to_dict()
+    cfg_path = workdir / "config.json"
+    if resume and cfg_path.exists():
+        changed = _common.config_changes(json.loads(cfg_path.read_text()), cfg_dict, _RESUMABLE)
+        if changed:
+            raise ValueError(
+                f"--resume: the config differs from the one in {cfg_path} in {changed}; "
+                "use a fresh --workdir or the same config"
+            )
+    _common.write_json(cfg_path, cfg_dict)
+
+    train, test = _common.load_data(config.dataset, data_dir, download=download, flatten=False)
+    seeds = [config.seed + k for k in range(config.num_seeds)]
+    eval_bs = config.eval_batch_size or None
+    runs = {}
+    for name, (model, tx) in build(config).items():
+        runs[name] = training.Run(
+            state=training.init_states(model, tx, seeds, train[0][:1]),
+            train_loop=training.make_train_loop(model, tx, batch_size=config.batch_size),
+            evaluate=training.make_eval_step(model, batch_size=eval_bs),
+        )
+    result = training.fit(
+        runs,
+        train,
+        test,
+        num_steps=config.num_steps,
+        eval_every=config.eval_every,
+        checkpoint_dir=workdir / "checkpoints",
+        checkpoint_every=config.checkpoint_every or None,
+        resume=resume,
+        progress=progress,
+        desc=f"lr_tolerance ({len(runs)} nets)",
+    )
+    summary = summarize(result.history, config)
+    seconds = time.perf_counter() - t0
+    metrics = {
+        "config": cfg_dict,
+        "summary": summary,
+        "seconds": seconds,
+        "train_seconds": result.seconds,
+        "resumed_from": result.resumed_from,
+        "device": str(jax.devices()[0]),
+        "history": result.history,
+    }
+    _common.write_json(workdir / "metrics.json", metrics)
+    _common.write_csv(workdir / "metrics.csv", history_rows(result.history, config))
+    _common.write_csv(workdir / "summary.csv", summary_rows(summary))
+    (workdir / "results.md").write_text(results_markdown(summary, config, seconds))
+    plot(result.history, summary, config, workdir / "lr_tolerance.png")
+    return dict(metrics, states=result.states)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``bnjax-lr-tolerance`` command (``--help`` lists every option)."""
+    cl = _common.parse_command_line(
+        argv,
+        prog="bnjax-lr-tolerance",
+        doc=__doc__.split("Programmatic use")[0],
+        default_config=__file__,
+        config_help=CONFIG_HELP,
+        default_workdir="runs/lr_tolerance",
+        quick=quick_config,
+    )
+    out = run(
+        cl.config,
+        cl.workdir,
+        data_dir=cl.data_dir,
+        download=cl.download,
+        resume=cl.resume,
+        progress=cl.progress,
+    )
+    print(results_markdown(out["summary"], cl.config, out["seconds"]))
+    print(f"wrote {cl.workdir}/lr_tolerance.png, results.md, metrics.json, metrics.csv")
+
+
+if __name__ == "__main__":
+    main()
