@@ -79,10 +79,10 @@ def _record_gap(x, mask, cfg, params, state, upstream):
     return (y_train if upstream == "train" else y_eval), rec
 
 
-def _collect(trace, carry, batches, upstream: str) -> dict[str, LayerConsistency]:
+def _collect(kind, model, kwargs, carry, batches, upstream: str) -> dict[str, LayerConsistency]:
     if upstream not in ("eval", "train"):
         raise ValueError(f"upstream must be 'eval' or 'train', got {upstream!r}")
-    step = jax.jit(lambda c, args: trace(c, args, upstream, _record_gap))
+    _, step = _rc.compiled(kind, model, kwargs, upstream, _record_gap)
     rows: dict[str, list] = {}
     for batch in batches:
         for path, recs in step(carry, _rc._as_args(batch)).items():
@@ -124,7 +124,7 @@ def consistency(
     Returns:
       ``{layer path: LayerConsistency}``, sorted by path.
     """
-    return _collect(_rc.linen_tracer(model, apply_kwargs), variables, batches, upstream)
+    return _collect("linen", model, apply_kwargs, variables, batches, upstream)
 
 
 def consistency_nnx(
@@ -132,7 +132,7 @@ def consistency_nnx(
 ) -> dict[str, LayerConsistency]:
     """:func:`consistency` for an NNX model with ``bnjax.nnx.BatchNorm`` layers (no mutation)."""
     graphdef, state = nnx.split(model)
-    return _collect(_rc.nnx_tracer(graphdef, call_kwargs), state, batches, upstream)
+    return _collect("nnx", graphdef, call_kwargs, state, batches, upstream)
 
 
 _COLUMNS: tuple[tuple[str, Callable[[LayerConsistency], str]], ...] = (

@@ -62,6 +62,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -246,18 +247,50 @@ def _fold_in(acc, recs):
     return acc
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled_cached(kind, model, kwargs_items, upstream, record):
+    tracer = linen_tracer if kind == "linen" else nnx_tracer
+    trace = tracer(model, dict(kwargs_items))
+    if record is _record_moments:
+
+        def fn(acc, carry, args):
+            return _fold_in(acc, trace(carry, args, upstream, record))
+
+    else:
+
+        def fn(carry, args):
+            return trace(carry, args, upstream, record)
+
+    return trace, jax.jit(fn)
+
+
+def compiled(
+    kind: str, model: Any, kwargs: Mapping[str, Any], upstream: str, record: Recorder
+) -> tuple[Callable, Callable]:
+    """``(trace, jitted step)`` for a linen model or NNX graphdef, cached.
+
+    Equal models (flax modules and graphdefs compare by structure) with equal
+    hashable keyword arguments share one compiled step, so recalibrating again
+    (e.g. every epoch) does not recompile. The step is
+    ``(acc, carry, args) -> acc`` for :func:`_record_moments` and
+    ``(carry, args) -> {path: [record]}`` for any other recorder.
+    """
+    items = tuple(sorted(kwargs.items()))
+    try:
+        hash((model, items))
+    except TypeError:
+        return _compiled_cached.__wrapped__(kind, model, items, upstream, record)
+    return _compiled_cached(kind, model, items, upstream, record)
+
+
 class _Stepper:
     """One jitted per-batch step for all passes (the statistics are arguments)."""
 
-    def __init__(self, trace, upstream):
-        self.trace, self.upstream = trace, upstream
+    def __init__(self, kind, model, kwargs, upstream):
+        self.trace, self.step = compiled(kind, model, kwargs, upstream, _record_moments)
+        self.upstream = upstream
         self.order: list[str] = []  # layer paths in call order
         self._zero = None
-
-        def step(acc, carry, args):
-            return _fold_in(acc, trace(carry, args, upstream, _record_moments))
-
-        self.step = jax.jit(step)
 
     def zero(self, carry, args):
         if self._zero is None:
@@ -307,9 +340,9 @@ def _check(mode: str, variance: str) -> None:
         raise ValueError(f"variance must be one of {_VARIANCES}, got {variance!r}")
 
 
-def _run(trace, carry, batches, mode, variance, progress, write):
+def _run(kind, model, kwargs, carry, batches, mode, variance, progress, write):
     """The driver shared by linen and NNX; ``write(carry, {path: BatchStats}) -> carry``."""
-    stepper = _Stepper(trace, "train" if mode == "train" else "eval")
+    stepper = _Stepper(kind, model, kwargs, "train" if mode == "train" else "eval")
     if mode != "layerwise":
         source = _batches_source(batches, 1)
         acc = _accumulate(stepper, carry, source, progress, "PreciseBN")
@@ -371,7 +404,6 @@ def recalibrate(
         new_vars = recalibrate(model, variables, (x for x, _ in train_batches), train=False)
     """
     _check(mode, variance)
-    trace = linen_tracer(model, apply_kwargs)
 
     def write(variables, new):
         stats = traverse_util.flatten_dict(unfreeze(variables["batch_stats"]))
@@ -385,7 +417,9 @@ def recalibrate(
         out["batch_stats"] = traverse_util.unflatten_dict(stats)
         return out
 
-    return _run(trace, dict(variables), batches, mode, variance, progress, write)
+    return _run(
+        "linen", model, apply_kwargs, dict(variables), batches, mode, variance, progress, write
+    )
 
 
 def recalibrate_nnx(
@@ -410,7 +444,6 @@ def recalibrate_nnx(
     """
     _check(mode, variance)
     graphdef, state = nnx.split(model)
-    trace = nnx_tracer(graphdef, call_kwargs)
     layers = {
         "/".join(map(str, p)): m
         for p, m in nnx.iter_modules(model)
@@ -422,5 +455,5 @@ def recalibrate_nnx(
             layers[path].set_bn_state(st)
         return nnx.split(model)[1]
 
-    _run(trace, state, batches, mode, variance, progress, write)
+    _run("nnx", graphdef, call_kwargs, state, batches, mode, variance, progress, write)
     return model

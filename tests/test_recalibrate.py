@@ -146,7 +146,7 @@ def _stats_of(variables, layers):
 
 def _trained_like(model, x, rng):
     """Variables with random (non-init) weights and stale statistics."""
-    v = model.init(jax.random.key(0), x[:2])
+    v = jax.jit(model.init)(jax.random.key(0), x[:2])
     v = {
         "params": jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape).astype(a.dtype),
                                v["params"]),
@@ -165,12 +165,14 @@ def mlp_setup():
 # ------------------------------------------------------------------------ linen
 
 
-@pytest.mark.parametrize("mode", ["train", "layerwise", "single_pass"])
-def test_mlp_matches_float64_reference(mlp_setup, mode):
+@pytest.mark.parametrize(
+    "mode,variance", [("train", "within"), ("layerwise", "within"), ("single_pass", "total")]
+)
+def test_mlp_matches_float64_reference(mlp_setup, mode, variance):
     model, v, batches = mlp_setup
-    new = recalibrate(model, v, batches, mode=mode, train=False)
+    new = recalibrate(model, v, batches, mode=mode, variance=variance, train=False)
     ref = _np_recalibrate(v["params"], _stats_of(v, MLP_LAYERS), batches, mode, False,
-                          MLP_LAYERS)
+                          MLP_LAYERS, variance)
     got = _stats_of(new, MLP_LAYERS)
     for layer in MLP_LAYERS:
         np.testing.assert_allclose(got[layer][0], ref[layer][0], rtol=1e-5, atol=1e-6)
@@ -180,12 +182,12 @@ def test_mlp_matches_float64_reference(mlp_setup, mode):
                                       jax.tree.leaves(v["params"]), strict=True))
 
 
-@pytest.mark.parametrize("mode,variance", [("train", "within"), ("layerwise", "total")])
-def test_convnet_matches_float64_reference(rng, mode, variance):
+def test_convnet_matches_float64_reference(rng):
+    mode, variance = "layerwise", "within"
     x = (1 + rng.normal(size=(12, 6, 6, 3))).astype(np.float32)
     model = ConvNet()
     v = _trained_like(model, x, rng)
-    batches = [x[:5], x[5:8], x[8:]]  # unequal sizes
+    batches = [x[:8], x[8:]]  # unequal sizes
     new = recalibrate(model, v, batches, mode=mode, variance=variance)
     ref = _np_recalibrate(v["params"], _stats_of(v, CONV_LAYERS), batches, mode, True,
                           CONV_LAYERS, variance)
