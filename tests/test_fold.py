@@ -18,26 +18,31 @@ import bnjax.linen as bl
 from bnjax.fold import FoldPair, affine, find_pairs, fold, fold_linear, fold_sequential
 
 
-def _randomize_bn(variables, seed=0):
-    """Non-trivial BN params and statistics (var in [0.2, 3], means of both signs)."""
-    key = iter(jax.random.split(jax.random.key(seed), 64))
+def _init(model, *args, seed=0, **kwargs):
+    """Variables of ``model`` filled from NumPy (no jax.random compiles; fast tests).
 
-    def tweak(path, a):
+    Kernels and biases ~ N(0, 0.5^2); BN scale and var in [0.2, 3], BN bias and
+    mean ~ N(0, 1): non-trivial statistics for the fold to get right.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+
+    def fill(path, s):
         name = path[-1].key
+        in_bn = any("BatchNorm" in str(k.key) or str(k.key) == "bn" for k in path)
         if name in ("scale", "var"):
-            return jax.random.uniform(next(key), a.shape, a.dtype, 0.2, 3.0)
-        if name in ("bias", "mean"):
-            return jax.random.normal(next(key), a.shape, a.dtype)
-        return a
+            a = rng.uniform(0.2, 3.0, s.shape)
+        elif in_bn or name == "mean":
+            a = rng.normal(size=s.shape)
+        else:
+            a = 0.5 * rng.normal(size=s.shape)
+        return jnp.asarray(a, s.dtype)
 
-    out = dict(variables)
-    out["batch_stats"] = jax.tree_util.tree_map_with_path(tweak, variables["batch_stats"])
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, a: tweak(p, a) if any("BatchNorm" in str(k.key) for k in p) else a,
-        variables["params"],
-    )
-    out["params"] = params
-    return out
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _normal(shape, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 class _Pair(nn.Module):
@@ -67,25 +72,24 @@ class _Pair(nn.Module):
         return x
 
 
-CASES = [
-    ("dense", (), 1, (8, 5)),
-    ("conv", (3,), 1, (4, 9, 4)),  # 1D
-    ("conv", (3, 3), 1, (2, 7, 7, 4)),  # 2D NHWC
-    ("conv", (2, 2, 2), 1, (2, 4, 4, 4, 4)),  # 3D
-    ("conv", (3, 3), 2, (2, 6, 6, 4)),  # grouped
-    ("conv", (3, 3), 6, (2, 6, 6, 6)),  # depthwise (groups = in = out)
+CASES = [  # (kind, window, groups, input shape, use_bias of the linear layer)
+    ("dense", (), 1, (8, 5), False),
+    ("dense", (), 1, (8, 5), True),
+    ("conv", (3,), 1, (4, 9, 4), True),  # 1D
+    ("conv", (3, 3), 1, (2, 7, 7, 4), False),  # 2D NHWC
+    ("conv", (2, 2, 2), 1, (2, 4, 4, 4, 4), True),  # 3D
+    ("conv", (3, 3), 2, (2, 6, 6, 4), False),  # grouped
+    ("conv", (3, 3), 2, (2, 6, 6, 4), True),
+    ("conv", (3, 3), 6, (2, 6, 6, 6), False),  # depthwise (groups = in = out)
+    ("conv", (3, 3), 6, (2, 6, 6, 6), True),
 ]
 
 
-@pytest.mark.parametrize("use_bias", [False, True])
-@pytest.mark.parametrize("kind,window,groups,xshape", CASES)
+@pytest.mark.parametrize("kind,window,groups,xshape,use_bias", CASES)
 def test_folded_equals_eval_mode(kind, window, groups, xshape, use_bias):
-    x = jax.random.normal(jax.random.key(1), xshape)
+    x = _normal(xshape)
     model = _Pair(kind, use_bias, window=window, groups=groups)
-    v = _randomize_bn(model.init(jax.random.key(0), x))
-    if use_bias:
-        inner = v["params"]["Dense_0" if kind == "dense" else "Conv_0"]
-        inner["bias"] = jax.random.normal(jax.random.key(5), inner["bias"].shape)
+    v = _init(model, x)
     pairs = find_pairs(model, v, x)
     assert pairs == [FoldPair("Dense_0" if kind == "dense" else "Conv_0", "BatchNorm_0", 1e-3)]
     folded = fold(v, pairs)
@@ -97,9 +101,9 @@ def test_folded_equals_eval_mode(kind, window, groups, xshape, use_bias):
 
 
 def test_bf16_params_fold_in_float32():
-    x = jax.random.normal(jax.random.key(1), (4, 6, 6, 4))
+    x = _normal((4, 6, 6, 4))
     model = _Pair("conv", True, window=(3, 3), param_dtype=jnp.bfloat16)
-    v = _randomize_bn(model.init(jax.random.key(0), x))
+    v = _init(model, x)
     folded = fold(v, [("Conv_0", "BatchNorm_0")], epsilon=1e-3)
     k = folded["params"]["Conv_0"]["kernel"]
     assert k.dtype == jnp.bfloat16
@@ -160,8 +164,8 @@ class _Nested(nn.Module):
 
 
 def test_find_pairs_nested_and_fold_mixed_bn_types():
-    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
-    v = _randomize_bn(_Nested().init(jax.random.key(0), x))
+    x = _normal((2, 5, 5, 3))
+    v = _init(_Nested(), x)
     pairs = find_pairs(_Nested(), v, x, train=False)
     assert sorted(pairs) == sorted(
         [FoldPair("block/Conv_0", "block/BatchNorm_0", 1e-5), FoldPair("proj", "bn", 1e-5)]
@@ -176,8 +180,8 @@ def test_fold_sequential():
     layers = [nn.Dense(7, use_bias=False), bl.BatchNorm(use_running_average=True), nn.sigmoid,
               nn.Dense(3), nn.BatchNorm(use_running_average=True, epsilon=1e-2), nn.Dense(2)]
     seq = nn.Sequential(layers)
-    x = jax.random.normal(jax.random.key(0), (6, 4))
-    v = _randomize_bn(seq.init(jax.random.key(1), x))
+    x = _normal((6, 4))
+    v = _init(seq, x)
     seq2, v2 = fold_sequential(seq, v)
     assert len(seq2.layers) == 4
     assert set(v2["params"]) == {"layers_0", "layers_2", "layers_3"}
