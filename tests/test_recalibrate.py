@@ -144,22 +144,23 @@ def _stats_of(variables, layers):
     return out
 
 
-def _trained_like(model, x, rng):
+def _trained_like(model, args, rng):
     """Variables with random (non-init) weights and stale statistics."""
-    v = jax.jit(model.init)(jax.random.key(0), x[:2])
-    v = {
-        "params": jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape).astype(a.dtype),
-                               v["params"]),
-        "batch_stats": jax.tree.map(lambda a: a + 0.5, v["batch_stats"]),
-    }
-    return v
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))  # no RNG compiles
+    params = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype),
+                          shapes["params"])
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: a + 1.0 if p[-1].key == "scale" else a, params
+    )
+    stats = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes["batch_stats"])
+    return {"params": params, "batch_stats": stats}
 
 
 @pytest.fixture(scope="module")
 def mlp_setup():
     r = np.random.default_rng(0)
     x = (2 + 1.5 * r.normal(size=(60, 7))).astype(np.float32)
-    return MLP(), _trained_like(MLP(), x, r), [x[i : i + 12] for i in range(0, 60, 12)]
+    return MLP(), _trained_like(MLP(), (x[:2],), r), [x[i : i + 12] for i in range(0, 60, 12)]
 
 
 # ------------------------------------------------------------------------ linen
@@ -186,7 +187,7 @@ def test_convnet_matches_float64_reference(rng):
     mode, variance = "layerwise", "within"
     x = (1 + rng.normal(size=(12, 6, 6, 3))).astype(np.float32)
     model = ConvNet()
-    v = _trained_like(model, x, rng)
+    v = _trained_like(model, (x[:2],), rng)
     batches = [x[:8], x[8:]]  # unequal sizes
     new = recalibrate(model, v, batches, mode=mode, variance=variance)
     ref = _np_recalibrate(v["params"], _stats_of(v, CONV_LAYERS), batches, mode, True,
@@ -249,7 +250,7 @@ def test_bad_inputs_and_empty_features(mlp_setup):
     with pytest.raises(ValueError, match="mode must be"):
         recalibrate(model, v, batches, mode="exact")
     bad = _Masked()
-    vb = bad.init(jax.random.key(0), batches[0], None)
+    vb = _trained_like(bad, (batches[0], None), np.random.default_rng(1))
     with pytest.raises(ValueError, match=r"BatchNorm_0.*shape"):
         # a batch norm whose input has 4 features while its statistics have 3
         vb4 = {**vb, "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(4), "var": jnp.ones(4)}}}
@@ -273,7 +274,8 @@ def test_bad_inputs_and_empty_features(mlp_setup):
 
 class _NnxBlock(nnx.Module):
     def __init__(self, din, dout, rngs):
-        self.lin = nnx.Linear(din, dout, use_bias=False, rngs=rngs)
+        zeros = nnx.initializers.zeros_init()  # weights are copied from the linen model
+        self.lin = nnx.Linear(din, dout, use_bias=False, kernel_init=zeros, rngs=rngs)
         self.bn = bx.BatchNorm(dout, rngs=rngs)
 
     def __call__(self, x):
@@ -283,7 +285,7 @@ class _NnxBlock(nnx.Module):
 class _NnxMLP(nnx.Module):
     def __init__(self, rngs):
         self.blocks = nnx.List([_NnxBlock(7, 6, rngs), _NnxBlock(6, 5, rngs)])
-        self.out = nnx.Linear(5, 4, rngs=rngs)
+        self.out = nnx.Linear(5, 4, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
         self.bn = bx.BatchNorm(4, rngs=rngs)
 
     def __call__(self, x):
