@@ -20,7 +20,8 @@ from bnjax.nnx import BatchNorm
 
 
 def _x(shape, seed=0, loc=1.0, scale=3.0):
-    return loc + scale * jax.random.normal(jax.random.key(seed), shape)
+    # NumPy randomness: no jax.random compiles per shape (they dominate test time)
+    return jnp.asarray(loc + scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 @pytest.mark.parametrize(
@@ -172,11 +173,12 @@ class _LinenMLP(nn.Module):
 
 class _NnxMLP(nnx.Module):
     def __init__(self, rngs):
-        self.l0 = nnx.Linear(5, 8, use_bias=False, rngs=rngs)
+        zeros = nnx.initializers.zeros_init()  # the weights are copied from the linen model
+        self.l0 = nnx.Linear(5, 8, use_bias=False, kernel_init=zeros, rngs=rngs)
         self.b0 = BatchNorm(8, momentum=0.9, rngs=rngs)
-        self.l1 = nnx.Linear(8, 8, use_bias=False, rngs=rngs)
+        self.l1 = nnx.Linear(8, 8, use_bias=False, kernel_init=zeros, rngs=rngs)
         self.b1 = BatchNorm(8, momentum=0.9, rngs=rngs)
-        self.out = nnx.Linear(8, 3, rngs=rngs)
+        self.out = nnx.Linear(8, 3, kernel_init=zeros, rngs=rngs)
 
     def __call__(self, x):
         x = nnx.sigmoid(self.b0(self.l0(x)))
@@ -188,13 +190,20 @@ def test_optax_trajectory_matches_linen(rng):
     xs = rng.normal(size=(10, 16, 5)).astype(np.float32)
     ys = rng.integers(0, 3, size=(10, 16))
     lin = _LinenMLP()
-    v = lin.init(jax.random.key(0), xs[0], train=False)
+    shapes = jax.eval_shape(lambda: lin.init(jax.random.key(0), xs[0], train=False))
+    v = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
+    v["batch_stats"] = jax.tree.map(lambda a: jnp.abs(a) + 0.5, v["batch_stats"])
     model = _NnxMLP(nnx.Rngs(0))
     p = v["params"]
     model.l0.kernel[...] = p["Dense_0"]["kernel"]
     model.l1.kernel[...] = p["Dense_1"]["kernel"]
     model.out.kernel[...] = p["Dense_2"]["kernel"]
     model.out.bias[...] = p["Dense_2"]["bias"]
+    for i, bn in enumerate([model.b0, model.b1]):
+        bn.scale[...] = p[f"BatchNorm_{i}"]["scale"]
+        bn.bias[...] = p[f"BatchNorm_{i}"]["bias"]
+        bn.mean[...] = v["batch_stats"][f"BatchNorm_{i}"]["mean"]
+        bn.var[...] = v["batch_stats"][f"BatchNorm_{i}"]["var"]
     tx = optax.sgd(0.5)
 
     def loss_linen(params, stats, x, y):
