@@ -11,7 +11,9 @@ statistics do not influence training):
 * ``average (last K)``: ``population="average"`` reset K steps before the end;
 
 then, with the final weights frozen, PreciseBN (:func:`bnjax.recalibrate.recalibrate`)
-over ``--calib-batches`` training batches of 60 in its three modes. Reported:
+over ``--calib-batches`` training batches of 60 in its three modes (``single_pass``
+once from the stale all-steps average, once from the EMA: it inherits the
+upstream statistics it starts from). Reported:
 test accuracy in eval mode for each, the train/eval consistency of EMA vs
 PreciseBN statistics, the recalibration time, and the folded (BN-free)
 network's maximum deviation from the unfolded eval-mode network.
@@ -151,10 +153,17 @@ def main(argv=None) -> dict:
         jax.block_until_ready(new)
         results["recalibration_seconds"][mode] = round(time.perf_counter() - t, 3)
         precise[mode] = new
-        acc[f"PreciseBN {mode} ({len(calib)}x{args.batch})"] = accuracy(new["batch_stats"])
+        label = f"PreciseBN {mode} ({len(calib)}x{args.batch})"
+        if mode == "single_pass":
+            label += ", upstream: average (all steps)"
+        acc[label] = accuracy(new["batch_stats"])
+    v_ema = {"params": params, "batch_stats": _with_counts(st_ema, st_all)}
+    from_ema = recalibrate(avg_model, v_ema, calib, mode="single_pass")
+    acc[f"PreciseBN single_pass ({len(calib)}x{args.batch}), upstream: ema"] = accuracy(
+        from_ema["batch_stats"]
+    )
 
     # Train/eval consistency on training batches: EMA vs PreciseBN statistics.
-    v_ema = {"params": params, "batch_stats": _with_counts(st_ema, st_all)}
     results["consistency_ema"] = format_table(consistency(avg_model, v_ema, calib[:20]))
     results["consistency_precise"] = format_table(
         consistency(avg_model, precise["train"], calib[:20])
