@@ -48,10 +48,17 @@ With ``"train"`` a small batch makes the inputs of deep layers noisier than at
 inference; ``"layerwise"`` removes that train/eval mismatch at the cost of
 depth passes. On a well-trained network the three agree closely.
 
-Each batch step is ``jax.jit``-compiled once (the statistics are arguments, so
-the ``"layerwise"`` passes do not recompile). Statistics are computed locally:
-``axis_name`` of the layers is ignored (run the calibration data on one host).
-A feature that gets no valid element keeps its old statistics.
+Each batch step is ``jax.jit``-compiled once per input shape and cached per
+(model, keyword arguments, mode): the statistics are arguments, so neither the
+``"layerwise"`` passes nor a later recalibration (say, every epoch) recompile.
+Statistics are computed locally: ``axis_name`` of the layers is ignored (run
+the calibration data on one host). A feature that gets no valid element (or,
+for the variance, a single one) keeps its old statistics.
+
+Limits: only ``bnjax.nnx.BatchNorm`` layers are found in NNX models (not
+``flax.nnx.BatchNorm``; it has no interception hook); in linen models a batch
+norm inside a lifted transform (``nn.scan``, ``nn.vmap``) is intercepted per
+call of the transformed body, which is untested.
 
 Example::
 
