@@ -70,8 +70,8 @@ def _data_available() -> bool:
     return True
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "figure1.ipynb"])
-def test_notebook_runs(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("name", "figures"), [("quickstart.ipynb", 2), ("figure1.ipynb", 2)])
+def test_notebook_runs(name, figures, tmp_path, monkeypatch):
     path = NOTEBOOKS / name
     if not path.exists():
         pytest.skip(f"{path} not written yet")
@@ -106,7 +106,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         for o in c.outputs
         if "image/png" in o.get("data", {})
     ]
-    assert images, f"{name} showed no figure"
+    assert len(images) >= figures, f"{name} showed {len(images)} figures, expected {figures}"
     assert any(out.iterdir()), f"{name} wrote nothing to BNJAX_NOTEBOOK_OUT"
     assert not list(tmp_path.glob("runs")), "notebook wrote into its working directory"
     print(f"{name}: {seconds:.1f} s")

@@ -353,7 +353,7 @@ def plot(history: list[dict], summary: dict[str, Any], config, path: Path) -> No
         steps, acc = _series(history, name, "accuracy")
         _, loss = _series(history, name, "train_loss")
         lr = learning_rate(config, name)
-        label = f"{VARIANTS[name].label} (lr {lr:g})"
+        label = f"{VARIANTS[name].label}, lr {lr:g}"
         if summary["variants"][name]["diverged"]:
             label += ", diverged"
         elif summary["variants"][name]["at_chance"]:
