@@ -353,3 +353,21 @@ def test_consistency_after_layerwise_recalibration(mlp_setup):
     nrep = consistency_nnx(_nnx_from_linen(new), [x])
     for key, layer in zip(["blocks/0/bn", "blocks/1/bn", "bn"], MLP_LAYERS, strict=True):
         np.testing.assert_allclose(nrep[key].var_ratio, rep[layer].var_ratio, rtol=1e-4)
+
+
+class _FlaxBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.BatchNorm(use_running_average=not train)(nn.Dense(3)(x))
+
+
+def test_flax_linen_batchnorm_layers_are_recalibrated_too(mlp_setup):
+    _, _, batches = mlp_setup
+    model = _FlaxBN()
+    v = _trained_like(model, (batches[0],), np.random.default_rng(2))
+    new = recalibrate(model, v, batches[:3], train=True)["batch_stats"]["BatchNorm_0"]
+    k, b = (np.asarray(v["params"]["Dense_0"][n], np.float64) for n in ("kernel", "bias"))
+    h = [np.asarray(xb, np.float64) @ k + b for xb in batches[:3]]
+    m2 = sum(((q - q.mean(0)) ** 2).sum(0) for q in h)
+    np.testing.assert_allclose(new["mean"], np.concatenate(h).mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(new["var"], m2 / (36 - 3), rtol=1e-4)
