@@ -143,13 +143,15 @@ def test_convnet_stride_downsampling_shapes():
 
     from bnjax.models import ConvNet
 
-    x = jnp.zeros((2, 28, 28))
+    x = jax.ShapeDtypeStruct((2, 28, 28), jnp.float32)
+    key = jax.random.PRNGKey(0)
     shapes = {}
-    for mode in ("max_pool", "stride"):
+    for mode in ("max_pool", "stride"):  # shapes only (eval_shape): no FLOPs, no compilation
         net = ConvNet(features=(4, 8), dense=0, downsample=mode)
-        v = net.init(jax.random.PRNGKey(0), x, train=False)
-        assert net.apply(v, x, train=False).shape == (2, 10)
-        shapes[mode] = jax.tree.map(jnp.shape, v)
+        v = jax.eval_shape(lambda x, net=net: net.init(key, x, train=False), x)
+        out = jax.eval_shape(lambda v, x, net=net: net.apply(v, x, train=False), v, x)
+        assert out.shape == (2, 10)
+        shapes[mode] = jax.tree.map(lambda a: a.shape, v)
     assert shapes["max_pool"] == shapes["stride"]  # same parameters: the head sees 7x7x8
     with pytest.raises(ValueError, match="downsample"):
-        ConvNet(downsample="avg").init(jax.random.PRNGKey(0), x, train=False)
+        jax.eval_shape(lambda x: ConvNet(downsample="avg").init(key, x, train=False), x)
