@@ -34,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,12 +47,6 @@ from bnjax import functional as F
 
 __all__ = ["BatchNorm"]
 
-
-def fshape_size(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 Array = jax.Array
 
@@ -176,7 +171,7 @@ class BatchNorm(nn.Module):
             k: self.variable("batch_stats", k, lambda k=k: getattr(fresh, k)) for k in names
         }
         state = fresh._replace(**{k: v.value for k, v in variables.items()})
-        if use_ra or (initializing and x.size == fshape_size(fshape)):
+        if use_ra or (initializing and x.size == math.prod(fshape)):
             # Inference; or init on a one-example batch, whose batch statistics are
             # undefined (flax returns zeros there; init does not update them anyway).
             return F.apply_eval(params, state, x, cfg)
