@@ -325,6 +325,12 @@ def varying_axes(a: Array) -> frozenset:
     return frozenset(v)
 
 
+def _pvary(a: Array, axes: tuple) -> Array:
+    if hasattr(lax, "pcast"):  # JAX >= 0.8
+        return lax.pcast(a, axes, to="varying")
+    return lax.pvary(a, axes)  # JAX 0.6 - 0.7
+
+
 def match_varying(*arrays: Array | None, like: Sequence[Array | None] = ()) -> tuple:
     """Casts ``arrays`` to vary over the union of their (and ``like``'s) varying axes.
 
@@ -338,5 +344,5 @@ def match_varying(*arrays: Array | None, like: Sequence[Array | None] = ()) -> t
     out = []
     for a in arrays:
         missing = tuple(sorted(union - varying_axes(a))) if a is not None else ()
-        out.append(lax.pcast(a, missing, to="varying") if missing else a)
+        out.append(_pvary(a, missing) if missing else a)
     return tuple(out)
