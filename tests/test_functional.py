@@ -122,7 +122,8 @@ class AlgorithmOneTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(
-        *[(f"{n}_{m}", s, a, m) for n, s, a in LAYOUTS for m in ("shifted", "two_pass")]
+        *[(f"{n}_shifted", s, a, "shifted") for n, s, a in LAYOUTS],
+        *[(f"{n}_two_pass", s, a, "two_pass") for n, s, a in LAYOUTS[1:3]],
     )
     def test_matches_float64_numpy(self, shape, axis, method):
         rng = np.random.default_rng(0)
