@@ -120,74 +120,82 @@ def test_init_states_pair_models_by_seed(data):
     assert b.batch_stats == {} and "bn_0" in a.batch_stats
 
 
-def test_vmapped_loop_equals_each_seed_alone(data):
+def _probe(inter):
+    return {"act_mean": inter["act_in_1"][0][:, 3].mean()}
+
+
+@pytest.fixture(scope="module")
+def setup(data):
+    """One model and its compiled functions, shared so each compiles once (20-step chunks)."""
     model, tx = small_mlp(), optax.sgd(0.5)
     x, y = (jnp.asarray(a) for a in data)
-    states = T.init_states(model, tx, [0, 1, 2], x[:1])
-    together, m = T.make_train_loop(model, tx, batch_size=20)(states, x, y, num_steps=30)
-    alone_loop = T.make_train_loop(model, tx, batch_size=20, over_seeds=False)
-    assert m["loss"].shape == (3,)
-    for k in range(3):
-        one = jax.tree.map(lambda a, k=k: a[k], states)
-        alone, _ = alone_loop(one, x, y, num_steps=30)
-        got = jax.tree.map(lambda a, k=k: a[k], together)
-        assert int(got.step) == int(alone.step) == 30
+    return dict(
+        model=model,
+        tx=tx,
+        x=x,
+        y=y,
+        states=T.init_states(model, tx, [0, 1], x[:1]),
+        loop=T.make_train_loop(model, tx, batch_size=20),
+        loop1=T.make_train_loop(model, tx, batch_size=20, over_seeds=False),
+        evaluate=T.make_eval_step(model, probe=_probe),
+    )
+
+
+def _seed(tree, k):
+    return jax.tree.map(lambda a: a[k], tree)
+
+
+def test_vmapped_loop_equals_each_seed_alone(setup):
+    x, y, states = setup["x"], setup["y"], setup["states"]
+    together, m = setup["loop"](states, x, y, num_steps=20)
+    assert m["loss"].shape == (2,)
+    for k in range(2):
+        alone, _ = setup["loop1"](_seed(states, k), x, y, num_steps=20)
+        got = _seed(together, k)
+        assert int(got.step) == int(alone.step) == 20
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(alone), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_loop_is_the_step_repeated_on_the_sampled_batches(data):
+def test_loop_is_the_step_repeated_on_the_sampled_batches(setup):
     """The scan-compiled loop == a Python loop of single jitted steps on the same batches."""
-    model, tx = small_mlp(), optax.sgd(0.5)
-    x, y = (jnp.asarray(a) for a in data)
-    state = T.init_state(model, tx, jax.random.PRNGKey(4), x[:1])
-    looped, _ = T.make_train_loop(model, tx, batch_size=20, over_seeds=False)(
-        state, x, y, num_steps=15
-    )
-    step = jax.jit(T.make_train_step(model, tx))
-    idx = T.epoch_batch_indices(jax.random.fold_in(state.rng, T._DATA_STREAM), 0, 15, N, 20)
+    x, y = setup["x"], setup["y"]
+    state = _seed(setup["states"], 1)
+    looped, _ = setup["loop1"](state, x, y, num_steps=20)
+    step = jax.jit(T.make_train_step(setup["model"], setup["tx"]))
+    idx = T.epoch_batch_indices(jax.random.fold_in(state.rng, T._DATA_STREAM), 0, 20, N, 20)
     for i in np.asarray(idx):
         state, _ = step(state, x[i], y[i])
     for a, b in zip(jax.tree.leaves(looped), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_training_reduces_loss(data):
-    model, tx = small_mlp(), optax.sgd(0.5)
-    x, y = (jnp.asarray(a) for a in data)
-    states = T.init_states(model, tx, [0, 1], x[:1])
-    evaluate = T.make_eval_step(model)
-    before = evaluate(states, x, y)
-    states, _ = T.make_train_loop(model, tx, batch_size=20)(states, x, y, num_steps=120)
-    after = evaluate(states, x, y)
+def test_training_reduces_loss(setup):
+    x, y, states = setup["x"], setup["y"], setup["states"]
+    before = setup["evaluate"](states, x, y)
+    for _ in range(6):
+        states, _ = setup["loop"](states, x, y, num_steps=20)
+    after = setup["evaluate"](states, x, y)
+    assert np.all(np.asarray(states.step) == 120)
     assert np.all(after["loss"] < 0.5 * before["loss"])
     assert np.all(after["accuracy"] > 0.9)
 
 
-def test_loop_rejects_mismatched_data(data):
-    model, tx = small_mlp(), optax.sgd(0.5)
-    x, y = (jnp.asarray(a) for a in data)
-    states = T.init_states(model, tx, [0], x[:1])
+def test_loop_rejects_mismatched_data(setup):
     with pytest.raises(ValueError, match="images and labels"):
-        T.make_train_loop(model, tx, batch_size=20)(states, x, y[:-1], num_steps=2)
+        setup["loop"](setup["states"], setup["x"], setup["y"][:-1], num_steps=2)
 
 
 # --------------------------------------------------------------------------- eval
 
 
-def test_eval_matches_numpy_and_chunks(data):
-    model, tx = small_mlp(), optax.sgd(0.5)
-    x, y = (jnp.asarray(a) for a in data)
-    states = T.init_states(model, tx, [0, 1], x[:1])
-    states, _ = T.make_train_loop(model, tx, batch_size=20)(states, x, y, num_steps=20)
-
-    def probe(inter):
-        return {"act_mean": inter["act_in_1"][0][:, 3].mean()}
-
-    whole = T.make_eval_step(model, probe=probe)(states, x, y)
-    chunked = T.make_eval_step(model, probe=probe, batch_size=60)(states, x, y)
+def test_eval_matches_numpy_and_chunks(setup):
+    model, x, y = setup["model"], setup["x"], setup["y"]
+    states, _ = setup["loop"](setup["states"], x, y, num_steps=20)
+    whole = setup["evaluate"](states, x, y)
+    chunked = T.make_eval_step(model, probe=_probe, batch_size=60)(states, x, y)
     for k in range(2):
-        st = jax.tree.map(lambda a, k=k: a[k], states)
+        st = _seed(states, k)
         logits = np.asarray(model.apply(st.variables(), x, train=False), np.float64)
         acc = np.mean(logits.argmax(-1) == np.asarray(y))
         shifted = logits - logits.max(-1, keepdims=True)
@@ -206,15 +214,15 @@ def test_eval_matches_numpy_and_chunks(data):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def test_checkpoint_roundtrip(tmp_path, data):
-    model, tx = small_mlp(), optax.adam(1e-2)  # a non-empty optimizer state
-    x, y = (jnp.asarray(a) for a in data)
+def test_checkpoint_roundtrip(tmp_path, setup):
+    model, x = setup["model"], setup["x"]
+    tx = optax.adam(1e-2)  # a non-empty optimizer state
     states = T.init_states(model, tx, [0, 1], x[:1])
-    states, _ = T.make_train_loop(model, tx, batch_size=20)(states, x, y, num_steps=5)
     assert T.latest_checkpoint_step(tmp_path / "ck") is None
     T.save_checkpoint(tmp_path / "ck", 5, {"bn": states}, {"note": [1, 2]})
     assert T.latest_checkpoint_step(tmp_path / "ck") == 5
     fresh = {"bn": T.init_states(model, tx, [7, 8], x[:1])}
+    assert not leaves_equal(fresh, {"bn": states})
     restored, meta = T.restore_checkpoint(tmp_path / "ck", fresh)
     assert meta == {"note": [1, 2]}
     assert isinstance(restored["bn"], T.TrainState)
@@ -223,30 +231,35 @@ def test_checkpoint_roundtrip(tmp_path, data):
         T.restore_checkpoint(tmp_path / "empty", fresh)
 
 
-def _runs(model_bn, model_plain, tx, x):
-    runs = {}
-    for name, model in (("bn", model_bn), ("plain", model_plain)):
-        runs[name] = T.Run(
-            state=T.init_states(model, tx, [0, 1], x[:1]),
-            train_loop=T.make_train_loop(model, tx, batch_size=20),
-            evaluate=T.make_eval_step(model),
-        )
-    return runs
-
-
-def test_fit_resume_equals_uninterrupted(tmp_path, data):
-    tx = optax.sgd(0.5)
-    runs = _runs(small_mlp(True), small_mlp(False), tx, data[0])
-    kw = dict(eval_every=10, checkpoint_every=20, progress=False)
-    whole = T.fit(runs, data, data, num_steps=40, checkpoint_dir=tmp_path / "a", **kw)
+def test_fit_resume_equals_uninterrupted(tmp_path, setup, data):
+    plain = small_mlp(False)
+    runs = {
+        "bn": T.Run(setup["states"], setup["loop"], setup["evaluate"]),
+        "plain": T.Run(
+            T.init_states(plain, setup["tx"], [0, 1], setup["x"][:1]),
+            T.make_train_loop(plain, setup["tx"], batch_size=20),
+            T.make_eval_step(plain),
+        ),
+    }
+    kw = dict(eval_every=20, checkpoint_every=20, progress=False)
+    whole = T.fit(runs, data, data, num_steps=60, checkpoint_dir=tmp_path / "a", **kw)
     first = T.fit(runs, data, data, num_steps=20, checkpoint_dir=tmp_path / "b", **kw)
     assert first.resumed_from is None
-    rest = T.fit(runs, data, data, num_steps=40, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    rest = T.fit(runs, data, data, num_steps=60, checkpoint_dir=tmp_path / "b", resume=True, **kw)
     assert rest.resumed_from == 20
     assert leaves_equal(rest.states, whole.states)  # bit-identical
     assert rest.history == whole.history
-    assert [r["step"] for r in whole.history if r["run"] == "bn"] == [10, 20, 30, 40]
-    rec = whole.history[-1]
-    assert set(rec) >= {"run", "step", "accuracy", "loss", "train_loss", "train_accuracy"}
+    assert [r["step"] for r in whole.history if r["run"] == "bn"] == [20, 40, 60]
+    rec = [r for r in whole.history if r["run"] == "bn"][-1]
+    assert set(rec) >= {
+        "run",
+        "step",
+        "accuracy",
+        "loss",
+        "train_loss",
+        "train_accuracy",
+        "act_mean",
+    }
     assert len(rec["accuracy"]) == 2
-    assert T.latest_checkpoint_step(tmp_path / "a") == 40
+    assert T.latest_checkpoint_step(tmp_path / "a") == 60
+    assert int(whole.states["bn"].step[0]) == 60
