@@ -497,11 +497,12 @@ def apply_train(
     per_stat = 1
     for a in stat_axes:
         per_stat *= x_k.shape[a]
-    if mask is None and per_stat == 1 and axis_name is None:
+    if mask is None and per_stat <= 1 and axis_name is None:
         raise ValueError(
             f"training batch norm on an input of shape {tuple(shape)} with axis={config.axis!r} "
-            "reduces over one element per feature: the batch variance is 0 and the output "
-            "meaningless. Use a larger batch, or apply_eval / use_running_average for inference"
+            f"reduces over {'one element' if per_stat else 'no elements'} per feature: the batch "
+            "statistics are degenerate and the output meaningless. Use a larger batch, or "
+            "apply_eval / use_running_average for inference"
         )
     spec = _Spec(
         stat_axes=stat_axes,

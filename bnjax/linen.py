@@ -167,6 +167,12 @@ class BatchNorm(nn.Module):
         )
         fresh = F.init_state(fshape, jnp.float32)
         names = ("mean", "var") + (("count", "batches") if self.population == "average" else ())
+        if use_ra and not initializing:
+            # Inference reads mean and var only: variables from flax.linen.BatchNorm (no
+            # count/batches) evaluate unchanged under population="average".
+            names = tuple(
+                k for k in names if k in ("mean", "var") or self.has_variable("batch_stats", k)
+            )
         variables = {
             k: self.variable("batch_stats", k, lambda k=k: getattr(fresh, k)) for k in names
         }

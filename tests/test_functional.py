@@ -729,6 +729,8 @@ def test_error_single_element_reduction():
         F.apply_train(params, state, jnp.ones((1, 10)))
     with pytest.raises(ValueError, match="one element per feature"):
         F.apply_train(params, state, jnp.ones((4, 10)), BatchNormConfig(virtual_batch_size=1))
+    with pytest.raises(ValueError, match=r"shape \(0, 10\).*no elements per feature"):
+        F.apply_train(params, state, jnp.ones((0, 10)))
     # Inference on one example is fine.
     assert F.apply_eval(params, state, jnp.ones((1, 10))).shape == (1, 10)
 

@@ -235,6 +235,18 @@ def test_population_average_adds_count_and_batches():
     np.testing.assert_allclose(np.asarray(bs["var"]), var, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(bs["count"]), n.sum())
     np.testing.assert_array_equal(np.asarray(bs["batches"]), 3)
+    # Variables made by flax.linen.BatchNorm (no count/batches) evaluate unchanged; a
+    # training step on them starts a fresh average.
+    x = xs[0]
+    flax_vars = jax.tree.map(lambda a: a + 0.5, nn.BatchNorm().init(jax.random.key(0), x, True))
+    np.testing.assert_allclose(
+        np.asarray(bn.apply(flax_vars, x, train=False)),
+        np.asarray(nn.BatchNorm(use_running_average=True).apply(flax_vars, x)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    _, upd = bn.apply(flax_vars, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(np.asarray(upd["batch_stats"]["count"]), len(x))
     # The default keeps flax's variables only.
     assert set(bnl.BatchNorm().init(jax.random.key(0), xs[0], train=True)["batch_stats"]) == {
         "mean",
