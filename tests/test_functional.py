@@ -237,6 +237,14 @@ def test_init_shapes_dtypes_and_flags():
     y, _ = F.apply_train(p, s, x, BatchNormConfig(use_scale=False, use_bias=False))
     _, mu, s2, _ = ref_bn(np, f64(x), np.ones(5), np.zeros(5), -1)
     np.testing.assert_allclose(np.asarray(y), (f64(x) - mu) / np.sqrt(s2 + EPS), atol=1e-5)
+    # Gradients without gamma / beta, every implementation, vs the plain reference.
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((9, 5)), jnp.float32)
+    one, zero = jnp.ones(5), jnp.zeros(5)
+    ref = jax.grad(lambda x: jnp.sum(w * jnp.sin(ref_bn(jnp, x, one, zero, -1)[0])))(x)
+    for grad in ("vjp", "jvp", "autodiff"):
+        cfg = BatchNormConfig(use_scale=False, use_bias=False, grad=grad)
+        g = jax.grad(lambda x, cfg=cfg: jnp.sum(w * jnp.sin(F.apply_train(p, s, x, cfg)[0])))(x)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-4, atol=1e-5)
 
 
 def test_output_dtype_config(rng):
@@ -257,6 +265,27 @@ def test_virtual_batch_size_is_ghost_batch_norm(rng):
     _, rmean, rvar = ref_train(np, *map(f64, (x, gamma, beta, mean0, var0)), -1)
     np.testing.assert_allclose(np.asarray(new.mean), rmean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new.var), rvar, rtol=1e-5, atol=1e-6)
+    # Gradients (of y and the state) vs autodiff of the same plain reference per ghost batch.
+    w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def ref_loss(x, gamma, beta):
+        ys = [ref_bn(jnp, x[i : i + 4], gamma, beta, -1)[0] for i in (0, 4, 8)]
+        _, mu, s2, _ = ref_bn(jnp, x, gamma, beta, -1)
+        mean = MOMENTUM * mean0 + (1 - MOMENTUM) * mu
+        var = MOMENTUM * var0 + (1 - MOMENTUM) * s2
+        return jnp.sum(w * jnp.sin(jnp.concatenate(ys))) + jnp.sum(mean) + jnp.sum(var * var)
+
+    args = tuple(jnp.asarray(a) for a in (x, gamma, beta))
+    want = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(*args)
+    for grad in ("vjp", "jvp"):
+        cfg = BatchNormConfig(virtual_batch_size=4, grad=grad)
+
+        def loss(x, gamma, beta, cfg=cfg):
+            y, new = F.apply_train(BNParams(gamma, beta), state, x, cfg)
+            return jnp.sum(w * jnp.sin(y)) + jnp.sum(new.mean) + jnp.sum(new.var * new.var)
+
+        got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+        chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- gradients
@@ -644,6 +673,14 @@ def test_bf16_input_float32_statistics(rng):
         np.testing.assert_allclose(f64(y.astype(jnp.float32)), ry, rtol=tol, atol=tol * 4)
         bm = F.batch_moments(xb)
         assert bm.mean.dtype == jnp.float32
+        # Gradients come back in the input's / the parameters' dtypes, and are finite.
+        def loss(p, x, cfg=cfg, state=state):
+            y = F.apply_train(p, state, x, cfg)[0].astype(jnp.float32)
+            return jnp.sum(y * jnp.arange(8.0))
+
+        g = jax.grad(loss, argnums=(0, 1))(params, xb)
+        assert g[1].dtype == jnp.bfloat16 and g[0].scale.dtype == pdt
+        assert all(np.isfinite(np.asarray(a, np.float32)).all() for a in jax.tree.leaves(g))
 
 
 @pytest.mark.parametrize("value", [0.0, 7.0, 1e4])
