@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -473,6 +474,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     desc: str = "train",
+    parallel: bool = True,
 ) -> FitResult:
     """Trains several named runs side by side to ``num_steps``, evaluating every ``eval_every``.
 
@@ -499,6 +501,9 @@ def fit(
       resume: continue from the newest checkpoint in ``checkpoint_dir`` if any.
       progress: show a tqdm bar (steps, elapsed time, latest mean accuracies).
       desc: the bar's label.
+      parallel: run the runs' chunks (training and evaluation) in one thread per
+        run, so several runs use several CPU cores (the results are the same
+        either way: the runs are independent).
 
     Returns:
       A :class:`FitResult`.
@@ -526,27 +531,35 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
-    chunk_metrics: dict[str, dict[str, Array]] = {}
+
+    def chunk(name: str, state: TrainState, length: int, evaluate: bool):
+        r = runs[name]
+        state, train_metrics = r.train_loop(state, train_x, train_y, num_steps=length)
+        metrics = r.evaluate(state, eval_x, eval_y) if evaluate else None
+        return jax.block_until_ready((state, train_metrics, metrics))
+
+    # One thread per run: JAX runs executions from different threads concurrently (async
+    # dispatch from one thread serializes them), so the runs share the CPU cores.
+    pool = ThreadPoolExecutor(max_workers=len(runs)) if parallel and len(runs) > 1 else None
     step = start
     try:
         for end in _boundaries(start, num_steps, (eval_every, checkpoint_every)):
-            for name, r in runs.items():
-                states[name], chunk_metrics[name] = r.train_loop(
-                    states[name], train_x, train_y, num_steps=end - step
-                )
+            evaluate = end % eval_every == 0 or end == num_steps
+            args = [(name, states[name], end - step, evaluate) for name in runs]
+            outs = list(pool.map(lambda a: chunk(*a), args) if pool else (chunk(*a) for a in args))
             advanced, step = end - step, end
-            if step % eval_every == 0 or step == num_steps:
-                latest = {}
-                for name, r in runs.items():
-                    m = r.evaluate(states[name], eval_x, eval_y)
+            latest = {}
+            for name, (state, train_metrics, metrics) in zip(runs, outs, strict=True):
+                states[name] = state
+                if evaluate:
                     record = {"run": name, "step": step}
-                    record.update({f"train_{k}": v for k, v in chunk_metrics[name].items()})
-                    record.update(m)
+                    record.update({f"train_{k}": v for k, v in train_metrics.items()})
+                    record.update(metrics)
                     history.append(_tolist(record))
-                    latest[name] = f"{float(np.mean(m['accuracy'])):.4f}"
-                if bar is not None:
-                    bar.set_postfix(latest, refresh=False)
+                    latest[name] = f"{float(np.mean(metrics['accuracy'])):.4f}"
             if bar is not None:
+                if latest:
+                    bar.set_postfix(latest, refresh=False)
                 bar.update(advanced)
             at_checkpoint = checkpoint_every and step % checkpoint_every == 0
             if checkpoint_dir is not None and (at_checkpoint or step == num_steps):
@@ -554,5 +567,7 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
+        if pool is not None:
+            pool.shutdown()
     jax.block_until_ready(states)
     return FitResult(states, history, time.perf_counter() - t0, resumed_from)

@@ -248,6 +248,8 @@ def test_fit_resume_equals_uninterrupted(tmp_path, setup, data):
     rest = T.fit(runs, data, data, num_steps=60, checkpoint_dir=tmp_path / "b", resume=True, **kw)
     assert rest.resumed_from == 20
     assert leaves_equal(rest.states, whole.states)  # bit-identical
+    serial = T.fit(runs, data, data, num_steps=60, parallel=False, **kw)  # no threads
+    assert leaves_equal(serial.states, whole.states) and serial.history == whole.history
     assert rest.history == whole.history
     assert [r["step"] for r in whole.history if r["run"] == "bn"] == [20, 40, 60]
     rec = [r for r in whole.history if r["run"] == "bn"][-1]

@@ -42,7 +42,18 @@ from bnjax import training
 from bnjax.experiments import _common
 from bnjax.models import MLP
 
-__all__ = ["CONFIG_HELP", "NETS", "get_config", "quick_config", "build", "run", "main"]
+__all__ = [
+    "CONFIG_HELP",
+    "NETS",
+    "get_config",
+    "quick_config",
+    "build",
+    "make_probe",
+    "summarize",
+    "run",
+    "write_report",
+    "main",
+]
 
 NETS = ("no_bn", "bn")
 LABELS = {"no_bn": "Without BN", "bn": "With BN"}
@@ -287,6 +298,12 @@ def summarize(history: list[dict], config) -> dict[str, Any]:
                     "drift": float(np.abs(v[-1] - v[0]).mean()),
                     # in units of the distribution's width (scale-free, comparable across nets)
                     "range_rel": float(((v.max(0) - v.min(0)) / spread.mean(0)).mean()),
+                    # mean change between consecutive evaluations, in units of the width
+                    "jitter_rel": float(
+                        (np.abs(np.diff(v, axis=0)).mean(0) / spread.mean(0)).mean()
+                    )
+                    if v.shape[0] > 1
+                    else 0.0,
                 }
             s[key.replace("_pct", "_drift")] = drift
         out[net] = s
@@ -438,11 +455,12 @@ def results_markdown(summary, population, config, seconds: float | None) -> str:
         f"hidden layer {_probe_layer(config) + 1} (the figure shows unit {config.probe_unit} of "
         f"seed {config.seed}), evaluated every {config.eval_every} steps. Per unit and seed: "
         "range = max - min over training, std = std over training, drift = |last - first|, "
-        "range/width = range divided by the mean p85 - p15 width (scale-free); then averaged "
+        "range/width = range divided by the mean p85 - p15 width (scale-free), jitter/width = "
+        "mean |change| between consecutive evaluations divided by that width; then averaged "
         "over units and seeds. spread = p85 - p15.",
         "",
-        "| net | quantity | percentile | range | std | drift | range/width |",
-        "|---|---|---|---|---|---|---|",
+        "| net | quantity | percentile | range | std | drift | range/width | jitter/width |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     what = {"act_in_drift": "sigmoid input", "bn_in_drift": "pre-BN input Wu"}
     for net in NETS:
@@ -451,7 +469,7 @@ def results_markdown(summary, population, config, seconds: float | None) -> str:
             for q, d in s.get(key, {}).items():
                 lines.append(
                     f"| {LABELS[net]} | {label} | {q} | {d['range']:.3f} | {d['std']:.3f} | "
-                    f"{d['drift']:.3f} | {d['range_rel']:.3f} |"
+                    f"{d['drift']:.3f} | {d['range_rel']:.3f} | {d['jitter_rel']:.4f} |"
                 )
     if population:
         names = {
@@ -570,10 +588,29 @@ def run(
         "history": result.history,
     }
     _common.write_json(workdir / "metrics.json", metrics)
-    _common.write_csv(workdir / "metrics.csv", history_rows(result.history, config))
-    (workdir / "results.md").write_text(results_markdown(summary, population, config, seconds))
-    plot(result.history, config, workdir / "figure1.png")
+    write_report(workdir)
     return dict(metrics, states=result.states)
+
+
+def write_report(workdir: str | Path) -> dict[str, Any]:
+    """(Re)writes ``metrics.csv``, ``results.md`` and ``figure1.png`` from ``metrics.json``.
+
+    The summary is recomputed from the history, so a report can be regenerated
+    (e.g. after changing the tables) without training again. Returns the summary.
+    """
+    workdir = Path(workdir)
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    config = ml_collections.ConfigDict(metrics["config"])
+    history = metrics["history"]
+    summary = summarize(history, config)
+    if summary != metrics["summary"]:
+        metrics["summary"] = summary
+        _common.write_json(workdir / "metrics.json", metrics)
+    _common.write_csv(workdir / "metrics.csv", history_rows(history, config))
+    md = results_markdown(summary, metrics["population"], config, metrics["seconds"])
+    (workdir / "results.md").write_text(md)
+    plot(history, config, workdir / "figure1.png")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
