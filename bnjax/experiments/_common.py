@@ -53,7 +53,7 @@ class CommandLine:
     download: bool
 
 
-def _usage(prog: str, doc: str, fv: flags.FlagValues, config, config_help: Mapping[str, str]):
+def _usage(prog, doc, fv: flags.FlagValues, config, config_help: Mapping[str, str], default: str):
     lines = [doc.strip(), "", f"usage: {prog} [flags]", "", "flags:"]
     for name in sorted(fv):
         if name in ("config",):
@@ -61,11 +61,9 @@ def _usage(prog: str, doc: str, fv: flags.FlagValues, config, config_help: Mappi
         f = fv[name]
         if f.name != name:
             continue
-        default = "" if f.default is None else f" (default: {f.default!r})"
-        lines.append(f"  --{name}: {f.help}{default}")
-    lines.append(
-        f"  --config: {fv['config'].help} (default: the defaults below, {fv['config'].default})"
-    )
+        shown = "" if f.default is None else f" (default: {f.default!r})"
+        lines.append(f"  --{name}: {f.help}{shown}")
+    lines.append(f"  --config: {fv['config'].help} (default: {default}, the values below)")
     lines += ["", "config fields (override any with --config.<field>=<value>):"]
     for key, value in config.items():
         lines.append(f"  {key} = {value!r}: {config_help.get(key, '')}")
@@ -137,7 +135,7 @@ def parse_command_line(
         )
     if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv):
         fv([prog])
-        print(_usage(prog, doc, fv, fv["config"].value, config_help))
+        print(_usage(prog, doc, fv, fv["config"].value, config_help, default_config))
         raise SystemExit(0)
     try:
         fv([prog, *argv])

@@ -21,7 +21,8 @@ Run::
     bnjax-figure1                                   # the full run, defaults below
     bnjax-figure1 --quick --workdir runs/smoke      # a smoke test (< 1 minute)
     bnjax-figure1 --config configs/figure1_lr05.py  # lr 0.5, init N(0, 0.1^2)
-    bnjax-figure1 --config.num_seeds=5 --config.learning_rate=0.5 --resume
+    bnjax-figure1 --config.num_seeds=5 --workdir runs/fig1_5seeds
+    bnjax-figure1 --workdir runs/fig1_5seeds --config.num_seeds=5 --resume  # continue it
 
 Programmatic use: ``results = run(get_config(), "runs/fig1")``.
 """
