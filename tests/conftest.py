@@ -6,7 +6,9 @@
 * ``data_dir``: the MNIST / Fashion-MNIST directory from ``BNJAX_DATA_DIR`` (tests
   that need it are skipped when it is missing; data is never committed).
 * ``x64``: a fixture that turns on float64 for one test only (``jax.enable_x64``
-  is a context manager in JAX >= 0.7, so nothing leaks into other tests).
+  is a context manager that restores the previous setting, so nothing leaks into
+  other tests; tests that need float64 inside a hypothesis example use the context
+  manager directly).
 * ``rng``: a seeded NumPy generator, fresh per test.
 """
 
@@ -49,6 +51,7 @@ def x64():
     """Enables float64 in JAX for the duration of one test, then restores the setting."""
     with jax.enable_x64(True):
         yield
+    assert not jax.config.jax_enable_x64, "float64 leaked out of the x64 fixture"
 
 
 @pytest.fixture(scope="session")
