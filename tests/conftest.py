@@ -49,9 +49,10 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def x64():
     """Enables float64 in JAX for the duration of one test, then restores the setting."""
+    before = jax.config.jax_enable_x64
     with jax.enable_x64(True):
         yield
-    assert not jax.config.jax_enable_x64, "float64 leaked out of the x64 fixture"
+    assert jax.config.jax_enable_x64 == before, "the x64 setting leaked out of the fixture"
 
 
 @pytest.fixture(scope="session")
