@@ -1,5 +1,19 @@
-"""bnjax: Batch Normalization (Ioffe & Szegedy, 2015) for JAX and Flax."""
+"""bnjax: Batch Normalization (Ioffe & Szegedy, 2015) for JAX and Flax.
 
+The data path, bottom up: :mod:`bnjax.stats` (moments) -> :mod:`bnjax.population`
+(EMA / the paper's average) -> :mod:`bnjax.functional` (Algorithms 1 and 2, the
+paper's gradient) -> :mod:`bnjax.fold` -> :mod:`bnjax.linen` / :mod:`bnjax.nnx`
+(Flax drop-ins) -> :mod:`bnjax.recalibrate` (PreciseBN), :mod:`bnjax.diagnostics`
+-> :mod:`bnjax.training`, :mod:`bnjax.parallel` (need the ``examples`` extra) ->
+:mod:`bnjax.experiments`.
+
+The submodules ``fold`` and ``recalibrate`` stay modules (``bnjax.fold.fold``,
+``bnjax.recalibrate.recalibrate``); their other public functions are re-exported here.
+"""
+
+from bnjax import diagnostics, fold, linen, nnx, recalibrate
+from bnjax.diagnostics import consistency, consistency_nnx, format_table
+from bnjax.fold import affine, find_pairs, fold_linear, fold_sequential
 from bnjax.functional import (
     BatchNormConfig,
     BNParams,
@@ -12,6 +26,7 @@ from bnjax.functional import (
     init_state,
 )
 from bnjax.population import BatchStats, reset_population
+from bnjax.recalibrate import recalibrate_nnx
 from bnjax.stats import Moments, merge, moments
 
 __version__ = "0.1.0"
@@ -21,14 +36,27 @@ __all__ = [
     "BNParams",
     "BatchStats",
     "Moments",
+    "affine",
     "apply",
     "apply_eval",
     "apply_train",
     "batch_moments",
+    "consistency",
+    "consistency_nnx",
+    "diagnostics",
+    "find_pairs",
+    "fold",
+    "fold_linear",
+    "fold_sequential",
+    "format_table",
     "inference_affine",
     "init",
     "init_state",
+    "linen",
     "merge",
     "moments",
+    "nnx",
+    "recalibrate",
+    "recalibrate_nnx",
     "reset_population",
 ]

@@ -33,7 +33,10 @@ Gradient (``cfg.grad``):
 ``jax.vmap`` without an ``axis_name``: each mapped slice is normalized with its
 own statistics and gets its own state (an ensemble of models). With
 ``cfg.axis_name`` bound by ``vmap``/``pmap``/``shard_map``, statistics (and the
-backward reductions) are pooled exactly over that axis.
+backward reductions) are pooled exactly over that axis. Parameter gradients are
+the per-device contributions under ``pmap`` and ``shard_map(check_vma=False)``
+(psum them as usual); under ``shard_map`` with ``check_vma=True`` JAX already sums
+the gradients of replicated gamma/beta (see docs/multidevice.md).
 """
 
 from __future__ import annotations
