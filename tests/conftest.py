@@ -22,6 +22,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+# The README/CI give BNJAX_DATA_DIR relative to the repository (../shared/data). Make it
+# absolute once, so that notebook kernels and helpers running in other folders see it too.
+if os.environ.get("BNJAX_DATA_DIR"):
+    os.environ["BNJAX_DATA_DIR"] = str(Path(os.environ["BNJAX_DATA_DIR"]).expanduser().resolve())
+
 settings.register_profile(
     "bnjax",
     max_examples=12,
