@@ -36,6 +36,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bnjax.training import cross_entropy_loss
+
 __all__ = [
     "TrainState",
     "create_train_state",
@@ -85,11 +87,6 @@ def create_train_state(
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
     )
-
-
-def cross_entropy_loss(logits: Array, labels: Array) -> Array:
-    """Mean softmax cross-entropy of ``logits (B, K)`` against integer ``labels (B,)``."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def make_train_step(
