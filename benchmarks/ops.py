@@ -158,10 +158,10 @@ def _vjp_grads(apply: Callable, x, params, dy):
 # --------------------------------------------------------------------------- implementations
 
 
-def _bnjax(case: Case, x, dy) -> Impl:
+def _bnjax(case: Case, x, dy, *, name: str = "bnjax", **kw) -> Impl:
     import bnjax.functional as F
 
-    cfg = F.BatchNormConfig(axis=case.axis, momentum=MOMENTUM, epsilon=EPS)
+    cfg = F.BatchNormConfig(axis=case.axis, momentum=MOMENTUM, epsilon=EPS, **kw)
     params, state = F.init(case.features, cfg)
 
     def fwd(params, state, x):
@@ -174,7 +174,7 @@ def _bnjax(case: Case, x, dy) -> Impl:
         return F.apply_eval(params, state, x, cfg)
 
     return _jax_impl(
-        "bnjax",
+        name,
         {
             "train_fwd": (fwd, (params, state, x)),
             "train_fwdbwd": (fwdbwd, (params, state, x, dy)),
@@ -386,6 +386,14 @@ def _torch(case: Case, x, dy) -> Impl:
 # name -> (builder, module that must be importable)
 BUILDERS: dict[str, tuple[Callable[[Case, Any, Any], Impl | None], str]] = {
     "bnjax": (_bnjax, "bnjax"),
+    "bnjax two_pass": (
+        lambda c, x, dy: _bnjax(c, x, dy, name="bnjax two_pass", stats_method="two_pass"),
+        "bnjax",
+    ),
+    "bnjax shifted": (
+        lambda c, x, dy: _bnjax(c, x, dy, name="bnjax shifted", stats_method="shifted"),
+        "bnjax",
+    ),
     "bnjax.linen": (_bnjax_linen, "bnjax"),
     "flax.linen": (_flax_linen, "flax"),
     "flax.linen exact": (_flax_linen_exact, "flax"),

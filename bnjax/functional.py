@@ -93,7 +93,8 @@ class BatchNormConfig:
       axis_index_groups: optional groups of indices of ``axis_name`` to pool within.
       virtual_batch_size: ghost batch norm: normalize sub-batches of this many
         examples along axis 0 independently (``None``: the whole batch).
-      stats_method: ``"shifted"`` (one pass, default) or ``"two_pass"``.
+      stats_method: ``"auto"`` (default: ``"two_pass"`` on CPU, ``"shifted"`` on
+        GPU/TPU), ``"two_pass"`` or ``"shifted"``; all exact, see :mod:`bnjax.stats`.
       grad: ``"vjp"``, ``"jvp"`` or ``"autodiff"`` (see the module docstring).
     """
 
@@ -108,7 +109,7 @@ class BatchNormConfig:
     axis_name: str | tuple[str, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
     virtual_batch_size: int | None = None
-    stats_method: str = "shifted"
+    stats_method: str = "auto"
     grad: str = "vjp"
 
     def __post_init__(self):
@@ -118,9 +119,9 @@ class BatchNormConfig:
             )
         if self.grad not in ("vjp", "jvp", "autodiff"):
             raise ValueError(f"grad must be 'vjp', 'jvp' or 'autodiff', got {self.grad!r}")
-        if self.stats_method not in ("shifted", "two_pass"):
+        if self.stats_method not in _stats.METHODS:
             raise ValueError(
-                f"stats_method must be 'shifted' or 'two_pass', got {self.stats_method!r}"
+                f"stats_method must be one of {_stats.METHODS}, got {self.stats_method!r}"
             )
         if not self.epsilon >= 0:
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
@@ -237,21 +238,40 @@ class _Spec:
 def _forward(spec: _Spec, x, mask, scale, bias):
     """Algorithm 1 on (possibly reshaped) ``x``. Returns (y, moments, mean, inv)."""
     dt = _stats.stats_dtype(x.dtype)
-    m = _stats.moments(x, spec.stat_axes, mask=mask, method=spec.method)
+    xf = x.astype(dt)
+    m = _stats.moments(xf, spec.stat_axes, mask=mask, method=spec.method)
     m = _stats.all_reduce(m, spec.axis_name, spec.axis_index_groups)
     mean = m.mean
     inv = lax.rsqrt(m.var() + jnp.asarray(spec.epsilon, dt))
-    y = _scale_shift((x.astype(dt) - mean) * inv, scale, bias, dt)
+    a = inv if scale is None else inv * scale.astype(dt)
+    b = None if bias is None else bias.astype(dt)
+    y = _centred_affine(xf, a, b, mean, _centre(spec, xf, mask, 0))
     return y.astype(spec.out_dtype), m, mean, inv
 
 
-def _scale_shift(xhat, scale, bias, dt):
-    y = xhat
-    if scale is not None:
-        y = y * scale.astype(dt)
-    if bias is not None:
-        y = y + bias.astype(dt)
-    return y
+def _centre(spec: _Spec, xf, mask, j: int):
+    """Data point ``j`` of each feature (see :func:`bnjax.stats.data_point`), or None.
+
+    Masked inputs may hold padding anywhere, so they are centred on the mean.
+    """
+    return None if mask is not None else _stats.data_point(xf, spec.stat_axes, j)
+
+
+def _centred_affine(xf, a, b, mean, c):
+    """``a * (x - mean) + b`` (``b`` may be None), formed as ``a (x - c) + (a (c - mean) + b)``.
+
+    The full-size broadcast is of the data point ``c``, not of ``mean``, which a
+    statistics reduction also broadcasts: one broadcast shared by a reduction and
+    another full-size consumer is materialized by XLA:CPU (an extra write and read
+    of the whole input). With ``|x - c|`` of the order of the spread, the rounding
+    error stays at that of the float32 mean itself (about half the error of the
+    folded ``a x + (b - a mean)`` when ``|mean| >> std``).
+    """
+    if c is None:
+        y = (xf - mean) * a
+        return y if b is None else y + b
+    shift = (c - mean) * a
+    return (xf - c) * a + (shift if b is None else shift + b)
 
 
 def _sum_to(a: Array, shape: tuple[int, ...]) -> Array:
@@ -285,20 +305,18 @@ def _bn_vjp_bwd(spec, res, cts):
     gyf = gy.astype(dt)
     # The two reductions of the fused backward (local), then one collective.
     sum_dy = jnp.sum(gyf, axis=spec.stat_axes, keepdims=True)
-    if mask is None:
-        # sum(dy (x - mean)) = sum(dy (x - k)) - (mean - k) sum(dy) around the data
-        # shift k of the forward statistics (|x - k| ~ spread: no cancellation). A
-        # reduction around k, a materialized per-feature value, spelled (k - x), is
-        # one pass over x and dy; around `mean` (a computed value that dx below
-        # also broadcasts) XLA:CPU would materialize the broadcast mean or x - mean.
-        k = _stats._shifts(xf, spec.stat_axes, 3)[2]
-        s_k = jnp.sum(gyf * (k - xf), axis=spec.stat_axes, keepdims=True)
-        sum_dy_xc = -s_k - (mean - k) * sum_dy
-    else:
+    k = _centre(spec, xf, mask, 1)
+    if k is None:
         sum_dy_xc = jnp.sum(gyf * (xf - mean), axis=spec.stat_axes, keepdims=True)
+    else:
+        # sum(dy (x - mean)) = sum(dy (x - k)) + (k - mean) sum(dy) around a data
+        # point k (|x - k| ~ spread: no cancellation). A second data point (not the
+        # forward's mean, nor the point that dx below is centred on): a broadcast
+        # shared between a reduction and another full-size consumer is
+        # materialized by XLA:CPU.
+        s_k = jnp.sum(gyf * (xf - k), axis=spec.stat_axes, keepdims=True)
+        sum_dy_xc = s_k + (k - mean) * sum_dy
     sum_dy_xhat = inv * sum_dy_xc
-    xc = xf - mean
-    xhat = xc * inv
     dscale = None if scale is None else _sum_to(sum_dy_xhat, scale.shape).astype(scale.dtype)
     dbias = None if bias is None else _sum_to(sum_dy, bias.shape).astype(bias.dtype)
     gmean = None if gm is None else gm.mean.astype(dt)
@@ -317,14 +335,20 @@ def _bn_vjp_bwd(spec, res, cts):
         sum_dy, sum_dy_xhat = both[0], both[1]
         if sum_gm:
             gmean, gm2 = both[2], both[3]
-    gamma = 1 if scale is None else scale.astype(dt)
+    gamma_inv = inv if scale is None else scale.astype(dt) * inv
     n = jnp.where(count > 0, count, 1)
-    w = 1 if mask is None else mask.astype(dt)
     # dx = gamma / (m sigma) * (m dy - sum(dy) - xhat sum(dy xhat)), masked elements
-    # outside the statistics; plus the cotangents of the returned mean and M2.
-    dx = (gamma * inv) * (gyf - (w / n) * (sum_dy + xhat * sum_dy_xhat))
+    # outside the statistics; plus the cotangents of the returned mean and M2. As
+    # dx = gamma_inv dy + w (p + q (x - mean)) with per-feature p, q:
+    p = -gamma_inv * sum_dy / n
+    q = -gamma_inv * inv * sum_dy_xhat / n
     if gm is not None:
-        dx = dx + w * (gmean / n + 2 * xc * gm2)
+        p = p + gmean / n
+        q = q + 2 * gm2
+    if mask is None:
+        dx = gyf * gamma_inv + _centred_affine(xf, q, p, mean, _centre(spec, xf, mask, 0))
+    else:
+        dx = gyf * gamma_inv + mask.astype(dt) * (p + q * (xf - mean))
     return dx.astype(x.dtype), None, dscale, dbias
 
 
@@ -512,7 +536,7 @@ def apply_train(
         epsilon=float(config.epsilon),
         axis_name=axis_name,
         axis_index_groups=config.axis_index_groups if axis_name is not None else None,
-        method="two_pass" if mask is not None else config.stats_method,
+        method="two_pass" if mask is not None else _stats.resolve_method(config.stats_method),
         out_dtype=_out_dtype(x, params, config),
     )
     # shard_map(check_vma=True): replicated gamma/beta enter the kernel cast to

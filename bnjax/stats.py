@@ -12,13 +12,17 @@ Numerics:
 
 * Accumulation is in at least float32 (bf16/fp16 inputs get float32 moments;
   float64 inputs stay float64).
-* The variance is never computed as ``E[x^2] - E[x]^2``. The default
+* The variance is never computed as ``E[x^2] - E[x]^2``. Two exact methods:
+  ``method="two_pass"`` takes the mean first and then ``sum((x - mean)^2)``;
   ``method="shifted"`` accumulates ``sum(x - a)`` and ``sum((x - b)^2)`` around
   per-feature shifts ``a``, ``b`` taken from the data itself (the max and min of
   the first two elements of each feature), so both sums are of order ``std``
-  rather than ``|mean|`` and the cancellation is harmless. XLA reads ``x`` once
-  per sum, with no materialized intermediate (see :func:`_shifts`).
-  ``method="two_pass"`` computes the mean first and then ``sum((x - mean)^2)``.
+  rather than ``|mean|`` and the cancellation is harmless; its two reductions are
+  independent (one pass over ``x`` on GPU/TPU, where XLA fuses them). The default
+  ``method="auto"`` is ``"two_pass"`` on CPU and ``"shifted"`` elsewhere: on
+  XLA:CPU a plain ``sum(x)`` runs at about twice the speed of a reduction with a
+  fused subtraction, so the two-pass form (one plain, one centred reduction) is
+  the faster one there (benchmarks/ops.py, docs/benchmarks.md).
   With a mask the shift element may be an invalid (padding) value, so masked
   inputs always use the two-pass form.
 """
@@ -48,6 +52,9 @@ __all__ = [
     "check_mask",
     "varying_axes",
     "match_varying",
+    "data_point",
+    "resolve_method",
+    "METHODS",
 ]
 
 Array = jax.Array
@@ -114,7 +121,7 @@ def moments(
     reduction_axes: int | Sequence[int],
     *,
     mask: Array | None = None,
-    method: str = "shifted",
+    method: str = "auto",
 ) -> Moments:
     """Count, mean and centred M2 of ``x`` over ``reduction_axes`` (keepdims shape).
 
@@ -123,7 +130,8 @@ def moments(
       reduction_axes: the axes to reduce (for batch norm: all but the feature axes).
       mask: optional boolean array broadcastable to ``x``; ``False`` marks elements
         that must not contribute.
-      method: ``"shifted"`` (one pass over ``x``, the default) or ``"two_pass"``.
+      method: ``"auto"`` (default: ``"two_pass"`` on CPU, else ``"shifted"``),
+        ``"two_pass"`` or ``"shifted"`` (see the module docstring).
 
     Returns:
       :class:`Moments` whose fields have ``x``'s shape with size 1 on the reduced
@@ -136,6 +144,7 @@ def moments(
       ((1, 8), (1, 8))
     """
     axes = canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes")
+    method = resolve_method(method)
     dt = stats_dtype(x.dtype)
     xf = x.astype(dt)
     if mask is None:
@@ -155,13 +164,9 @@ def moments(
             mean_b = (a - b) + mean_a
             m2 = jnp.maximum(s2 - count * mean_b * mean_b, 0)
             return Moments(count, mean, m2)
-        if method != "two_pass":
-            raise ValueError(f"method must be 'shifted' or 'two_pass', got {method!r}")
         mean = _reduce_sum(xf, axes) / count
         d = xf - mean
         return Moments(count, mean, _reduce_sum(d * d, axes))
-    if method not in ("shifted", "two_pass"):
-        raise ValueError(f"method must be 'shifted' or 'two_pass', got {method!r}")
     mask = check_mask(mask, x.shape)
     w = jnp.broadcast_to(mask, x.shape)
     count = _reduce_sum(w.astype(dt), axes)
@@ -169,6 +174,22 @@ def moments(
     mean = _reduce_sum(jnp.where(w, xf, 0), axes) / safe
     d = jnp.where(w, xf - mean, 0)
     return Moments(count, mean, _reduce_sum(d * d, axes))
+
+
+METHODS = ("auto", "two_pass", "shifted")
+
+
+def resolve_method(method: str) -> str:
+    """``"two_pass"`` or ``"shifted"`` for ``method`` (``"auto"``: by JAX's default backend).
+
+    Raises:
+      ValueError: for an unknown method.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "two_pass" if jax.default_backend() == "cpu" else "shifted"
+    return method
 
 
 def _shifts(xf: Array, axes: tuple[int, ...], count: int = 2) -> tuple[Array, ...]:
@@ -202,6 +223,27 @@ def _shifts(xf: Array, axes: tuple[int, ...], count: int = 2) -> tuple[Array, ..
         red = jnp.max if j % 2 == 0 else jnp.min
         out.append(red(head, axis=axes, keepdims=True))
     return tuple(out)
+
+
+def data_point(xf: Array, axes: tuple[int, ...], j: int = 0) -> Array | None:
+    """Element ``j`` of each feature (along the longest reduced axis), keepdims shape.
+
+    A per-feature value of the order of the data, used to centre elementwise
+    maps (``(x - c) * a + b'`` instead of ``x * a + b``, which loses
+    ``|mean| / std`` digits). It is a plain slice, which XLA fuses into the
+    consumer; different ``j`` give different HLO values, so two consumers never
+    share one broadcast (XLA:CPU would then materialize it, see :func:`_shifts`).
+    ``None`` under explicit sharding of a reduced axis (slicing it is not allowed).
+    """
+    if _explicitly_sharded(xf, axes):
+        return None
+    long_axis = max(axes, key=lambda i: xf.shape[i])
+    j = min(j, xf.shape[long_axis] - 1)
+    idx = tuple(
+        slice(None) if i not in axes else slice(j, j + 1) if i == long_axis else slice(0, 1)
+        for i in range(xf.ndim)
+    )
+    return lax.stop_gradient(xf[idx])
 
 
 def _explicitly_sharded(a: Array, axes: tuple[int, ...]) -> bool:

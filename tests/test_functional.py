@@ -123,7 +123,7 @@ class AlgorithmOneTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(
         *[(f"{n}_shifted", s, a, "shifted") for n, s, a in LAYOUTS],
-        *[(f"{n}_two_pass", s, a, "two_pass") for n, s, a in LAYOUTS[1:3]],
+        *[(f"{n}_two_pass", s, a, "two_pass") for n, s, a in LAYOUTS],
     )
     def test_matches_float64_numpy(self, shape, axis, method):
         rng = np.random.default_rng(0)
@@ -671,6 +671,55 @@ def test_large_offset_variance_float32_vs_flax(rng):
     # bnjax's normalized output is right too (flax's default is not).
     y = F.apply_train(params, state, xj)[0]
     np.testing.assert_allclose(f64(y).std(0), np.sqrt(ref / (ref + EPS)), rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["shifted", "two_pass"])
+def test_large_offset_output_and_gradient_float32(method, rng):
+    """|mean| = 1e4 std: y and dx are as accurate as float32 inputs allow.
+
+    At 1e4 a float32 holds x only to a spacing of ~1e-3 std, and the float32
+    mean is within a few spacings (two-pass: the rounding of the plain sum), so
+    no method gets y closer than ~1e-3 gamma to the float64 answer. Checks that
+    y and dx (and dgamma, dbeta) stay within a few spacings, i.e. at the input's
+    own resolution (a cancellation in the backward or a wrong centring would show
+    as O(1e-2..1) errors).
+    """
+    x = np.asarray(1e4 + rng.standard_normal((512, 8)), np.float32)
+    dy = np.asarray(rng.standard_normal((512, 8)), np.float32)
+    gamma = np.asarray(rng.uniform(0.5, 2.0, 8), np.float32)
+    beta = np.asarray(rng.standard_normal(8), np.float32)
+    cfg = BatchNormConfig(stats_method=method)
+    state = F.init_state(8)
+
+    def f(x, g, b):
+        return F.apply_train(BNParams(g, b), state, x, cfg)[0]
+
+    y, vjp = jax.vjp(jax.jit(f), jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta))
+    dx, dg, db = vjp(jnp.asarray(dy))
+    ry = ref_train(np, f64(x), f64(gamma), f64(beta), np.zeros(8), np.ones(8), -1)[0]
+    spacing = float(np.spacing(np.float32(1e4)))  # ~9.8e-4, std = 1
+    np.testing.assert_allclose(f64(y), ry, rtol=0, atol=3 * spacing * gamma.max())
+    # The paper's backward in float64.
+    xc = f64(x) - f64(x).mean(0)
+    inv = 1 / np.sqrt(f64(x).var(0) + EPS)
+    xhat, m = xc * inv, x.shape[0]
+    rdg, rdb = (f64(dy) * xhat).sum(0), f64(dy).sum(0)
+    rdx = f64(gamma) * inv / m * (m * f64(dy) - rdb - xhat * rdg)
+    scale = np.abs(f64(gamma) * inv).max() * np.abs(f64(dy)).max()
+    np.testing.assert_allclose(f64(dx), rdx, rtol=0, atol=3 * spacing * scale)
+    # dgamma sums m products dy * xhat, each off by up to ~spacing.
+    assert np.all(np.abs(f64(dg) - rdg) <= 3 * spacing * np.abs(f64(dy)).sum(0)), (dg, rdg)
+    np.testing.assert_allclose(f64(db), rdb, rtol=1e-5, atol=1e-4)
+
+
+def test_auto_method_resolves_by_backend():
+    from bnjax import stats
+
+    expected = "two_pass" if jax.default_backend() == "cpu" else "shifted"
+    assert stats.resolve_method("auto") == expected
+    assert BatchNormConfig().stats_method == "auto"
+    with pytest.raises(ValueError, match="method must be one of"):
+        stats.resolve_method("naive")
 
 
 def test_bf16_input_float32_statistics(rng):

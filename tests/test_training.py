@@ -63,6 +63,26 @@ def test_epoch_batch_indices_depend_only_on_step():
     np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in parts]), whole)
 
 
+def test_epoch_permutation_is_a_deterministic_uniform_shuffle():
+    """Host-drawn epoch order: a permutation, a pure function of the key (typed or raw),
+    the same under jit and vmap, and (chi-square) uniform in where an element lands."""
+    n = 10
+    key = jax.random.PRNGKey(1)
+    p = np.asarray(T.epoch_permutation(key, n))
+    assert sorted(p.tolist()) == list(range(n)) and p.dtype == np.int32
+    jitted = jax.jit(T.epoch_permutation, static_argnums=1)
+    np.testing.assert_array_equal(np.asarray(jitted(key, n)), p)
+    typed = jax.random.wrap_key_data(key)
+    np.testing.assert_array_equal(np.asarray(T.epoch_permutation(typed, n)), p)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(2000))
+    perms = np.asarray(jax.jit(jax.vmap(lambda k: T.epoch_permutation(k, n)))(keys))
+    np.testing.assert_array_equal(perms[7], np.asarray(T.epoch_permutation(keys[7], n)))
+    # Position of element 0 over 2000 draws: uniform over the 10 slots.
+    counts = np.bincount(np.argmax(perms == 0, axis=1), minlength=n)
+    chi2 = ((counts - 200.0) ** 2 / 200.0).sum()
+    assert chi2 < 27.9, counts  # 99.9% quantile of chi2 with 9 dof
+
+
 def test_epoch_batch_indices_rejects_bad_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         T.epoch_batch_indices(jax.random.PRNGKey(0), 0, 3, 10, 11)
