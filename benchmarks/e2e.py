@@ -13,8 +13,10 @@ shuffled NumPy permutation per epoch (the pattern of the flax examples).
    with ``bnjax.linen.BatchNorm`` swapped in (isolates the layer), and
    :func:`bnjax.training.make_train_loop` (steps compiled into a ``lax.scan``,
    batches gathered on the device; one seed, and three seeds ``vmap``-ed,
-   counted as 3 steps per step). Interleaved rounds, medians, ratio to the
-   baseline within each round.
+   counted as 3 steps per step; for the convnet also ``steps_per_call=10``:
+   jitted calls of 10 unrolled steps, since XLA:CPU runs convolutions inside a
+   ``while`` loop several times slower). Interleaved rounds, medians, ratio to
+   the baseline within each round.
 2. **The full default Figure 1 job** (2 nets x 3 seeds x 50k steps, test-set
    evaluation with the sigmoid-input percentile probe every 500 steps), with
    :func:`bnjax.training.fit` vs the idiomatic loop doing the same work
@@ -54,6 +56,7 @@ from bnjax.models import MLP, ConvNet  # noqa: E402
 __all__ = ["IdiomaticMLP", "IdiomaticConvNet", "main"]
 
 BATCH = 60
+CONV_CALL = 10  # make_train_loop(steps_per_call=...) for the convnet (no conv in a while loop)
 PERCENTILES = (15.0, 50.0, 85.0)
 
 
@@ -170,8 +173,10 @@ class IdiomaticRun:
 # --------------------------------------------------------------------------- step throughput
 
 
-def _bnjax_loop(model, tx, x, y, seeds: int):
-    loop = training.make_train_loop(model, tx, batch_size=BATCH, over_seeds=seeds > 1)
+def _bnjax_loop(model, tx, x, y, seeds: int, steps_per_call: int | None = None):
+    loop = training.make_train_loop(
+        model, tx, batch_size=BATCH, over_seeds=seeds > 1, steps_per_call=steps_per_call
+    )
     if seeds > 1:
         state = training.init_states(model, tx, list(range(seeds)), x[:1])
     else:
@@ -198,8 +203,9 @@ def step_throughput(
             r = IdiomaticRun(model, tx, x, y)
             r.steps(2)  # compile
             runs[label] = (lambda r=r, n=n_steps: r.steps(n), n_steps)
-        for seeds in (1, 3) if mname == "MLP" else (1,):
-            loop, state, xd, yd = _bnjax_loop(lib_model, tx, x, y, seeds)
+        variants = [(1, None), (3, None)] if mname == "MLP" else [(1, None), (1, CONV_CALL)]
+        for seeds, per_call in variants:
+            loop, state, xd, yd = _bnjax_loop(lib_model, tx, x, y, seeds, per_call)
             holder = {"s": state}
             jax.block_until_ready(loop(state, xd, yd, num_steps=n_steps))  # compile
 
@@ -208,6 +214,8 @@ def step_throughput(
                 jax.block_until_ready(m)
 
             label = "bnjax.training scan" + (f" x{seeds} seeds" if seeds > 1 else "")
+            if per_call:
+                label = f"bnjax.training unrolled, {per_call} steps per call"
             runs[label] = (run, n_steps * seeds)
         times = {k: [] for k in runs}
         for _ in range(rounds):
@@ -232,7 +240,9 @@ def step_throughput(
 # --------------------------------------------------------------------------- Figure 1 job
 
 
-def figure1_job(train, test, *, steps: int, seeds: int, total_steps: int, eval_every: int):
+def figure1_job(
+    train, test, *, steps: int, seeds: int, total_steps: int, eval_every: int, rounds: int = 3
+):
     """Measured fraction of the Figure 1 job both ways, extrapolated to ``total_steps``."""
     from bnjax.experiments import figure1
 
@@ -268,14 +278,10 @@ def figure1_job(train, test, *, steps: int, seeds: int, total_steps: int, eval_e
     t = time.perf_counter()
     training.fit(runs, train_d, test_d, num_steps=eval_every, eval_every=eval_every, progress=False)
     bnjax_first = time.perf_counter() - t
-    runs = make_runs()
-    t = time.perf_counter()
-    training.fit(runs, train_d, test_d, num_steps=steps, eval_every=eval_every, progress=False)
-    bnjax_frac = time.perf_counter() - t
-    bnjax_compile = max(bnjax_first - bnjax_frac * eval_every / steps, 0.0)
 
     # Idiomatic: per net and seed, a Python loop of jitted steps, jitted eval every eval_every.
-    idio_frac, idio_compile = 0.0, 0.0
+    idio = {}
+    idio_compile = 0.0
     for use_bn in (False, True):
         model = IdiomaticMLP(use_bn=use_bn)
         r = IdiomaticRun(model, tx, tx_, ty_, seed=0)
@@ -284,11 +290,33 @@ def figure1_job(train, test, *, steps: int, seeds: int, total_steps: int, eval_e
         r.steps(1)
         jax.block_until_ready(ev(r.params, r.batch_stats, vx, vy))
         idio_compile += time.perf_counter() - t
+        idio[use_bn] = (r, ev)
+
+    def bnjax_fraction():
+        runs = make_runs()
         t = time.perf_counter()
-        for _ in range(steps // eval_every):
-            r.steps(eval_every)
-            jax.block_until_ready(ev(r.params, r.batch_stats, vx, vy))
-        idio_frac += time.perf_counter() - t
+        training.fit(runs, train_d, test_d, num_steps=steps, eval_every=eval_every, progress=False)
+        return time.perf_counter() - t
+
+    def idiomatic_fraction():
+        t = time.perf_counter()
+        for r, ev in idio.values():
+            for _ in range(steps // eval_every):
+                r.steps(eval_every)
+                jax.block_until_ready(ev(r.params, r.batch_stats, vx, vy))
+        return time.perf_counter() - t
+
+    # Interleaved rounds (machine drift hits both alike); medians, and the median of
+    # the per-round ratios.
+    b_times, i_times = [], []
+    for k in range(rounds):
+        pair = (bnjax_fraction, idiomatic_fraction) if k % 2 == 0 else (
+            idiomatic_fraction, bnjax_fraction)
+        for f in pair:
+            (b_times if f is bnjax_fraction else i_times).append(f())
+    bnjax_frac, idio_frac = float(np.median(b_times)), float(np.median(i_times))
+    round_speedup = float(np.median(np.asarray(i_times) * seeds / np.asarray(b_times)))
+    bnjax_compile = max(bnjax_first - bnjax_frac * eval_every / steps, 0.0)
     scale = total_steps / steps
     bnjax_total = bnjax_frac * scale + bnjax_compile
     idio_total = idio_frac * seeds * scale + idio_compile
@@ -301,11 +329,15 @@ def figure1_job(train, test, *, steps: int, seeds: int, total_steps: int, eval_e
         "bnjax_total_s": bnjax_total,
         "idiomatic_total_s": idio_total,
         "speedup": idio_total / bnjax_total,
+        "rounds": rounds,
+        "round_speedup_median": round_speedup,
+        "round_speedups": [float(i * seeds / b) for i, b in zip(i_times, b_times, strict=True)],
     }
     print(
         f"figure1 job ({2} nets x {seeds} seeds x {total_steps} steps, extrapolated from "
         f"{steps}): bnjax {bnjax_total:.0f} s, idiomatic {idio_total:.0f} s, "
-        f"speedup {res['speedup']:.2f}x",
+        f"speedup {res['speedup']:.2f}x (median of {rounds} interleaved rounds; per round: "
+        f"{', '.join(f'{v:.2f}x' for v in res['round_speedups'])})",
         flush=True,
     )
     return res
@@ -350,7 +382,8 @@ def render(tp, fig, *, args, elapsed: float, load) -> str:
             f"{BATCH}, test-set evaluation (accuracy and the sigmoid-input percentiles) every "
             f"{args.eval_every} steps. **Extrapolated** from {fig['measured_steps']:,} measured "
             f"steps per net ({args.seeds} seeds together for bnjax, one seed for the idiomatic "
-            "loop, times the number of seeds), plus the compile time once.",
+            "loop, times the number of seeds), plus the compile time once; the two ways are "
+            f"timed in {fig['rounds']} interleaved rounds (medians).",
             "",
             "| way | measured fraction s | compile s | full job s (extrapolated) |",
             "|---|---|---|---|",
@@ -361,7 +394,9 @@ def render(tp, fig, *, args, elapsed: float, load) -> str:
             f"{fig['idiomatic_fraction_s']:.1f} | {fig['idiomatic_compile_s']:.1f} | "
             f"{fig['idiomatic_total_s']:.0f} |",
             "",
-            f"Speed-up of the full job: **{fig['speedup']:.2f}×**.",
+            f"Speed-up of the full job: **{fig['speedup']:.2f}×** (ratio of the extrapolated "
+            f"totals); median of the per-round ratios {fig['round_speedup_median']:.2f}× "
+            f"(rounds: {', '.join(f'{v:.2f}×' for v in fig['round_speedups'])}).",
             "",
         ]
     return "\n".join(out)
@@ -374,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (5)")
     p.add_argument("--fig1-steps", type=int, default=None, help="measured steps per net (1000)")
     p.add_argument("--fig1-total", type=int, default=50_000, help="steps of the full job")
+    p.add_argument("--fig1-rounds", type=int, default=None, help="interleaved rounds (3)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--no-figure1", action="store_true", help="skip the Figure 1 job")
@@ -384,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.steps = args.steps or (20 if args.smoke else 500)
     args.conv_steps = args.conv_steps or (5 if args.smoke else 50)
     args.rounds = args.rounds or (2 if args.smoke else 3)
+    args.fig1_rounds = args.fig1_rounds or (1 if args.smoke else 3)
     if args.smoke:
         args.eval_every = min(args.eval_every, 20)
     args.fig1_steps = args.fig1_steps or (2 * args.eval_every if args.smoke else 1000)
@@ -421,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds=args.seeds,
             total_steps=args.fig1_total,
             eval_every=args.eval_every,
+            rounds=args.fig1_rounds,
         )
     text = render(
         tp, fig, args=args, elapsed=time.perf_counter() - t0, load=(load0, ops._loadavg())

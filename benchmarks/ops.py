@@ -685,7 +685,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=None, help=f"comma-separated (default {DEFAULT_SHAPES})")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15)")
-    p.add_argument("--impls", default=",".join(BUILDERS), help="comma-separated subset")
+    p.add_argument(
+        "--impls",
+        default=",".join(n for n in BUILDERS if n != "bnjax two_pass"),  # = bnjax on CPU
+        help=f"comma-separated subset (known: {', '.join(BUILDERS)})",
+    )
     p.add_argument("--target-ms", type=float, default=None, help="time per sample (default 25)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="default wall")
     p.add_argument("--smoke", action="store_true", help="smallest shape, 2 rounds, tiny samples")

@@ -190,6 +190,20 @@ def test_loop_is_the_step_repeated_on_the_sampled_batches(setup):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_steps_per_call_gives_the_same_states_and_mean_metrics(setup):
+    """Unrolled calls of 8 steps (the last one 4) == one rolled scan of 20 steps."""
+    x, y, states = setup["x"], setup["y"], setup["states"]
+    rolled, m = setup["loop"](states, x, y, num_steps=20)
+    loop8 = T.make_train_loop(setup["model"], setup["tx"], batch_size=20, steps_per_call=8)
+    chunked, m8 = loop8(states, x, y, num_steps=20)
+    for a, b in zip(jax.tree.leaves(rolled), jax.tree.leaves(chunked), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for k in ("loss", "accuracy"):
+        np.testing.assert_allclose(m8[k], m[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="steps_per_call"):
+        T.make_train_loop(setup["model"], setup["tx"], batch_size=20, steps_per_call=0)
+
+
 def test_training_reduces_loss(setup):
     x, y, states = setup["x"], setup["y"], setup["states"]
     before = setup["evaluate"](states, x, y)

@@ -226,3 +226,36 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore=()) ->
     keys = set(old) | set(new)
     norm = lambda v: json.loads(json.dumps(v, default=str))
     return sorted(k for k in keys if k not in ignore and norm(old.get(k)) != norm(new.get(k)))
+
+
+def prepare_workdir(
+    workdir: str | Path, config_dict: Mapping[str, Any], *, resume: bool, resumable: Sequence[str]
+) -> Path:
+    """Creates ``workdir`` and writes ``config.json``; guards ``--resume`` and old checkpoints.
+
+    Raises:
+      ValueError: ``resume`` with a ``config.json`` that differs in a field not in
+        ``resumable``.
+      FileExistsError: no ``resume`` but ``workdir/checkpoints`` holds checkpoints
+        (training would end by failing to overwrite them).
+    """
+    from bnjax import training
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / "config.json"
+    if resume and cfg_path.exists():
+        changed = config_changes(json.loads(cfg_path.read_text()), config_dict, resumable)
+        if changed:
+            raise ValueError(
+                f"--resume: the config differs from the one in {cfg_path} in {changed}; "
+                "use a fresh --workdir or the same config"
+            )
+    ckpt = workdir / "checkpoints"
+    if not resume and training.latest_checkpoint_step(ckpt) is not None:
+        raise FileExistsError(
+            f"{ckpt} already holds checkpoints: pass --resume to continue that run, or use "
+            "another --workdir (or delete the folder)"
+        )
+    write_json(cfg_path, config_dict)
+    return workdir

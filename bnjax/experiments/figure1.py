@@ -553,24 +553,9 @@ def run(
       not written to JSON).
     """
     t0 = time.perf_counter()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     cfg_dict = config.to_dict()
-    cfg_path = workdir / "config.json"
-    if resume and cfg_path.exists():
-        changed = _common.config_changes(json.loads(cfg_path.read_text()), cfg_dict, _RESUMABLE)
-        if changed:
-            raise ValueError(
-                f"--resume: the config differs from the one in {cfg_path} in {changed}; "
-                "use a fresh --workdir or the same config"
-            )
+    workdir = _common.prepare_workdir(workdir, cfg_dict, resume=resume, resumable=_RESUMABLE)
     ckpt = workdir / "checkpoints"
-    if not resume and training.latest_checkpoint_step(ckpt) is not None:
-        raise FileExistsError(
-            f"{ckpt} already holds checkpoints: pass --resume to continue that run, or use "
-            "another --workdir (or delete the folder)"
-        )
-    _common.write_json(cfg_path, cfg_dict)
 
     train, test = _common.load_data(config.dataset, data_dir, download=download)
     models, tx = build(config)

@@ -47,7 +47,6 @@ Programmatic use: ``results = run(get_config(), "runs/lr_tolerance")``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -131,6 +130,8 @@ CONFIG_HELP = {
     "seed": "first seed; a seed fixes the initial weights and the data order of every variant",
     "eval_every": "evaluate on the test set every this many steps",
     "eval_batch_size": "evaluate in chunks of this size (must divide 10,000; 0: all at once)",
+    "steps_per_call": "training steps per compiled call, fully unrolled (0: one rolled "
+    "lax.scan per chunk; XLA:CPU runs convolutions inside a loop several times slower)",
     "checkpoint_every": "save an orbax checkpoint every this many steps (0: only at the end)",
     "variants": f"comma-separated variants to train, of {', '.join(VARIANTS)}",
     "reference": "the variant whose max accuracy is the 'steps to reach' target",
@@ -167,7 +168,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_seeds = 2
     c.seed = 0
     c.eval_every = 100
-    c.eval_batch_size = 1000
+    c.eval_batch_size = 0
+    c.steps_per_call = 10
     c.checkpoint_every = 0
     c.variants = ",".join(VARIANTS)
     c.reference = "no_bn"
@@ -529,18 +531,8 @@ def run(
       ``seconds``, ...) plus ``states`` (the final train states, by variant).
     """
     t0 = time.perf_counter()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     cfg_dict = config.to_dict()
-    cfg_path = workdir / "config.json"
-    if resume and cfg_path.exists():
-        changed = _common.config_changes(json.loads(cfg_path.read_text()), cfg_dict, _RESUMABLE)
-        if changed:
-            raise ValueError(
-                f"--resume: the config differs from the one in {cfg_path} in {changed}; "
-                "use a fresh --workdir or the same config"
-            )
-    _common.write_json(cfg_path, cfg_dict)
+    workdir = _common.prepare_workdir(workdir, cfg_dict, resume=resume, resumable=_RESUMABLE)
 
     train, test = _common.load_data(config.dataset, data_dir, download=download, flatten=False)
     seeds = [config.seed + k for k in range(config.num_seeds)]
@@ -549,7 +541,10 @@ def run(
     for name, (model, tx) in build(config).items():
         runs[name] = training.Run(
             state=training.init_states(model, tx, seeds, train[0][:1]),
-            train_loop=training.make_train_loop(model, tx, batch_size=config.batch_size),
+            train_loop=training.make_train_loop(
+                model, tx, batch_size=config.batch_size,
+                steps_per_call=config.steps_per_call or None,
+            ),
             evaluate=training.make_eval_step(model, batch_size=eval_bs),
         )
     result = training.fit(
