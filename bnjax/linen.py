@@ -9,8 +9,9 @@ pytrees and back.
 Differences from flax (all improvements, none changes a checkpoint):
 
 * the variance is always exact (``use_fast_variance`` is accepted for
-  compatibility and ignored: bnjax's one-pass shifted variance is as fast and
-  does not collapse when ``|mean| >> std``);
+  compatibility and ignored: bnjax's two-pass (CPU) or shifted one-pass (GPU/TPU)
+  variance does not collapse when ``|mean| >> std``; see docs/benchmarks.md for
+  what it costs against flax's inexact default);
 * the gradient is the paper's fused backward pass (``grad=`` to change);
 * ``__call__(x, train=...)`` is an explicit switch besides ``use_running_average``;
 * ``population="average"`` keeps the paper's exact population average (adds

@@ -77,20 +77,26 @@ def test_short_run_learns_and_writes_outputs(tmp_path, data_dir):
     assert f"{s['bn']['final_accuracy_mean']:.4f}" in md
 
 
-def test_resume_refuses_a_changed_config_or_an_existing_run(tmp_path):
+@pytest.mark.parametrize("experiment", ["figure1", "lr_tolerance"])
+def test_resume_refuses_a_changed_config_or_an_existing_run(experiment, tmp_path):
+    """Both experiments share ``_common.prepare_workdir``: the guards act before any
+    training (not after it, when orbax refuses to overwrite the old checkpoint)."""
+    import importlib
+
     import jax.numpy as jnp
 
     from bnjax import training
 
-    cfg = figure1.quick_config()
+    mod = importlib.import_module(f"bnjax.experiments.{experiment}")
+    cfg = mod.quick_config()
     _common.write_json(tmp_path / "config.json", cfg.to_dict())
-    changed = figure1.quick_config()
+    changed = mod.quick_config()
     changed.learning_rate = 0.1
     with pytest.raises(ValueError, match="learning_rate"):
-        figure1.run(changed, tmp_path, resume=True, progress=False)
+        mod.run(changed, tmp_path, resume=True, progress=False)
     training.save_checkpoint(tmp_path / "checkpoints", 1, {"a": jnp.zeros(2)})
     with pytest.raises(FileExistsError, match="--resume"):
-        figure1.run(cfg, tmp_path, resume=False, progress=False)
+        mod.run(cfg, tmp_path, resume=False, progress=False)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -156,21 +156,3 @@ def test_convnet_stride_downsampling_shapes():
     with pytest.raises(ValueError, match="downsample"):
         jax.eval_shape(lambda x: ConvNet(downsample="avg").init(key, x, train=False), x)
 
-
-def test_resume_refuses_a_changed_config_or_an_existing_run(tmp_path):
-    """The same workdir guards as Figure 1 (they share ``_common.prepare_workdir``): before
-    any training, not after it when orbax refuses to overwrite the old checkpoint."""
-    import jax.numpy as jnp
-
-    from bnjax import training
-    from bnjax.experiments import _common
-
-    cfg = lt.quick_config()
-    _common.write_json(tmp_path / "config.json", cfg.to_dict())
-    changed = lt.quick_config()
-    changed.learning_rate = 0.1
-    with pytest.raises(ValueError, match="learning_rate"):
-        lt.run(changed, tmp_path, resume=True, progress=False)
-    training.save_checkpoint(tmp_path / "checkpoints", 1, {"a": jnp.zeros(2)})
-    with pytest.raises(FileExistsError, match="--resume"):
-        lt.run(cfg, tmp_path, resume=False, progress=False)
