@@ -80,7 +80,8 @@ class BatchNormConfig:
     Attributes:
       axis: feature axis or axes (one gamma/beta per feature); statistics are
         taken over all other axes. ``-1`` for NHWC / (batch, features), ``1`` for NCHW.
-      epsilon: added to the variance for numerical stability.
+      epsilon: added to the variance for numerical stability (>= 0; with 0 a
+        constant feature is mapped to ``beta`` rather than to ``0/0``).
       momentum: EMA momentum, flax convention ``new = momentum * old + (1 - momentum) * batch``.
       use_scale: learn ``gamma`` (else gamma = 1).
       use_bias: learn ``beta`` (else beta = 0).
@@ -242,7 +243,7 @@ def _forward(spec: _Spec, x, mask, scale, bias):
     m = _stats.moments(xf, spec.stat_axes, mask=mask, method=spec.method)
     m = _stats.all_reduce(m, spec.axis_name, spec.axis_index_groups)
     mean = m.mean
-    inv = lax.rsqrt(m.var() + jnp.asarray(spec.epsilon, dt))
+    inv = _stats.safe_rsqrt(m.var() + jnp.asarray(spec.epsilon, dt))
     a = inv if scale is None else inv * scale.astype(dt)
     b = None if bias is None else bias.astype(dt)
     y = _centred_affine(xf, a, b, mean, _centre(spec, xf, mask, 0))
@@ -422,8 +423,8 @@ def _prepare(params: BNParams, x: Array, config: BatchNormConfig, state: BatchSt
     _check_features(x.shape, faxes, params.scale, "params.scale")
     _check_features(x.shape, faxes, params.bias, "params.bias")
     if state is not None:
-        _check_features(x.shape, faxes, state.mean, "state.mean")
-        _check_features(x.shape, faxes, state.var, "state.var")
+        for name in state._fields:
+            _check_features(x.shape, faxes, getattr(state, name), f"state.{name}")
     if config.use_scale != (params.scale is not None) or config.use_bias != (
         params.bias is not None
     ):
@@ -560,11 +561,12 @@ def inference_affine(
 ) -> tuple[Array, Array]:
     """Algorithm 2's per-feature affine map ``y = a * x + b``.
 
-    ``a = gamma / sqrt(var + eps)``, ``b = beta - mean * a``, computed in the
-    statistics dtype (at least float32) whatever the parameter dtype.
+    ``a = gamma / sqrt(var + eps)``, ``b = beta - mean * a``, computed in at
+    least float32 whatever the parameter and state dtypes (``a = 0`` where
+    ``var + eps = 0``: a constant feature with ``epsilon = 0`` maps to ``beta``).
     """
-    dt = state.var.dtype
-    a = lax.rsqrt(state.var + jnp.asarray(epsilon, dt))
+    dt = _stats.stats_dtype(state.var.dtype)
+    a = _stats.safe_rsqrt(state.var.astype(dt) + jnp.asarray(epsilon, dt))
     if params.scale is not None:
         a = a * params.scale.astype(dt)
     b = -state.mean.astype(dt) * a

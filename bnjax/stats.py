@@ -54,6 +54,7 @@ __all__ = [
     "match_varying",
     "data_point",
     "resolve_method",
+    "safe_rsqrt",
     "METHODS",
 ]
 
@@ -81,6 +82,17 @@ class Moments(NamedTuple):
         """Variance ``m2 / (count - ddof)``; 0 where ``count <= ddof``."""
         denom = self.count - ddof
         return jnp.where(denom > 0, self.m2 / jnp.where(denom > 0, denom, 1), 0)
+
+
+def safe_rsqrt(v: Array) -> Array:
+    """``1 / sqrt(v)`` where ``v > 0``, else 0 (with finite gradients).
+
+    With ``epsilon = 0`` a constant feature has ``var + epsilon = 0``; its centred
+    values are exactly 0, so a zero inverse scale gives the limit ``y = beta``
+    (and zero gradient through the scale) instead of ``0 * inf = NaN``.
+    """
+    pos = v > 0
+    return jnp.where(pos, lax.rsqrt(jnp.where(pos, v, 1)), 0)
 
 
 def stats_dtype(dtype) -> jnp.dtype:
@@ -133,6 +145,9 @@ def moments(
       method: ``"auto"`` (default: ``"two_pass"`` on CPU, else ``"shifted"``),
         ``"two_pass"`` or ``"shifted"`` (see the module docstring).
 
+    An input with no element to reduce gives ``count = mean = m2 = 0``, like a
+    fully masked one.
+
     Returns:
       :class:`Moments` whose fields have ``x``'s shape with size 1 on the reduced
       axes, in :func:`stats_dtype` of ``x.dtype``.
@@ -148,11 +163,11 @@ def moments(
     dt = stats_dtype(x.dtype)
     xf = x.astype(dt)
     if mask is None:
-        count = jnp.full(
-            [1 if i in axes else s for i, s in enumerate(x.shape)],
-            _size(x.shape, axes),
-            dt,
-        )
+        kshape = [1 if i in axes else s for i, s in enumerate(x.shape)]
+        if _size(x.shape, axes) == 0:  # nothing to reduce: n = 0, mean = M2 = 0 (no 0/0)
+            zero = jnp.zeros(kshape, dt)
+            return Moments(zero, zero, zero)
+        count = jnp.full(kshape, _size(x.shape, axes), dt)
         if method == "shifted":
             a, b = _shifts(xf, axes)
             s1 = _reduce_sum(xf - a, axes)

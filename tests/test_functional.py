@@ -712,6 +712,62 @@ def test_large_offset_output_and_gradient_float32(method, rng):
     np.testing.assert_allclose(f64(db), rdb, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("grad", ["vjp", "jvp", "autodiff"])
+def test_epsilon_zero_constant_feature_gives_beta_not_nan(grad, rng):
+    """var + eps = 0 (a constant feature, epsilon = 0): output beta, finite gradients, in
+    training and in eval, instead of 0 * inf = NaN."""
+    x = np.asarray(rng.standard_normal((16, 3)), np.float32)
+    x[:, 1] = 5.0
+    cfg = BatchNormConfig(epsilon=0.0, grad=grad)
+    params = BNParams(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([0.1, -0.2, 0.3]))
+    state = F.init_state(3)
+
+    def loss(p, x):
+        y, new = F.apply_train(p, state, x, cfg)
+        return jnp.sum(jnp.sin(y)), (y, new)
+
+    (_, (y, new)), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        params, jnp.asarray(x)
+    )
+    np.testing.assert_array_equal(np.asarray(y[:, 1]), np.float32(-0.2))
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves((y, new, g)))
+    np.testing.assert_array_equal(np.asarray(g[1][:, 1]), 0.0)
+    frozen = new._replace(var=new.var.at[1].set(0.0))
+    ye = F.apply_eval(params, frozen, jnp.asarray(x), cfg)
+    np.testing.assert_array_equal(np.asarray(ye[:, 1]), np.float32(-0.2))
+
+
+def test_empty_input_moments_are_zero_not_nan():
+    from bnjax import stats
+
+    for method in ("shifted", "two_pass"):
+        m = stats.moments(jnp.ones((0, 4)), (0,), method=method)
+        for f in m:
+            np.testing.assert_array_equal(np.asarray(f), np.zeros((1, 4)))
+    m = F.batch_moments(jnp.ones((0, 5, 5, 4)))
+    assert m.mean.shape == (4,) and not np.any(np.asarray(m.count))
+    with pytest.raises(ValueError, match="no elements"):
+        F.apply_train(*F.init(4), jnp.ones((0, 4)))
+
+
+def test_state_count_and_batches_shapes_are_checked():
+    params, state = F.init(4)
+    x = jnp.ones((8, 4))
+    for name in ("count", "batches"):
+        bad = state._replace(**{name: jnp.zeros(3)})
+        with pytest.raises(ValueError, match=f"state.{name} has shape"):
+            F.apply_train(params, bad, x)
+        with pytest.raises(ValueError, match=f"state.{name} has shape"):
+            F.apply_eval(params, bad, x)
+
+
+def test_inference_affine_is_at_least_float32():
+    params, state = F.init(4)
+    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state)
+    a, b = F.inference_affine(params, low)
+    assert a.dtype == b.dtype == jnp.float32
+
+
 def test_auto_method_resolves_by_backend():
     from bnjax import stats
 
