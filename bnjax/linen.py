@@ -45,6 +45,12 @@ import jax.numpy as jnp
 from flax.linen import initializers
 
 from bnjax import functional as F
+from bnjax._module_common import (
+    batch_stats,
+    config_of,
+    resolve_use_running_average,
+    stat_names,
+)
 
 __all__ = ["BatchNorm"]
 
@@ -96,18 +102,10 @@ class BatchNorm(nn.Module):
 
     def config(self, *, initializing: bool = False) -> F.BatchNormConfig:
         """The functional :class:`~bnjax.BatchNormConfig` this module runs."""
-        axis = tuple(self.axis) if not isinstance(self.axis, int) else self.axis
-        return F.BatchNormConfig(
-            axis=axis,
-            epsilon=self.epsilon,
-            momentum=self.momentum,
-            use_scale=self.use_scale,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+        return config_of(
+            self,
+            local=initializing,
             population=self.population,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=None if initializing else self.axis_index_groups,
             virtual_batch_size=self.virtual_batch_size,
             grad=self.grad,
         )
@@ -140,18 +138,13 @@ class BatchNorm(nn.Module):
             use_ra = nn.merge_param(
                 "use_running_average", self.use_running_average, use_running_average
             )
-        if train is not None:
-            if use_ra is not None and use_ra == bool(train):
-                raise ValueError(
-                    f"contradictory switches: train={train} and use_running_average={use_ra}; "
-                    "give one of them (train = not use_running_average)"
-                )
-            use_ra = not train
-        if use_ra is None:
-            raise ValueError(
-                "BatchNorm needs train=... (or use_running_average=...) as an attribute or "
-                "a call argument"
-            )
+        use_ra = resolve_use_running_average(
+            use_ra,
+            train,
+            missing="BatchNorm needs train=... (or use_running_average=...) as an attribute or "
+            "a call argument",
+            hint=" (train = not use_running_average)",
+        )
         x = jnp.asarray(x)
         F._check_input(x)
         initializing = self.is_initializing()
@@ -167,7 +160,7 @@ class BatchNorm(nn.Module):
             else None,
         )
         fresh = F.init_state(fshape, jnp.float32)
-        names = ("mean", "var") + (("count", "batches") if self.population == "average" else ())
+        names = stat_names(self.population)
         if use_ra and not initializing:
             # Inference reads mean and var only: variables from flax.linen.BatchNorm (no
             # count/batches) evaluate unchanged under population="average".
@@ -177,7 +170,7 @@ class BatchNorm(nn.Module):
         variables = {
             k: self.variable("batch_stats", k, lambda k=k: getattr(fresh, k)) for k in names
         }
-        state = fresh._replace(**{k: v.value for k, v in variables.items()})
+        state = batch_stats({k: v.value for k, v in variables.items()})
         if use_ra or (initializing and x.size == math.prod(fshape)):
             # Inference; or init on a one-example batch, whose batch statistics are
             # undefined (flax returns zeros there; init does not update them anyway).

@@ -46,6 +46,12 @@ from flax import nnx
 from flax.nnx.nn import initializers
 
 from bnjax import functional as F
+from bnjax._module_common import (
+    batch_stats,
+    config_of,
+    resolve_use_running_average,
+    stat_names,
+)
 
 __all__ = ["BatchNorm", "intercept"]
 
@@ -153,38 +159,23 @@ class BatchNorm(nnx.Module):
         self.config()  # validates the options early, with the functional core's messages
 
         fresh = F.init_state(fshape, jnp.float32)
-        self.mean = nnx.BatchStat(fresh.mean)
-        self.var = nnx.BatchStat(fresh.var)
-        if population == "average":
-            self.count = nnx.BatchStat(fresh.count)
-            self.batches = nnx.BatchStat(fresh.batches)
+        for name in stat_names(population):  # mean, var (, count, batches)
+            setattr(self, name, nnx.BatchStat(getattr(fresh, name)))
 
-        def key():
-            return rngs.params() if rngs is not None else jax.random.key(0)
+        def param(used: bool, init: Callable, metadata: Mapping[str, Any]) -> Any:
+            if not used:
+                return nnx.data(None)
+            key = rngs.params() if rngs is not None else jax.random.key(0)
+            return nnx.Param(init(key, fshape, param_dtype), **metadata)
 
-        if use_scale:
-            self.scale = nnx.Param(scale_init(key(), fshape, param_dtype), **scale_metadata)
-        else:
-            self.scale = nnx.data(None)
-        if use_bias:
-            self.bias = nnx.Param(bias_init(key(), fshape, param_dtype), **bias_metadata)
-        else:
-            self.bias = nnx.data(None)
+        self.scale = param(use_scale, scale_init, scale_metadata)
+        self.bias = param(use_bias, bias_init, bias_metadata)
 
     def config(self) -> F.BatchNormConfig:
         """The functional :class:`~bnjax.BatchNormConfig` this module runs."""
-        groups = self.axis_index_groups
-        return F.BatchNormConfig(
-            axis=self.axis,
-            epsilon=self.epsilon,
-            momentum=self.momentum,
-            use_scale=self.use_scale,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+        return config_of(
+            self,
             population=self.population,
-            axis_name=self.axis_name,
-            axis_index_groups=None if groups is None else tuple(map(tuple, groups)),
             virtual_batch_size=self.virtual_batch_size,
             grad=self.grad,
         )
@@ -201,19 +192,13 @@ class BatchNorm(nnx.Module):
 
         In ``"ema"`` mode ``count``/``batches`` are not stored and are returned as zeros.
         """
-        mean, var = self.mean[...], self.var[...]
-        if self.population == "average":
-            return F.BatchStats(mean, var, self.count[...], self.batches[...])
-        zeros = jnp.zeros_like(mean)
-        return F.BatchStats(mean, var, zeros, zeros)
+        return batch_stats({k: getattr(self, k)[...] for k in stat_names(self.population)})
 
     def set_bn_state(self, state: F.BatchStats) -> None:
         """Writes population statistics (``count``/``batches`` only if stored)."""
-        self.mean[...] = state.mean.astype(self.mean[...].dtype)
-        self.var[...] = state.var.astype(self.var[...].dtype)
-        if self.population == "average":
-            self.count[...] = state.count.astype(self.count[...].dtype)
-            self.batches[...] = state.batches.astype(self.batches[...].dtype)
+        for k in stat_names(self.population):
+            stored = getattr(self, k)
+            stored[...] = getattr(state, k).astype(stored[...].dtype)
 
     def __call__(
         self,
@@ -237,20 +222,13 @@ class BatchNorm(nnx.Module):
           The normalized ``x`` (same shape). In training mode the population
           statistics are updated in place (with ``stop_gradient``).
         """
-        if train is not None:
-            if use_running_average is not None and use_running_average == bool(train):
-                raise ValueError(
-                    f"contradictory switches: train={train} and "
-                    f"use_running_average={use_running_average}; give one of them"
-                )
-            use_running_average = not train
-        if use_running_average is None:
-            use_running_average = self.use_running_average
-        if use_running_average is None:
-            raise ValueError(
-                "BatchNorm needs use_running_average: pass it to the constructor or the call, "
-                "or use model.train() / model.eval() / nnx.view(model, use_running_average=...)"
-            )
+        use_running_average = resolve_use_running_average(
+            use_running_average,
+            train,
+            default=self.use_running_average,
+            missing="BatchNorm needs use_running_average: pass it to the constructor or the "
+            "call, or use model.train() / model.eval() / nnx.view(model, use_running_average=...)",
+        )
         x = jnp.asarray(x)
         hook = _INTERCEPTOR.get()
         if hook is not None:

@@ -83,6 +83,7 @@ from bnjax import functional as F
 from bnjax import nnx as bnnnx
 from bnjax import population as _pop
 from bnjax import stats as _stats
+from bnjax._module_common import config_of
 from bnjax.linen import BatchNorm as LinenBatchNorm
 from bnjax.stats import Moments
 
@@ -108,15 +109,7 @@ def _linen_config(mod: nn.Module) -> F.BatchNormConfig | None:
     if isinstance(mod, LinenBatchNorm):
         return _local(mod.config())
     if isinstance(mod, nn.BatchNorm):
-        axis = mod.axis if isinstance(mod.axis, int) else tuple(mod.axis)
-        return F.BatchNormConfig(
-            axis=axis,
-            epsilon=mod.epsilon,
-            use_scale=mod.use_scale,
-            use_bias=mod.use_bias,
-            dtype=mod.dtype,
-            param_dtype=mod.param_dtype,
-        )
+        return config_of(mod, local=True)
     return None
 
 

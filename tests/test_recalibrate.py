@@ -144,6 +144,16 @@ def _stats_of(variables, layers):
     return out
 
 
+def _assert_matches_reference(new, v, batches, mode, variance, *, conv, layers):
+    """``new`` (``v`` recalibrated on ``batches``) matches the float64 reference per layer."""
+    ref = _np_recalibrate(v["params"], _stats_of(v, layers), batches, mode, conv, layers,
+                          variance)
+    got = _stats_of(new, layers)
+    for layer in layers:
+        np.testing.assert_allclose(got[layer][0], ref[layer][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[layer][1], ref[layer][1], rtol=2e-5, atol=1e-7)
+
+
 def _trained_like(model, args, rng):
     """Variables with random (non-init) weights and stale statistics."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))  # no RNG compiles
@@ -172,12 +182,7 @@ def mlp_setup():
 def test_mlp_matches_float64_reference(mlp_setup, mode, variance):
     model, v, batches = mlp_setup
     new = recalibrate(model, v, batches, mode=mode, variance=variance, train=False)
-    ref = _np_recalibrate(v["params"], _stats_of(v, MLP_LAYERS), batches, mode, False,
-                          MLP_LAYERS, variance)
-    got = _stats_of(new, MLP_LAYERS)
-    for layer in MLP_LAYERS:
-        np.testing.assert_allclose(got[layer][0], ref[layer][0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got[layer][1], ref[layer][1], rtol=2e-5, atol=1e-7)
+    _assert_matches_reference(new, v, batches, mode, variance, conv=False, layers=MLP_LAYERS)
     # params untouched (the very same arrays)
     assert all(a is b for a, b in zip(jax.tree.leaves(new["params"]),
                                       jax.tree.leaves(v["params"]), strict=True))
@@ -190,12 +195,7 @@ def test_convnet_matches_float64_reference(rng):
     v = _trained_like(model, (x[:2],), rng)
     batches = [x[:8], x[8:]]  # unequal sizes
     new = recalibrate(model, v, batches, mode=mode, variance=variance)
-    ref = _np_recalibrate(v["params"], _stats_of(v, CONV_LAYERS), batches, mode, True,
-                          CONV_LAYERS, variance)
-    got = _stats_of(new, CONV_LAYERS)
-    for layer in CONV_LAYERS:
-        np.testing.assert_allclose(got[layer][0], ref[layer][0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got[layer][1], ref[layer][1], rtol=2e-5, atol=1e-7)
+    _assert_matches_reference(new, v, batches, mode, variance, conv=True, layers=CONV_LAYERS)
 
 
 def test_order_and_split(mlp_setup):

@@ -1,0 +1,105 @@
+"""What :mod:`bnjax.linen` and :mod:`bnjax.nnx` share: the train/eval switch and
+the mapping between a module's attributes and variables and the functional
+:class:`~bnjax.BatchNormConfig` / :class:`~bnjax.BatchStats`.
+
+Private: the two modules (and :mod:`bnjax.recalibrate`) are its only users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bnjax import functional as F
+
+Array = jax.Array
+
+
+def resolve_use_running_average(
+    use_running_average: Any,
+    train: bool | None,
+    *,
+    default: Any = None,
+    missing: str,
+    hint: str = "",
+) -> Any:
+    """The ``use_running_average`` that one call of a batch-norm module runs with.
+
+    Args:
+      use_running_average: the value given for this call, or ``None``.
+      train: bnjax's explicit switch, ``train = not use_running_average``, or
+        ``None``; it overrides ``default``, and contradicting
+        ``use_running_average`` is an error.
+      default: used when neither switch is given (the module's attribute).
+      missing: the error message when no switch is given at all.
+      hint: appended to the message of the contradiction error.
+
+    Returns:
+      ``not train`` if ``train`` is given, else ``use_running_average`` if given,
+      else ``default``.
+
+    Raises:
+      ValueError: ``train`` and ``use_running_average`` contradict each other,
+        or the result is ``None`` (message ``missing``).
+    """
+    if train is not None:
+        if use_running_average is not None and use_running_average == bool(train):
+            raise ValueError(
+                f"contradictory switches: train={train} and "
+                f"use_running_average={use_running_average}; give one of them{hint}"
+            )
+        use_running_average = not train
+    if use_running_average is None:
+        use_running_average = default
+    if use_running_average is None:
+        raise ValueError(missing)
+    return use_running_average
+
+
+def config_of(module: Any, *, local: bool = False, **options: Any) -> F.BatchNormConfig:
+    """The functional config of a flax-style batch-norm module.
+
+    Reads the attributes that ``flax.linen.BatchNorm``, ``flax.nnx.BatchNorm`` and
+    bnjax's modules share (``axis``, ``epsilon``, ``momentum``, ``use_scale``,
+    ``use_bias``, ``dtype``, ``param_dtype``, ``axis_name``, ``axis_index_groups``);
+    ``options`` are further :class:`~bnjax.BatchNormConfig` fields (bnjax's
+    ``population``, ``virtual_batch_size``, ``grad``). ``local=True`` leaves out
+    ``axis_name`` and ``axis_index_groups`` (statistics of this device only).
+    """
+    axis = module.axis if isinstance(module.axis, int) else tuple(module.axis)
+    return F.BatchNormConfig(
+        axis=axis,
+        epsilon=module.epsilon,
+        momentum=module.momentum,
+        use_scale=module.use_scale,
+        use_bias=module.use_bias,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        axis_name=None if local else module.axis_name,
+        axis_index_groups=None if local else module.axis_index_groups,
+        **options,
+    )
+
+
+def stat_names(population: str) -> tuple[str, ...]:
+    """The statistics a module stores: ``mean``, ``var``, and with
+    ``population="average"`` also ``count`` and ``batches``."""
+    return ("mean", "var") + (("count", "batches") if population == "average" else ())
+
+
+def batch_stats(stored: Mapping[str, Array]) -> F.BatchStats:
+    """The stored statistics ``{name: array}`` as a :class:`~bnjax.BatchStats`.
+
+    ``mean`` and ``var`` must be present; ``count`` and ``batches`` that are not
+    stored (``population="ema"``, or flax variables) are zeros like ``mean``.
+    """
+    zeros = jnp.zeros_like(stored["mean"])
+    return F.BatchStats(
+        stored["mean"],
+        stored["var"],
+        stored.get("count", zeros),
+        stored.get("batches", zeros),
+    )
