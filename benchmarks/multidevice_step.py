@@ -43,27 +43,23 @@ def main(argv: list[str] | None = None) -> None:
         + f" --xla_force_host_platform_device_count={args.devices}"
     )
 
+    import functools
     import time
 
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:  # also when imported by path rather than run as a script
+        sys.path.insert(0, here)
+    import _mesh  # benchmarks/_mesh.py: the shared MLP and mesh helper
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    import bnjax.linen as bl
     from bnjax import parallel
 
-    class MLP(nn.Module):
-        axis_name: str | None = "data"
-
-        @nn.compact
-        def __call__(self, x, train: bool):
-            for _ in range(3):
-                x = nn.Dense(100, use_bias=False, kernel_init=nn.initializers.normal(1.0))(x)
-                x = bl.BatchNorm(axis_name=self.axis_name)(x, train=train)
-                x = nn.sigmoid(x)
-            return nn.Dense(10, kernel_init=nn.initializers.normal(1.0))(x)
+    # 784-100-100-100-10: three hidden layers, BN momentum 0.99, N(0, 1) head weights.
+    MLP = functools.partial(_mesh.MLP, layers=3, head_init=nn.initializers.normal(1.0))
 
     rng = np.random.default_rng(0)
     n_batches = 8
@@ -76,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         "jit": jax.jit(parallel.make_train_step(MLP(None), tx, axis_name=None)),
         "mesh1": parallel.data_parallel(
             parallel.make_train_step(MLP(), tx),
-            jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]),
+            _mesh.mesh1d(1, "data"),
         ),
         f"mesh{args.devices}": parallel.data_parallel(
             parallel.make_train_step(MLP(), tx), jax.make_mesh((args.devices,), ("data",))

@@ -9,7 +9,7 @@ step on the full batch, whatever the number of devices::
 
     model = MLP()                                   # uses bnjax.linen.BatchNorm(axis_name="data")
     tx = optax.sgd(0.5)
-    state = create_train_state(model, tx, jax.random.key(0), x[:2])
+    state = create_train_state(model, tx, jax.random.key(0), x[:2])   # a training.TrainState
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     step = data_parallel(make_train_step(model, tx), mesh)
     state, metrics = step(state, x, y)               # x: (B, ...), B divisible by the mesh
@@ -21,12 +21,15 @@ is therefore the full-batch gradient (JAX sums the per-device contributions of
 a replicated value), identical on every device. On several hosts, call
 ``jax.distributed.initialize()`` first and build the mesh over
 ``jax.devices()``; see ``docs/multidevice.md``.
+
+The state is :class:`bnjax.training.TrainState` (re-exported here as
+``TrainState``); the step here leaves its ``rng`` field untouched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,7 +39,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bnjax.training import cross_entropy_loss
+from bnjax.training import TrainState, cross_entropy_loss
 
 __all__ = [
     "TrainState",
@@ -52,31 +55,20 @@ PyTree = Any
 StepFn = Callable[..., tuple[Any, dict[str, Array]]]
 
 
-class TrainState(NamedTuple):
-    """Everything a step updates (a replicated pytree).
-
-    Attributes:
-      step: int32 scalar, the number of steps taken.
-      params: the model's ``params`` collection.
-      batch_stats: the model's ``batch_stats`` collection (population statistics).
-      opt_state: the optax optimizer state.
-    """
-
-    step: Array
-    params: PyTree
-    batch_stats: PyTree
-    opt_state: PyTree
-
-
 def create_train_state(
     model: nn.Module, tx: optax.GradientTransformation, key: Array, sample_x: Array
 ) -> TrainState:
-    """Initializes a :class:`TrainState` (outside any mesh; ``axis_name`` is unused at init).
+    """A fresh :class:`bnjax.training.TrainState`, built outside any mesh.
+
+    ``axis_name`` is unused at init. Unlike :func:`bnjax.training.init_state`,
+    the parameters are drawn from ``key`` itself (not ``fold_in(key, 1)``). The
+    state's ``rng`` is ``key`` as a raw ``uint32`` key array (the raw data of a
+    typed key); the step of :func:`make_train_step` does not use it.
 
     Args:
       model: a linen module called as ``model(x, train=...)``.
       tx: an optax optimizer.
-      key: PRNG key for the parameters.
+      key: PRNG key for the parameters (typed, ``jax.random.key``, or raw).
       sample_x: an example input batch ``(b, ...)`` fixing the shapes.
     """
     variables = model.init(key, sample_x, train=False)
@@ -86,7 +78,15 @@ def create_train_state(
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
+        rng=_raw_key(key),
     )
+
+
+def _raw_key(key: Array) -> Array:
+    """``key`` as a raw key array (``uint32[2]`` for the default PRNG)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return jnp.asarray(key)
 
 
 def make_train_step(
@@ -103,6 +103,9 @@ def make_train_step(
     with :func:`data_parallel`); with ``axis_name=None`` the step is an ordinary
     single-device step (the model's BatchNorm layers must then have
     ``axis_name=None`` too).
+
+    ``state`` is a :class:`bnjax.training.TrainState` (e.g. from
+    :func:`create_train_state`); its ``rng`` is passed through unchanged.
 
     Metrics: ``loss`` (mean over the global batch) and ``accuracy``.
     """
@@ -126,7 +129,9 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         accuracy = mean_over_devices(jnp.mean(jnp.argmax(logits, -1) == y))
-        new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
         return new_state, {"loss": loss, "accuracy": accuracy}
 
     return step

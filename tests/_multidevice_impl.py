@@ -26,7 +26,11 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# benchmarks/_mesh.py: the mesh helper and the data-parallel MLP, shared with
+# benchmarks/multidevice_step.py (benchmarks/ is not a package).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
+import _mesh  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -89,7 +93,7 @@ def breakdown(got, ref) -> dict:
 
 @functools.cache
 def mesh1d(n=NDEV, name=AX, axis_type=AxisType.Explicit):
-    return jax.make_mesh((n,), (name,), axis_types=(axis_type,), devices=jax.devices()[:n])
+    return _mesh.mesh1d(n, name, axis_type)
 
 
 def inputs(kind: str, masking: str, seed: int = 0):
@@ -573,16 +577,8 @@ def check_flax():
         record(f"flax/{masking}", one)
 
 
-class _MLP(nn.Module):
-    axis_name: str | None = "data"
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        for _ in range(2):
-            x = nn.Dense(100, use_bias=False, kernel_init=nn.initializers.normal(1.0))(x)
-            x = bl.BatchNorm(axis_name=self.axis_name, momentum=0.9)(x, train=train)
-            x = nn.sigmoid(x)
-        return nn.Dense(10)(x)
+# Two hidden layers, BN momentum 0.9, flax's default (LeCun normal) head weights.
+_MLP = functools.partial(_mesh.MLP, layers=2, momentum=0.9)
 
 
 def check_data_parallel():
@@ -596,7 +592,7 @@ def check_data_parallel():
         s = s0
         for i in range(x.shape[0]):
             s, metrics = step(s, x[i], y[i])
-        return {"state": s._replace(step=s.step.astype(jnp.float32)), "metrics": metrics}
+        return {"state": s.replace(step=s.step.astype(jnp.float32)), "metrics": metrics}
 
     def one():
         ref = train(jax.jit(parallel.make_train_step(_MLP(None), tx, axis_name=None)))
