@@ -39,7 +39,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bnjax.training import TrainState, cross_entropy_loss
+from bnjax.training import TrainState, cross_entropy_loss, state_from_variables
 
 __all__ = [
     "TrainState",
@@ -72,14 +72,7 @@ def create_train_state(
       sample_x: an example input batch ``(b, ...)`` fixing the shapes.
     """
     variables = model.init(key, sample_x, train=False)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        rng=_raw_key(key),
-    )
+    return state_from_variables(variables, tx, _raw_key(key))
 
 
 def _raw_key(key: Array) -> Array:

@@ -68,6 +68,7 @@ __all__ = [
     "cross_entropy_loss",
     "init_state",
     "init_states",
+    "state_from_variables",
     "make_train_step",
     "epoch_batch_indices",
     "epoch_permutation",
@@ -132,6 +133,13 @@ def init_state(
       sample_input: an input batch with the training shapes (e.g. ``x[:1]``).
     """
     variables = model.init(jax.random.fold_in(rng, 1), sample_input, train=False)
+    return state_from_variables(variables, tx, rng)
+
+
+def state_from_variables(
+    variables: Mapping[str, PyTree], tx: optax.GradientTransformation, rng: Array
+) -> TrainState:
+    """A :class:`TrainState` at step 0 from initialized flax ``variables`` (fresh optimizer)."""
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
