@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -196,3 +197,29 @@ def test_summarize_against_numpy():
         assert d["range_rel"] == pytest.approx(((v.max(0) - v.min(0)) / width).mean())
     assert "bn_in_drift" in s["bn"] and "bn_in_drift" not in s["no_bn"]
     assert s["bn_ahead_every_step"] and s["bn_ahead_fraction"] == 1.0
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def _forbid(*args, **kwargs):
+    raise AssertionError("plotting must not select a matplotlib backend")
+
+
+def test_plot_leaves_matplotlib_global_state_alone(tmp_path, monkeypatch):
+    """``plot`` draws on a pyplot-free ``Figure``: a notebook's backend and figures stay as
+    they are (no ``matplotlib.use``, no pyplot import), and the PNG is still written."""
+    import matplotlib
+
+    monkeypatch.setattr(matplotlib, "use", _forbid)
+    backend = matplotlib.rcParams._get("backend")  # _get: reading "backend" may resolve it
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 6) * 100
+    acc = np.linspace(0.8, 0.95, 5)[:, None] + rng.normal(0, 0.003, (5, 3))
+    pct = np.sort(rng.normal(0, 1, (5, 3, 4, 3)), axis=-1)  # (steps, seeds, units, q)
+    path = tmp_path / "figure1.png"
+    figure1.plot(_history(acc - 0.01, acc, pct, steps), figure1.get_config(), path)
+    assert matplotlib.image.imread(path).shape == (504, 2160, 4)  # figsize (18, 4.2) x 120 dpi
+    assert matplotlib.rcParams._get("backend") == backend
+    assert ("matplotlib.pyplot" in sys.modules) == had_pyplot

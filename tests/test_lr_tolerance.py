@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 
@@ -84,6 +85,32 @@ def test_summary_steps_to_reference_max_and_divergence():
     assert "chance level" in lt.results_markdown(s, c, None)
     rows = lt.summary_rows(s)
     assert [r["variant"] for r in rows] == ["no_bn", "no_bn_x5", "bn_x5"]
+
+
+def test_plot_leaves_matplotlib_global_state_alone(tmp_path, monkeypatch):
+    """``plot`` writes its PNG without selecting a backend or importing pyplot."""
+    import matplotlib
+    import matplotlib.image
+
+    def forbid(*args, **kwargs):
+        raise AssertionError("plotting must not select a matplotlib backend")
+
+    monkeypatch.setattr(matplotlib, "use", forbid)
+    backend = matplotlib.rcParams._get("backend")  # _get: reading "backend" may resolve it
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    c = lt.get_config()
+    with c.unlocked():
+        c.variants = "no_bn,bn_x5"
+    history = [
+        _record(name, step, (acc, acc + 0.02), (loss, loss))
+        for step, acc, loss in ((100, 0.7, 1.0), (200, 0.8, 0.6))
+        for name in ("no_bn", "bn_x5")
+    ]
+    path = tmp_path / "lr_tolerance.png"
+    lt.plot(history, lt.summarize(history, c), c, path)
+    assert matplotlib.image.imread(path).shape == (550, 1540, 4)  # figsize (14, 5) x 110 dpi
+    assert matplotlib.rcParams._get("backend") == backend
+    assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
 
 
 def test_help_lists_the_config_fields(capsys):

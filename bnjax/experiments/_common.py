@@ -1,9 +1,12 @@
-"""Helpers shared by the experiment programs: command line, data, optimizers, outputs.
+"""Helpers shared by the experiment programs: command line, data, training, outputs.
 
 An experiment module defines ``get_config()`` (an ``ml_collections.ConfigDict``
-with the defaults), ``CONFIG_HELP`` (one line per config field), ``run(config,
-workdir, ...)`` and ``main(argv)``; :func:`parse_command_line` gives every
-experiment the same command line, the Flax examples' convention::
+with the defaults), ``quick_config(config)``, ``CONFIG_HELP`` (one line per
+config field), ``run(config, workdir, *, data_dir, download, resume,
+progress)`` and ``main(argv)``, and its docstring ends with a paragraph
+starting "Programmatic use" (left out of ``--help``).
+:func:`parse_command_line` gives every experiment the same command line, the
+Flax examples' convention, and :func:`run_command_line` runs a module from it::
 
     python -m bnjax.experiments.figure1 --config configs/figure1.py \\
         --config.num_seeds=5 --workdir runs/fig1 --data-dir /data
@@ -18,9 +21,11 @@ import csv
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
@@ -28,16 +33,29 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from bnjax import training
+
 __all__ = [
     "CommandLine",
     "parse_command_line",
+    "run_command_line",
+    "updated",
     "make_optimizer",
     "load_data",
+    "prepare_workdir",
+    "train_side_by_side",
+    "write_metrics",
     "write_json",
     "write_csv",
+    "series",
     "mean_std",
     "first_step_reaching",
     "config_changes",
+    "new_figure",
+    "save_figure",
 ]
 
 
@@ -159,6 +177,61 @@ def parse_command_line(
     )
 
 
+def run_command_line(
+    argv: Sequence[str] | None,
+    experiment: ModuleType,
+    *,
+    prog: str,
+    default_workdir: str,
+    exit_on: tuple[type[BaseException], ...] = (),
+) -> tuple[CommandLine, dict[str, Any]]:
+    """An experiment's ``main``: parses the command line and calls ``experiment.run`` with it.
+
+    Args:
+      argv: as for :func:`parse_command_line`.
+      experiment: the experiment module (see the module docstring): its
+        docstring up to "Programmatic use" starts ``--help``, its file is the
+        default ``--config``, ``CONFIG_HELP`` describes the fields and
+        ``quick_config`` makes ``--quick``.
+      prog: the program name.
+      default_workdir: the output folder used without ``--workdir``.
+      exit_on: exceptions of ``run`` that end the program with the message
+        ``"<prog>: <error>"`` instead of a traceback.
+
+    Returns:
+      The parsed command line and what ``experiment.run`` returned.
+    """
+    cl = parse_command_line(
+        argv,
+        prog=prog,
+        doc=experiment.__doc__.split("Programmatic use")[0],
+        default_config=experiment.__file__,
+        config_help=experiment.CONFIG_HELP,
+        default_workdir=default_workdir,
+        quick=experiment.quick_config,
+    )
+    try:
+        out = experiment.run(
+            cl.config,
+            cl.workdir,
+            data_dir=cl.data_dir,
+            download=cl.download,
+            resume=cl.resume,
+            progress=cl.progress,
+        )
+    except exit_on as e:
+        raise SystemExit(f"{prog}: {e}") from None
+    return cl, out
+
+
+def updated(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+    """A copy of ``config`` (unlocked, ``config`` itself unchanged) with ``fields`` set."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    for key, value in fields.items():
+        setattr(c, key, value)
+    return c
+
+
 def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0):
     """``"sgd"`` (plain), ``"momentum"`` (heavy ball), ``"nesterov"`` or ``"adam"``."""
     if name == "sgd":
@@ -259,3 +332,125 @@ def prepare_workdir(
         )
     write_json(cfg_path, config_dict)
     return workdir
+
+
+def train_side_by_side(
+    nets: Mapping[str, tuple[Any, optax.GradientTransformation]],
+    config: ml_collections.ConfigDict,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    workdir: Path,
+    *,
+    probe: Callable[[Any], dict[str, Any]] | None = None,
+    resume: bool,
+    progress: bool,
+    desc: str,
+) -> tuple[dict[str, training.Run], training.FitResult]:
+    """Trains ``nets`` (name -> ``(model, optimizer)``) side by side (:func:`bnjax.training.fit`).
+
+    Every net gets the seeds ``config.seed, ..., config.seed + config.num_seeds - 1``
+    (:func:`bnjax.training.init_states`: the same initial weights and data
+    order for nets of the same shapes), mini-batches of ``config.batch_size``,
+    compiled calls of ``config.steps_per_call`` steps if the config has that
+    field and it is not 0 (else one ``lax.scan`` per chunk), and an evaluation
+    on ``test`` every ``config.eval_every`` steps in chunks of
+    ``config.eval_batch_size`` (0: all at once) with ``probe``. It trains to
+    ``config.num_steps``, checkpointing to ``workdir/checkpoints`` every
+    ``config.checkpoint_every`` steps (0: only at the end).
+
+    Returns:
+      The :class:`bnjax.training.Run` of every net (its ``evaluate`` can be
+      reused) and the :class:`bnjax.training.FitResult`.
+    """
+    from bnjax import training
+
+    seeds = [config.seed + k for k in range(config.num_seeds)]
+    eval_bs = config.eval_batch_size or None
+    runs = {}
+    for name, (model, tx) in nets.items():
+        runs[name] = training.Run(
+            state=training.init_states(model, tx, seeds, train[0][:1]),
+            train_loop=training.make_train_loop(
+                model,
+                tx,
+                batch_size=config.batch_size,
+                steps_per_call=config.get("steps_per_call") or None,
+            ),
+            evaluate=training.make_eval_step(model, probe=probe, batch_size=eval_bs),
+        )
+    result = training.fit(
+        runs,
+        train,
+        test,
+        num_steps=config.num_steps,
+        eval_every=config.eval_every,
+        checkpoint_dir=workdir / "checkpoints",
+        checkpoint_every=config.checkpoint_every or None,
+        resume=resume,
+        progress=progress,
+        desc=desc,
+    )
+    return runs, result
+
+
+def write_metrics(
+    workdir: Path,
+    config: ml_collections.ConfigDict,
+    summary: Mapping[str, Any],
+    result: training.FitResult,
+    t0: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Writes and returns ``workdir/metrics.json``.
+
+    Its fields: ``config``, ``summary``, ``extra`` (in the order given),
+    ``seconds`` (since ``t0``, a :func:`time.perf_counter` time taken at the
+    start of the run), ``train_seconds``, ``resumed_from``, ``device`` and
+    ``history`` (from ``result``).
+    """
+    import jax
+
+    metrics = {
+        "config": config.to_dict(),
+        "summary": summary,
+        **extra,
+        "seconds": time.perf_counter() - t0,
+        "train_seconds": result.seconds,
+        "resumed_from": result.resumed_from,
+        "device": str(jax.devices()[0]),
+        "history": result.history,
+    }
+    write_json(workdir / "metrics.json", metrics)
+    return metrics
+
+
+def series(
+    history: Sequence[Mapping[str, Any]], run: str, key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` of one run's ``key`` in a :func:`bnjax.training.fit` history.
+
+    ``values`` is float64 of shape ``(evaluations, seeds, ...)``.
+    """
+    recs = [r for r in history if r["run"] == run]
+    steps = np.array([r["step"] for r in recs], np.int64)
+    vals = np.array([r[key] for r in recs], np.float64)
+    return steps, vals
+
+
+def new_figure(ncols: int, figsize: tuple[float, float]) -> tuple[Figure, np.ndarray[Any, Any]]:
+    """A figure with ``ncols`` axes side by side, made without pyplot.
+
+    The figure is not registered with pyplot and no backend is selected, so
+    plotting does not change the state of the caller's session (its backend,
+    its current figure); :func:`save_figure` renders it with Agg.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def save_figure(fig: Figure, path: Path, *, dpi: int) -> None:
+    """Lays out ``fig`` (``tight_layout``) and writes it to ``path`` (a PNG at ``dpi``)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)

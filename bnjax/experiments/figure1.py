@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +42,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bnjax import training
 from bnjax.experiments import _common
 from bnjax.models import MLP
 
@@ -130,14 +130,15 @@ def get_config() -> ml_collections.ConfigDict:
 
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """``config`` (default :func:`get_config`) shortened to a smoke test of the same pipeline."""
-    c = get_config() if config is None else ml_collections.ConfigDict(config.to_dict())
-    c.num_steps = 600
-    c.num_seeds = 2
-    c.eval_every = 100
-    c.checkpoint_every = 300
-    c.population_batches = 50
-    c.precise_bn_batches = 20
-    return c
+    return _common.updated(
+        get_config() if config is None else config,
+        num_steps=600,
+        num_seeds=2,
+        eval_every=100,
+        checkpoint_every=300,
+        population_batches=50,
+        precise_bn_batches=20,
+    )
 
 
 def build(config: ml_collections.ConfigDict) -> tuple[dict[str, MLP], Any]:
@@ -272,18 +273,11 @@ def _population_comparison(config, model, state, evaluate, train, test, progress
 # --------------------------------------------------------------------------- summary
 
 
-def _series(history, net, key):
-    recs = [r for r in history if r["run"] == net]
-    steps = np.array([r["step"] for r in recs])
-    vals = np.array([r[key] for r in recs], np.float64)  # (steps, seeds[, q])
-    return steps, vals
-
-
 def summarize(history: list[dict], config) -> dict[str, Any]:
     """Per net: final/max accuracy, steps to the thresholds, percentile drift; and BN vs no-BN."""
     out: dict[str, Any] = {}
     for net in NETS:
-        steps, acc = _series(history, net, "accuracy")
+        steps, acc = _common.series(history, net, "accuracy")
         if steps.size == 0:
             continue
         mean_curve = acc.mean(1)
@@ -311,7 +305,7 @@ def summarize(history: list[dict], config) -> dict[str, Any]:
         for key in ("act_in_pct", "bn_in_pct"):
             if not any(key in r for r in history if r["run"] == net):
                 continue
-            _, p = _series(history, net, key + "_units")  # (steps, seeds, units, q)
+            _, p = _common.series(history, net, key + "_units")  # (steps, seeds, units, q)
             p = p.reshape(p.shape[0], -1, p.shape[-1])  # every (seed, unit) a sample
             drift = {}
             spread = p[:, :, -1] - p[:, :, 0]
@@ -333,8 +327,8 @@ def summarize(history: list[dict], config) -> dict[str, Any]:
             s[key.replace("_pct", "_drift")] = drift
         out[net] = s
     if all(n in out for n in NETS):
-        _, a0 = _series(history, "no_bn", "accuracy")
-        _, a1 = _series(history, "bn", "accuracy")
+        _, a0 = _common.series(history, "no_bn", "accuracy")
+        _, a1 = _common.series(history, "bn", "accuracy")
         ahead = a1.mean(1) > a0.mean(1)
         out["bn_ahead_fraction"] = float(ahead.mean())
         out["bn_ahead_every_step"] = bool(ahead.all())
@@ -366,21 +360,16 @@ def history_rows(history: list[dict], config) -> list[dict[str, Any]]:
 
 def plot(history: list[dict], config, path: Path) -> None:
     """Writes ``figure1.png``: (a) accuracy, (b, c) sigmoid-input percentiles, (d) pre-BN."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     layer, unit = _probe_layer(config), config.probe_unit
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    fig, axes = _common.new_figure(4, figsize=(18, 4.2))
     ax = axes[0]
     for net in NETS:
-        steps, acc = _series(history, net, "accuracy")
+        steps, acc = _common.series(history, net, "accuracy")
         if steps.size:
             ax.plot(steps, acc.mean(1), color=COLORS[net], label=LABELS[net], lw=1.6)
             ax.fill_between(steps, acc.min(1), acc.max(1), color=COLORS[net], alpha=0.25, lw=0)
     ax.set(xlabel="training steps", ylabel="test accuracy", title="(a) test accuracy")
-    curves = [_series(history, net, "accuracy")[1].mean(1) for net in NETS]
+    curves = [_common.series(history, net, "accuracy")[1].mean(1) for net in NETS]
     early = [c[len(c) // 10 :] for c in curves]
     lowest = min((float(e.min()) for e in early if e.size), default=0.9)
     ax.set_ylim(min(0.9, np.floor(lowest * 20) / 20), 1.0)
@@ -391,7 +380,7 @@ def plot(history: list[dict], config, path: Path) -> None:
     def percentiles(ax, net, key, title):
         # One network (the first seed) as the paper shows; the other seeds thin and faint
         # (a unit index names a different neuron in each seed, so no mean over seeds).
-        steps, p = _series(history, net, key)
+        steps, p = _common.series(history, net, key)
         for j, q in enumerate(config.percentiles):
             ls = styles[j] if len(config.percentiles) == 3 else "-"
             for k in range(1, p.shape[1]):
@@ -417,9 +406,7 @@ def plot(history: list[dict], config, path: Path) -> None:
         f"(b-d): seed {config.seed} (other seeds faint)",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=120)
 
 
 def _fmt_steps(v) -> str:
@@ -553,51 +540,27 @@ def run(
       not written to JSON).
     """
     t0 = time.perf_counter()
-    cfg_dict = config.to_dict()
-    workdir = _common.prepare_workdir(workdir, cfg_dict, resume=resume, resumable=_RESUMABLE)
-    ckpt = workdir / "checkpoints"
-
+    workdir = _common.prepare_workdir(
+        workdir, config.to_dict(), resume=resume, resumable=_RESUMABLE
+    )
     train, test = _common.load_data(config.dataset, data_dir, download=download)
     models, tx = build(config)
-    seeds = [config.seed + k for k in range(config.num_seeds)]
-    probe = make_probe(config)
-    eval_bs = config.eval_batch_size or None
-    runs = {}
-    for net, model in models.items():
-        runs[net] = training.Run(
-            state=training.init_states(model, tx, seeds, train[0][:1]),
-            train_loop=training.make_train_loop(model, tx, batch_size=config.batch_size),
-            evaluate=training.make_eval_step(model, probe=probe, batch_size=eval_bs),
-        )
-    result = training.fit(
-        runs,
+    runs, result = _common.train_side_by_side(
+        {net: (model, tx) for net, model in models.items()},
+        config,
         train,
         test,
-        num_steps=config.num_steps,
-        eval_every=config.eval_every,
-        checkpoint_dir=ckpt,
-        checkpoint_every=config.checkpoint_every,
+        workdir,
+        probe=make_probe(config),
         resume=resume,
         progress=progress,
         desc="figure1 (no BN + BN)",
     )
-    train_seconds = result.seconds
     population = _population_comparison(
         config, models["bn"], result.states["bn"], runs["bn"].evaluate, train, test, progress
     )
     summary = summarize(result.history, config)
-    seconds = time.perf_counter() - t0
-    metrics = {
-        "config": cfg_dict,
-        "summary": summary,
-        "population": population,
-        "seconds": seconds,
-        "train_seconds": train_seconds,
-        "resumed_from": result.resumed_from,
-        "device": str(jax.devices()[0]),
-        "history": result.history,
-    }
-    _common.write_json(workdir / "metrics.json", metrics)
+    metrics = _common.write_metrics(workdir, config, summary, result, t0, population=population)
     write_report(workdir)
     return dict(metrics, states=result.states)
 
@@ -625,28 +588,15 @@ def write_report(workdir: str | Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``bnjax-figure1`` command (``--help`` lists every option)."""
-    cl = _common.parse_command_line(
-        argv,
-        prog="bnjax-figure1",
-        doc=__doc__.split("Programmatic use")[0],
-        default_config=__file__,
-        config_help=CONFIG_HELP,
-        default_workdir="runs/figure1",
-        quick=quick_config,
-    )
     from bnjax.data import DataError
 
-    try:
-        out = run(
-            cl.config,
-            cl.workdir,
-            data_dir=cl.data_dir,
-            download=cl.download,
-            resume=cl.resume,
-            progress=cl.progress,
-        )
-    except (DataError, FileExistsError) as e:
-        raise SystemExit(f"bnjax-figure1: {e}") from None
+    cl, out = _common.run_command_line(
+        argv,
+        sys.modules[__name__],
+        prog="bnjax-figure1",
+        default_workdir="runs/figure1",
+        exit_on=(DataError, FileExistsError),
+    )
     s = out["summary"]
     for net in NETS:
         if net in s:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from bnjax import training
 from bnjax.experiments import _common
 from bnjax.models import ConvNet
 
@@ -180,11 +180,9 @@ def get_config() -> ml_collections.ConfigDict:
 
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """``config`` (default :func:`get_config`) shortened to a smoke test of the same pipeline."""
-    c = get_config() if config is None else ml_collections.ConfigDict(config.to_dict())
-    c.num_steps = 200
-    c.num_seeds = 1
-    c.eval_every = 100
-    return c
+    return _common.updated(
+        get_config() if config is None else config, num_steps=200, num_seeds=1, eval_every=100
+    )
 
 
 def variant_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -227,13 +225,6 @@ def build(config: ml_collections.ConfigDict) -> dict[str, tuple[ConvNet, Any]]:
 # --------------------------------------------------------------------------- summary
 
 
-def _series(history: list[dict], name: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    recs = [r for r in history if r["run"] == name]
-    steps = np.array([r["step"] for r in recs], np.int64)
-    vals = np.array([r[key] for r in recs], np.float64)  # (evals, seeds)
-    return steps, vals
-
-
 def summarize(history: list[dict], config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Per variant: max / final accuracy, steps to the reference's max accuracy, divergence.
 
@@ -249,12 +240,12 @@ def summarize(history: list[dict], config: ml_collections.ConfigDict) -> dict[st
     ref = config.reference
     target = None
     if ref in names:
-        _, acc = _series(history, ref, "accuracy")
+        _, acc = _common.series(history, ref, "accuracy")
         target = float(np.nanmax(acc.mean(1)))
     out: dict[str, Any] = {"target": target, "reference": ref, "variants": {}}
     for name in names:
-        steps, acc = _series(history, name, "accuracy")
-        _, loss = _series(history, name, "train_loss")
+        steps, acc = _common.series(history, name, "accuracy")
+        _, loss = _common.series(history, name, "train_loss")
         curve = acc.mean(1)
         final_mean, final_std = _common.mean_std(acc[-1])
         s: dict[str, Any] = {
@@ -344,16 +335,11 @@ def _setting(config: ml_collections.ConfigDict) -> str:
 
 def plot(history: list[dict], summary: dict[str, Any], config, path: Path) -> None:
     """Writes ``lr_tolerance.png``: (a) test accuracy, (b) training loss, against steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    fig, axes = _common.new_figure(2, figsize=(14, 5))
     names = list(summary["variants"])
     for name in names:
-        steps, acc = _series(history, name, "accuracy")
-        _, loss = _series(history, name, "train_loss")
+        steps, acc = _common.series(history, name, "accuracy")
+        _, loss = _common.series(history, name, "train_loss")
         lr = learning_rate(config, name)
         label = f"{VARIANTS[name].label}, lr {lr:g}"
         if summary["variants"][name]["diverged"]:
@@ -387,9 +373,7 @@ def plot(history: list[dict], summary: dict[str, Any], config, path: Path) -> No
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"Learning-rate tolerance: {_setting(config)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=110)
 
 
 def _fmt_steps(v) -> str:
@@ -531,71 +515,34 @@ def run(
       ``seconds``, ...) plus ``states`` (the final train states, by variant).
     """
     t0 = time.perf_counter()
-    cfg_dict = config.to_dict()
-    workdir = _common.prepare_workdir(workdir, cfg_dict, resume=resume, resumable=_RESUMABLE)
-
+    workdir = _common.prepare_workdir(
+        workdir, config.to_dict(), resume=resume, resumable=_RESUMABLE
+    )
     train, test = _common.load_data(config.dataset, data_dir, download=download, flatten=False)
-    seeds = [config.seed + k for k in range(config.num_seeds)]
-    eval_bs = config.eval_batch_size or None
-    runs = {}
-    for name, (model, tx) in build(config).items():
-        runs[name] = training.Run(
-            state=training.init_states(model, tx, seeds, train[0][:1]),
-            train_loop=training.make_train_loop(
-                model, tx, batch_size=config.batch_size,
-                steps_per_call=config.steps_per_call or None,
-            ),
-            evaluate=training.make_eval_step(model, batch_size=eval_bs),
-        )
-    result = training.fit(
-        runs,
+    nets = build(config)
+    _, result = _common.train_side_by_side(
+        nets,
+        config,
         train,
         test,
-        num_steps=config.num_steps,
-        eval_every=config.eval_every,
-        checkpoint_dir=workdir / "checkpoints",
-        checkpoint_every=config.checkpoint_every or None,
+        workdir,
         resume=resume,
         progress=progress,
-        desc=f"lr_tolerance ({len(runs)} nets)",
+        desc=f"lr_tolerance ({len(nets)} nets)",
     )
     summary = summarize(result.history, config)
-    seconds = time.perf_counter() - t0
-    metrics = {
-        "config": cfg_dict,
-        "summary": summary,
-        "seconds": seconds,
-        "train_seconds": result.seconds,
-        "resumed_from": result.resumed_from,
-        "device": str(jax.devices()[0]),
-        "history": result.history,
-    }
-    _common.write_json(workdir / "metrics.json", metrics)
+    metrics = _common.write_metrics(workdir, config, summary, result, t0)
     _common.write_csv(workdir / "metrics.csv", history_rows(result.history, config))
     _common.write_csv(workdir / "summary.csv", summary_rows(summary))
-    (workdir / "results.md").write_text(results_markdown(summary, config, seconds))
+    (workdir / "results.md").write_text(results_markdown(summary, config, metrics["seconds"]))
     plot(result.history, summary, config, workdir / "lr_tolerance.png")
     return dict(metrics, states=result.states)
 
 
 def main(argv: list[str] | None = None) -> None:
     """The ``bnjax-lr-tolerance`` command (``--help`` lists every option)."""
-    cl = _common.parse_command_line(
-        argv,
-        prog="bnjax-lr-tolerance",
-        doc=__doc__.split("Programmatic use")[0],
-        default_config=__file__,
-        config_help=CONFIG_HELP,
-        default_workdir="runs/lr_tolerance",
-        quick=quick_config,
-    )
-    out = run(
-        cl.config,
-        cl.workdir,
-        data_dir=cl.data_dir,
-        download=cl.download,
-        resume=cl.resume,
-        progress=cl.progress,
+    cl, out = _common.run_command_line(
+        argv, sys.modules[__name__], prog="bnjax-lr-tolerance", default_workdir="runs/lr_tolerance"
     )
     print(results_markdown(out["summary"], cl.config, out["seconds"]))
     print(f"wrote {cl.workdir}/lr_tolerance.png, results.md, metrics.json, metrics.csv")
