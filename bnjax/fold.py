@@ -41,6 +41,8 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from bnjax import functional as F
+from bnjax._module_common import batch_stats
+from bnjax.linen import BatchNorm as LinenBatchNorm
 
 __all__ = [
     "FoldPair",
@@ -111,11 +113,8 @@ def affine(
     """
     if not isinstance(bn_params, F.BNParams):
         bn_params = F.BNParams(bn_params.get("scale"), bn_params.get("bias"))
-    if not isinstance(bn_stats, F.BatchStats):
-        mean, var = jnp.asarray(bn_stats["mean"]), jnp.asarray(bn_stats["var"])
-        dt = F._stats.stats_dtype(var.dtype)
-        zeros = jnp.zeros_like(var, dt)
-        bn_stats = F.BatchStats(mean.astype(dt), var.astype(dt), zeros, zeros)
+    if not isinstance(bn_stats, F.BatchStats):  # inference_affine casts to >= float32
+        bn_stats = batch_stats({k: jnp.asarray(bn_stats[k]) for k in ("mean", "var")})
     for name, arr in (("scale", bn_params.scale), ("bias", bn_params.bias)):
         if arr is not None and arr.shape != bn_stats.mean.shape:
             raise ValueError(
@@ -240,7 +239,7 @@ def fold(
         for tree in (params, stats):
             for key in [key for key in tree if key[: len(bn)] == bn]:
                 del tree[key]
-    out = {k: v for k, v in unfreeze(variables).items() if k not in ("params", "batch_stats")}
+    out = {k: unfreeze(v) for k, v in variables.items() if k not in ("params", "batch_stats")}
     out["params"] = traverse_util.unflatten_dict(params)
     if stats:
         out["batch_stats"] = traverse_util.unflatten_dict(stats)
@@ -251,20 +250,8 @@ _LINEAR = (nn.Dense, nn.Conv)
 
 
 def _is_bn(mod: Any) -> bool:
-    """``flax.linen.BatchNorm``, or a bnjax batch norm (a module whose ``config()``
-    is a :class:`~bnjax.BatchNormConfig`; duck-typed so this module stays below
-    :mod:`bnjax.linen` in the dependency order)."""
-    if isinstance(mod, nn.BatchNorm):
-        return True
-    cfg = getattr(mod, "config", None)
-    return isinstance(mod, nn.Module) and callable(cfg) and _returns_config(cfg)
-
-
-def _returns_config(cfg) -> bool:
-    try:
-        return isinstance(cfg(), F.BatchNormConfig)
-    except Exception:
-        return False
+    """``flax.linen.BatchNorm`` or ``bnjax.linen.BatchNorm``."""
+    return isinstance(mod, (nn.BatchNorm, LinenBatchNorm))
 
 
 def _last_axis_only(bn: nn.Module) -> bool:
@@ -339,9 +326,10 @@ def find_pairs(
         if context.method_name != "__call__":
             return next_fun(*a, **kw)
         path = tuple(mod.path)
-        if isinstance(mod, _LINEAR) or _is_bn(mod):
+        is_bn = _is_bn(mod)
+        if is_bn or isinstance(mod, _LINEAR):
             calls[path] = calls.get(path, 0) + 1
-        if _is_bn(mod) and a and _last_axis_only(mod):
+        if is_bn and a and _last_axis_only(mod):
             hit = outputs.get(id(a[0]))
             if hit is not None and hit[0] is a[0]:
                 found.append(FoldPair(hit[1], path, float(mod.epsilon)))

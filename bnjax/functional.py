@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -346,10 +347,8 @@ def _bn_vjp_bwd(spec, res, cts):
     if gm is not None:
         p = p + gmean / n
         q = q + 2 * gm2
-    if mask is None:
-        dx = gyf * gamma_inv + _centred_affine(xf, q, p, mean, _centre(spec, xf, mask, 0))
-    else:
-        dx = gyf * gamma_inv + mask.astype(dt) * (p + q * (xf - mean))
+    corr = _centred_affine(xf, q, p, mean, _centre(spec, xf, mask, 0))
+    dx = gyf * gamma_inv + (corr if mask is None else mask.astype(dt) * corr)
     return dx.astype(x.dtype), None, dscale, dbias
 
 
@@ -522,9 +521,7 @@ def apply_train(
         x_k, mask_k, scale_k, bias_k = x, mask, scale_b, bias_b
         stat_axes = red
         axis_name = config.axis_name
-    per_stat = 1
-    for a in stat_axes:
-        per_stat *= x_k.shape[a]
+    per_stat = math.prod(x_k.shape[a] for a in stat_axes)
     if mask is None and per_stat <= 1 and axis_name is None:
         raise ValueError(
             f"training batch norm on an input of shape {tuple(shape)} with axis={config.axis!r} "
@@ -537,7 +534,7 @@ def apply_train(
         epsilon=float(config.epsilon),
         axis_name=axis_name,
         axis_index_groups=config.axis_index_groups if axis_name is not None else None,
-        method="two_pass" if mask is not None else _stats.resolve_method(config.stats_method),
+        method=_stats.resolve_method(config.stats_method),  # masked: always two-pass
         out_dtype=_out_dtype(x, params, config),
     )
     # shard_map(check_vma=True): replicated gamma/beta enter the kernel cast to

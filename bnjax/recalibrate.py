@@ -83,7 +83,7 @@ from bnjax import functional as F
 from bnjax import nnx as bnnnx
 from bnjax import population as _pop
 from bnjax import stats as _stats
-from bnjax._module_common import config_of
+from bnjax._module_common import batch_stats, config_of
 from bnjax.linen import BatchNorm as LinenBatchNorm
 from bnjax.stats import Moments
 
@@ -142,14 +142,10 @@ def linen_tracer(model: nn.Module, apply_kwargs: Mapping[str, Any]) -> Callable:
                 mod.get_variable("params", "scale") if cfg.use_scale else None,
                 mod.get_variable("params", "bias") if cfg.use_bias else None,
             )
-            mean = mod.get_variable("batch_stats", "mean")
-            var = mod.get_variable("batch_stats", "var")
-            if mean is None or var is None:
+            stored = {k: mod.get_variable("batch_stats", k) for k in F.BatchStats._fields}
+            if stored["mean"] is None or stored["var"] is None:
                 raise ValueError(f"batch-norm layer {path!r} has no batch_stats/mean and var")
-            zeros = jnp.zeros_like(var)
-            count = mod.get_variable("batch_stats", "count", zeros)
-            batches = mod.get_variable("batch_stats", "batches", zeros)
-            state = F.BatchStats(mean, var, count, batches)
+            state = batch_stats({k: v for k, v in stored.items() if v is not None})
             y, rec = _with_path(path, record, x, mask, cfg, params, state, upstream)
             out.setdefault(path, []).append(rec)
             return y

@@ -29,6 +29,7 @@ Numerics:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -164,10 +165,11 @@ def moments(
     xf = x.astype(dt)
     if mask is None:
         kshape = [1 if i in axes else s for i, s in enumerate(x.shape)]
-        if _size(x.shape, axes) == 0:  # nothing to reduce: n = 0, mean = M2 = 0 (no 0/0)
+        n = math.prod(x.shape[a] for a in axes)
+        if n == 0:  # nothing to reduce: n = 0, mean = M2 = 0 (no 0/0)
             zero = jnp.zeros(kshape, dt)
             return Moments(zero, zero, zero)
-        count = jnp.full(kshape, _size(x.shape, axes), dt)
+        count = jnp.full(kshape, n, dt)
         if method == "shifted":
             a, b = _shifts(xf, axes)
             s1 = _reduce_sum(xf - a, axes)
@@ -207,58 +209,55 @@ def resolve_method(method: str) -> str:
     return method
 
 
-def _shifts(xf: Array, axes: tuple[int, ...], count: int = 2) -> tuple[Array, ...]:
-    """``count`` per-feature shifts taken from the data (keepdims shape).
+def _head(xf: Array, axes: tuple[int, ...], start: int, width: int) -> Array:
+    """Elements ``start .. start + width - 1`` of each feature along the longest reduced
+    axis (element 0 of the other reduced axes), keepdims shape, gradient stopped."""
+    long_axis = max(axes, key=lambda i: xf.shape[i])
+    idx = tuple(
+        slice(None) if i not in axes
+        else slice(start, start + width) if i == long_axis
+        else slice(0, 1)
+        for i in range(xf.ndim)
+    )
+    return lax.stop_gradient(xf[idx])
 
-    Shift ``j`` is the max (even ``j``) or min (odd ``j``) of two neighbouring
-    elements of each feature near its start, so every shift is an actual data
-    value and ``|x - shift|`` is of the order of the spread rather than of
-    ``|mean|``. They are *different* small reductions on purpose: XLA:CPU fuses a
-    reduction such as ``sum(x - a)`` into one pass over ``x`` only if the
-    broadcast shift is not shared with another large consumer; one shared shift
-    ``k`` makes it materialize ``x - k`` or the broadcast ``k`` (an extra write
-    and read of a whole input). The values are unchanged by this; only speed.
+
+def _shifts(xf: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    """Two per-feature shifts taken from the data (keepdims shape).
+
+    The max and the min of the first two elements of each feature, so each shift
+    is an actual data value and ``|x - shift|`` is of the order of the spread
+    rather than of ``|mean|``. They are *different* small reductions on purpose:
+    XLA:CPU fuses a reduction such as ``sum(x - a)`` into one pass over ``x`` only
+    if the broadcast shift is not shared with another large consumer; one shared
+    shift ``k`` makes it materialize ``x - k`` or the broadcast ``k`` (an extra
+    write and read of a whole input). The values are unchanged by this; only speed.
     """
     if _explicitly_sharded(xf, axes):
         # Explicit sharding (jax.make_mesh's default axis type) forbids slicing a
         # sharded axis; shift by the (exact) per-feature mean instead: one more pass.
         k = lax.stop_gradient(jnp.mean(xf, axis=axes, keepdims=True))
-        return (k,) * count
-    long_axis = max(axes, key=lambda i: xf.shape[i])
-    size = xf.shape[long_axis]
-    out = []
-    for j in range(count):
-        start = min(j // 2, max(size - 2, 0))
-        idx = tuple(
-            slice(None) if i not in axes else slice(start, start + 2) if i == long_axis
-            else slice(0, 1)
-            for i in range(xf.ndim)
-        )
-        head = lax.stop_gradient(xf[idx])
-        red = jnp.max if j % 2 == 0 else jnp.min
-        out.append(red(head, axis=axes, keepdims=True))
-    return tuple(out)
+        return k, k
+    head = _head(xf, axes, 0, 2)
+    return jnp.max(head, axis=axes, keepdims=True), jnp.min(head, axis=axes, keepdims=True)
 
 
 def data_point(xf: Array, axes: tuple[int, ...], j: int = 0) -> Array | None:
     """Element ``j`` of each feature (along the longest reduced axis), keepdims shape.
 
     A per-feature value of the order of the data, used to centre elementwise
-    maps (``(x - c) * a + b'`` instead of ``x * a + b``, which loses
-    ``|mean| / std`` digits). It is a plain slice, which XLA fuses into the
-    consumer; different ``j`` give different HLO values, so two consumers never
-    share one broadcast (XLA:CPU would then materialize it, see :func:`_shifts`).
+    maps (``(x - c) * a + b'`` instead of the folded ``x * a + b``, whose rounding
+    error is about twice as large when ``|mean| >> std``; mainly, the broadcast
+    is then of ``c``, not of a value a reduction also uses). It is a plain
+    slice, which XLA fuses into the consumer; different ``j`` give different HLO
+    values, so two consumers never share one broadcast (XLA:CPU would then
+    materialize it, see :func:`_shifts`).
     ``None`` under explicit sharding of a reduced axis (slicing it is not allowed).
     """
     if _explicitly_sharded(xf, axes):
         return None
-    long_axis = max(axes, key=lambda i: xf.shape[i])
-    j = min(j, xf.shape[long_axis] - 1)
-    idx = tuple(
-        slice(None) if i not in axes else slice(j, j + 1) if i == long_axis else slice(0, 1)
-        for i in range(xf.ndim)
-    )
-    return lax.stop_gradient(xf[idx])
+    size = max(xf.shape[i] for i in axes)
+    return _head(xf, axes, min(j, size - 1), 1)
 
 
 def _explicitly_sharded(a: Array, axes: tuple[int, ...]) -> bool:
@@ -283,13 +282,6 @@ def check_mask(mask: Array, shape: tuple[int, ...]) -> Array:
             f"{tuple(shape)}"
         )
     return mask
-
-
-def _size(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
-    n = 1
-    for a in axes:
-        n *= shape[a]
-    return n
 
 
 def merge(a: Moments, b: Moments) -> Moments:
