@@ -8,7 +8,8 @@ message) and stores it in a JSON dict; the pytest module asserts on it. Nothing
 here asserts, so one failing check does not hide the others.
 
 Deviation of ``a`` from the reference ``b`` (per pytree): the max over leaves of
-``max|a - b| / max|b|`` (``max|a - b|`` where ``b`` is all zeros).
+``max|a - b| / max|b|`` (``max|a - b|`` where ``b`` is all zeros); ``inf`` when either
+holds a non-finite value.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def dev(a, b) -> float:
         u = np.asarray(u, np.float64)
         v = np.asarray(v, np.float64)
         assert u.shape == v.shape, (u.shape, v.shape)
-        if not np.all(np.isfinite(u)):
+        # A non-finite value in either is infinite deviation: max(0.0, nan) == 0.0, so a
+        # NaN reference would otherwise read as a perfect match.
+        if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
             return float("inf")
         scale = np.max(np.abs(v)) if v.size else 0.0
         err = np.max(np.abs(u - v)) if v.size else 0.0

@@ -53,8 +53,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import bnjax.functional as F
@@ -257,39 +255,15 @@ def test_unbound_axis_name_is_a_clear_error():
         module.apply(variables, x, train=True, mutable=["batch_stats"])
 
 
-def test_virtual_batch_size_must_divide_the_batch():
-    x, params, state = _data()
-    cfg = F.BatchNormConfig(virtual_batch_size=5)
-    with pytest.raises(ValueError, match=r"virtual_batch_size=5 does not divide .* 12"):
-        F.apply_train(params, state, x, cfg)
+def test_virtual_batch_size_zero_error_message():
+    """The exact message for 0 (test_functional.test_error_virtual_batch_size checks the
+    indivisible batch and only that the 0 error names virtual_batch_size). The in-process
+    vmap twins of the subprocess checks are in test_functional
+    (test_vmap_normalizes_each_slice_with_its_own_statistics,
+    test_axis_name_pools_exactly_over_a_vmap_axis) and test_stats
+    (test_all_reduce_pools_unequal_device_counts_exactly)."""
     with pytest.raises(ValueError, match="virtual_batch_size must be >= 1"):
         F.BatchNormConfig(virtual_batch_size=0)
-
-
-def test_vmap_without_axis_name_is_an_ensemble():
-    """In-process twin of the subprocess check: vmap = a Python loop over members."""
-    x = jax.random.normal(jax.random.key(1), (3, 10, 4)) * jnp.arange(1.0, 4.0)[:, None, None]
-    params, state = jax.vmap(lambda _: F.init(4))(jnp.arange(3))
-    y, ns = jax.vmap(F.apply_train)(params, state, x)
-    for i in range(3):
-        yi, nsi = F.apply_train(*jax.tree.map(lambda a, i=i: a[i], (params, state, x)))
-        np.testing.assert_allclose(y[i], yi, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(ns.mean[i], nsi.mean, rtol=1e-6)
-    # members with different scales get different statistics
-    assert not np.allclose(ns.var[0], ns.var[2])
-
-
-def test_vmap_with_axis_name_pools_over_the_mapped_axis():
-    x = jax.random.normal(jax.random.key(2), (16, 4)) + 3
-    params, state = F.init(4)
-    cfg = F.BatchNormConfig(axis_name="i")
-    y, ns = jax.vmap(lambda xi: F.apply_train(params, state, xi, cfg), axis_name="i")(
-        x.reshape(4, 4, 4)
-    )
-    y0, ns0 = F.apply_train(params, state, x)
-    np.testing.assert_allclose(y.reshape(16, 4), y0, rtol=2e-6, atol=2e-6)
-    np.testing.assert_allclose(ns.mean[0], ns0.mean, rtol=2e-6)
-    np.testing.assert_allclose(ns.var[3], ns0.var, rtol=2e-6)
 
 
 def test_data_parallel_rejects_a_missing_mesh_axis():

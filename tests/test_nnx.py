@@ -1,8 +1,9 @@
 """bnjax.nnx.BatchNorm: a drop-in for flax.nnx.BatchNorm, and the paper's population average.
 
 References: flax.nnx.BatchNorm (outputs, state, rng streams), float64 NumPy
-(Algorithm 2 over unequal masked batches), bnjax.linen.BatchNorm (a training
-trajectory with optax).
+(Algorithm 2 over unequal masked batches), flax.linen.BatchNorm with
+``use_fast_variance=False`` (a training trajectory with optax: an independent
+implementation, not bnjax.linen, which shares bnjax's core).
 """
 
 from __future__ import annotations
@@ -167,7 +168,11 @@ class _LinenMLP(nn.Module):
     def __call__(self, x, train: bool):
         for _ in range(2):
             x = nn.Dense(8, use_bias=False)(x)
-            x = nn.sigmoid(bl.BatchNorm(momentum=0.9)(x, train=train))
+            # flax's own BatchNorm (exact two-pass variance), not bnjax.linen: the
+            # reference must not share bnjax's core. Same variable names.
+            bn = nn.BatchNorm(momentum=0.9, use_fast_variance=False,
+                              use_running_average=not train)
+            x = nn.sigmoid(bn(x))
         return nn.Dense(3)(x)
 
 
@@ -238,7 +243,9 @@ def test_optax_trajectory_matches_linen(rng):
     np.testing.assert_allclose(model.b1.scale[...], params["BatchNorm_1"]["scale"], atol=1e-5)
     np.testing.assert_allclose(model.b0.var[...], stats["BatchNorm_0"]["var"], rtol=1e-5)
     model.eval()
+    # Measured (CPU) after 10 steps: losses, weights and statistics within 2e-7 absolute
+    # (<= 3e-6 relative on near-zero entries), eval outputs within 2.1e-7 absolute.
     np.testing.assert_allclose(
         model(xs[0]), lin.apply({"params": params, "batch_stats": stats}, xs[0], train=False),
-        rtol=1e-4, atol=1e-5,
+        rtol=1e-5, atol=1e-5,
     )
