@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             _mesh.mesh1d(1, "data"),
         ),
         f"mesh{args.devices}": parallel.data_parallel(
-            parallel.make_train_step(MLP(), tx), jax.make_mesh((args.devices,), ("data",))
+            parallel.make_train_step(MLP(), tx), _mesh.mesh1d(args.devices, "data")
         ),
     }
     states = {}

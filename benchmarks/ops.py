@@ -377,7 +377,7 @@ def _torch(case: Case, x, dy) -> Impl:
             return bn(tx)
 
     return Impl(
-        f"torch {torch.__version__.split('+')[0]}",
+        "torch",  # the version is in the report's header (_versions)
         {"train_fwd": fwd, "train_fwdbwd": fwdbwd, "eval": ev},
         dict.fromkeys(MODES),
     )
@@ -620,18 +620,14 @@ def render(
         "scale and bias (not y).",
         "",
     ]
-    present = [
-        n
-        for n in names
-        if any(n == i.name or i.name.startswith(n) for _, imps, _, _ in results for i in imps)
-    ]
+    present = [n for n in names if any(n == i.name for _, imps, _, _ in results for i in imps)]
     for mode in MODES:
         out += [f"## {MODE_TITLES[mode]}", ""]
         heads = ["shape", "floor µs"] + [f"`{n}`" for n in present]
         out += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
         for case, impls, cells, summ in results:
             row = [case.label, _fmt_t(summ["floors"][mode])]
-            by = {i.name.split(" ")[0] if i.name.startswith("torch") else i.name: i for i in impls}
+            by = {i.name: i for i in impls}
             for n in present:
                 impl = by.get(n)
                 c = None if impl is None else cells.get((impl.name, mode))

@@ -31,7 +31,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
@@ -40,6 +39,7 @@ import bnjax.linen as bl
 from bnjax.data import load_dataset
 from bnjax.diagnostics import consistency, format_table
 from bnjax.fold import find_pairs, fold
+from bnjax.population import BatchStats, reset_population
 from bnjax.recalibrate import recalibrate
 
 
@@ -62,10 +62,10 @@ class MLP(nn.Module):
 
 
 def _reset(stats):
-    flat = traverse_util.flatten_dict(stats)
-    flat = {k: (jnp.zeros_like(v) if k[-1] in ("count", "batches") else v) for k, v in
-            flat.items()}
-    return traverse_util.unflatten_dict(flat)
+    """:func:`bnjax.reset_population` applied to every BN layer's statistics."""
+    if "count" in stats:  # one layer: {"mean", "var", "count", "batches"}
+        return reset_population(BatchStats(**stats))._asdict()
+    return {name: _reset(sub) for name, sub in stats.items()}
 
 
 def main(argv=None) -> dict:

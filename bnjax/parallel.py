@@ -39,7 +39,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bnjax.training import TrainState, cross_entropy_loss, state_from_variables
+from bnjax.training import TrainState, _raw_key, cross_entropy_loss, state_from_variables
 
 __all__ = [
     "TrainState",
@@ -73,13 +73,6 @@ def create_train_state(
     """
     variables = model.init(key, sample_x, train=False)
     return state_from_variables(variables, tx, _raw_key(key))
-
-
-def _raw_key(key: Array) -> Array:
-    """``key`` as a raw key array (``uint32[2]`` for the default PRNG)."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    return jnp.asarray(key)
 
 
 def make_train_step(

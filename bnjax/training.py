@@ -217,6 +217,13 @@ def _host_permutations(words: np.ndarray, num_examples: int) -> np.ndarray:
     return out
 
 
+def _raw_key(key: Array) -> Array:
+    """``key`` as a raw key array (``uint32[2]`` for the default PRNG; typed keys unwrapped)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return jnp.asarray(key)
+
+
 def epoch_permutation(key: Array, num_examples: int) -> Array:
     """The example order of one epoch: a permutation of ``range(num_examples)`` drawn from ``key``.
 
@@ -229,9 +236,7 @@ def epoch_permutation(key: Array, num_examples: int) -> Array:
     Returns:
       int32 array ``(num_examples,)``.
     """
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    key = jnp.asarray(key, jnp.uint32)
+    key = jnp.asarray(_raw_key(key), jnp.uint32)
     out = jax.ShapeDtypeStruct(key.shape[:-1] + (num_examples,), jnp.int32)
     return jax.pure_callback(
         functools.partial(_host_permutations, num_examples=num_examples),
@@ -299,7 +304,8 @@ def make_train_loop(
 
     ``steps_per_call=k``: instead, a Python loop over jitted calls of ``k`` steps
     each, every call a *fully unrolled* scan (no ``while`` loop; the last call
-    may be shorter). On XLA:CPU, convolutions inside a ``while`` loop (a rolled
+    may be shorter; the chunk's batch indices are drawn once and sliced per
+    call). On XLA:CPU, convolutions inside a ``while`` loop (a rolled
     ``lax.scan``) run several times slower than outside one (measured: 20
     ConvNet steps 5.8 s rolled, 1.0 s unrolled, 1.2 s as a Python loop of
     jitted single steps), so models with convolutions want ``k`` of about 10-20
@@ -315,23 +321,31 @@ def make_train_loop(
     step_fn = make_train_step(model, tx, loss_fn)
     unroll = steps_per_call is not None
 
-    def one_seed(state, images, labels, *, num_steps):
-        key = jax.random.fold_in(state.rng, _DATA_STREAM)
-        idx = epoch_batch_indices(key, state.step, num_steps, images.shape[0], batch_size)
+    def check(images, labels):
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"images and labels disagree on the number of examples: images "
+                f"{images.shape}, labels {labels.shape}"
+            )
 
+    def indices(state, *, num_steps, num_examples):
+        key = jax.random.fold_in(state.rng, _DATA_STREAM)
+        return epoch_batch_indices(key, state.step, num_steps, num_examples, batch_size)
+
+    def run_steps(state, images, labels, idx):
         def body(s, i):
             return step_fn(s, images[i], labels[i])
 
         state, metrics = lax.scan(body, state, idx, unroll=unroll)
         return state, jax.tree.map(jnp.mean, metrics)
 
+    def one_seed(state, images, labels, *, num_steps):
+        idx = indices(state, num_steps=num_steps, num_examples=images.shape[0])
+        return run_steps(state, images, labels, idx)
+
     @functools.partial(jax.jit, static_argnames="num_steps")
     def compiled(state: TrainState, images: Array, labels: Array, num_steps: int):
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"images and labels disagree on the number of examples: images "
-                f"{images.shape}, labels {labels.shape}"
-            )
+        check(images, labels)
         f = functools.partial(one_seed, num_steps=num_steps)
         if over_seeds:
             f = jax.vmap(f, in_axes=(0, None, None))
@@ -340,15 +354,30 @@ def make_train_loop(
     if steps_per_call is None:
         return compiled
 
+    @functools.partial(jax.jit, static_argnames=("num_steps", "num_examples"))
+    def chunk_indices(state: TrainState, num_steps: int, num_examples: int):
+        f = functools.partial(indices, num_steps=num_steps, num_examples=num_examples)
+        return jax.vmap(f)(state) if over_seeds else f(state)
+
+    @jax.jit
+    def call(state: TrainState, images: Array, labels: Array, idx: Array):
+        f = jax.vmap(run_steps, in_axes=(0, None, None, 0)) if over_seeds else run_steps
+        return f(state, images, labels, idx)
+
     def loop(state: TrainState, images: Array, labels: Array, num_steps: int):
+        if num_steps <= 0:
+            return compiled(state, images, labels, num_steps=0)
+        check(images, labels)
+        # The whole chunk's batch indices at once (its epoch permutations drawn once), each
+        # call of k steps gets its slice: the same batches as k-step chunks would draw.
+        idx = chunk_indices(state, num_steps=num_steps, num_examples=images.shape[0])
         done, parts = 0, []
         while done < num_steps:
             k = min(steps_per_call, num_steps - done)
-            state, metrics = compiled(state, images, labels, num_steps=k)
+            part = idx[:, done : done + k] if over_seeds else idx[done : done + k]
+            state, metrics = call(state, images, labels, part)
             parts.append((k, metrics))
             done += k
-        if not parts:
-            return compiled(state, images, labels, num_steps=0)
         mean = jax.tree.map(
             lambda *ms: sum(k * m for (k, _), m in zip(parts, ms, strict=True)) / done,
             *[m for _, m in parts],

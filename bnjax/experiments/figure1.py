@@ -218,25 +218,29 @@ def _seed(tree, k):
 
 
 def _population_comparison(config, model, state, evaluate, train, test, progress):
-    """Test accuracy of the BN net with EMA vs Algorithm 2 average vs PreciseBN statistics."""
+    """Test accuracy of the BN net with EMA vs Algorithm 2 average vs PreciseBN statistics.
+
+    ``test`` may already be on the device (then it is not copied again); the
+    mini-batches are one random order of the training set, cut once: every
+    method uses the first ``n`` of them.
+    """
     from bnjax.recalibrate import recalibrate
 
     x, _ = train
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(x.shape[0])
     bs = config.batch_size
-
-    def batches(n):
-        n = min(n, x.shape[0] // bs)
-        return [jnp.asarray(x[order[i * bs : (i + 1) * bs]]) for i in range(n)]
-
+    available = x.shape[0] // bs
     methods = {"ema": None}
     if config.population_batches:
-        methods["average"] = dict(n=config.population_batches, mode="train", variance="within")
+        methods["average"] = dict(
+            n=min(config.population_batches, available), mode="train", variance="within"
+        )
     if config.precise_bn_batches:
         methods["precise_bn"] = dict(
-            n=config.precise_bn_batches, mode="layerwise", variance="within"
+            n=min(config.precise_bn_batches, available), mode="layerwise", variance="within"
         )
+    order = np.random.default_rng(config.seed).permutation(x.shape[0])
+    num_batches = max((spec["n"] for spec in methods.values() if spec), default=0)
+    data = [jnp.asarray(x[order[i * bs : (i + 1) * bs]]) for i in range(num_batches)]
     out = {}
     num_seeds = state.step.shape[0]
     test_x, test_y = (jnp.asarray(a) for a in test)
@@ -245,12 +249,17 @@ def _population_comparison(config, model, state, evaluate, train, test, progress
         if spec is None:
             st = state
         else:
-            data = batches(spec["n"])
             per_seed = []
             for k in range(num_seeds):
                 v = _seed(state, k).variables()
                 new = recalibrate(
-                    model, v, data, mode=spec["mode"], variance=spec["variance"], train=False
+                    model,
+                    v,
+                    data[: spec["n"]],
+                    mode=spec["mode"],
+                    variance=spec["variance"],
+                    train=False,
+                    progress=progress,
                 )
                 per_seed.append(new["batch_stats"])
             stacked = jax.tree.map(lambda *a: jnp.stack(a), *per_seed)
@@ -263,7 +272,7 @@ def _population_comparison(config, model, state, evaluate, train, test, progress
             "accuracy_mean": mean,
             "accuracy_std": std,
             "loss_mean": float(np.mean(m["loss"])),
-            "batches": 0 if spec is None else min(spec["n"], x.shape[0] // bs),
+            "batches": 0 if spec is None else spec["n"],
             "mode": None if spec is None else spec["mode"],
             "seconds": time.perf_counter() - t0,
         }
@@ -544,6 +553,8 @@ def run(
         workdir, config.to_dict(), resume=resume, resumable=_RESUMABLE
     )
     train, test = _common.load_data(config.dataset, data_dir, download=download)
+    # On the device once: training.fit's evaluations and the population comparison share it.
+    test = tuple(jax.device_put(a) for a in test)
     models, tx = build(config)
     runs, result = _common.train_side_by_side(
         {net: (model, tx) for net, model in models.items()},
@@ -561,28 +572,38 @@ def run(
     )
     summary = summarize(result.history, config)
     metrics = _common.write_metrics(workdir, config, summary, result, t0, population=population)
-    write_report(workdir)
+    _write_outputs(workdir, config, result.history, summary, population, metrics["seconds"])
     return dict(metrics, states=result.states)
+
+
+def _write_outputs(workdir: Path, config, history, summary, population, seconds) -> None:
+    """Writes ``metrics.csv``, ``results.md`` and ``figure1.png`` (not ``metrics.json``).
+
+    ``summary`` as :func:`summarize` returns it (``accuracy_at`` keyed by int steps).
+    """
+    _common.write_csv(workdir / "metrics.csv", history_rows(history, config))
+    md = results_markdown(summary, population, config, seconds)
+    (workdir / "results.md").write_text(md)
+    plot(history, config, workdir / "figure1.png")
 
 
 def write_report(workdir: str | Path) -> dict[str, Any]:
     """(Re)writes ``metrics.csv``, ``results.md`` and ``figure1.png`` from ``metrics.json``.
 
     The summary is recomputed from the history, so a report can be regenerated
-    (e.g. after changing the tables) without training again. Returns the summary.
+    (e.g. after changing the tables) without training again; ``metrics.json`` is
+    rewritten only if its stored summary differs. Returns the summary.
     """
     workdir = Path(workdir)
     metrics = json.loads((workdir / "metrics.json").read_text())
     config = ml_collections.ConfigDict(metrics["config"])
     history = metrics["history"]
     summary = summarize(history, config)
-    if summary != metrics["summary"]:
+    # Compared as JSON: the stored summary has string keys where ``summary`` has ints.
+    if json.loads(json.dumps(summary)) != metrics["summary"]:
         metrics["summary"] = summary
         _common.write_json(workdir / "metrics.json", metrics)
-    _common.write_csv(workdir / "metrics.csv", history_rows(history, config))
-    md = results_markdown(summary, metrics["population"], config, metrics["seconds"])
-    (workdir / "results.md").write_text(md)
-    plot(history, config, workdir / "figure1.png")
+    _write_outputs(workdir, config, history, summary, metrics["population"], metrics["seconds"])
     return summary
 
 
