@@ -221,3 +221,41 @@ def test_bad_inputs():
         fold(ok, [("Dense_0", "BatchNorm_0"), ("Dense_0", "BatchNorm_0")])
     with pytest.raises(ValueError, match="scale has shape"):
         affine({"scale": jnp.ones(3)}, {"mean": jnp.zeros(5), "var": jnp.ones(5)})
+
+
+class _SharedDense(nn.Module):
+    """One Dense called twice (shared weights), each call followed by its own BN, next to
+    an ordinary Dense -> BN pair (the positive control)."""
+
+    @nn.compact
+    def __call__(self, x):
+        shared = nn.Dense(4, use_bias=False, name="shared")
+        h1 = bl.BatchNorm(use_running_average=True, name="bn1")(shared(x))
+        h2 = bl.BatchNorm(use_running_average=True, name="bn2")(shared(x + 1.0))
+        h3 = bl.BatchNorm(use_running_average=True, name="bn3")(nn.Dense(4, name="own")(x))
+        return h1 + h2 + h3
+
+
+def test_find_pairs_skips_a_linear_layer_called_twice():
+    """Folding the shared kernel into bn1 would also rescale the call that feeds bn2."""
+    x = _normal((3, 5))
+    v = _init(_SharedDense(), x)
+    assert find_pairs(_SharedDense(), v, x) == [FoldPair("own", "bn3", 1e-5)]
+
+
+class _FeatureAxis0(nn.Module):
+    """Dense -> BatchNorm(axis=0) (normalizes per example, not per output feature: no
+    per-feature affine map of the Dense outputs) next to an ordinary Dense -> BN pair."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = bl.BatchNorm(use_running_average=True, axis=0, name="bn_axis0")(
+            nn.Dense(4, name="first")(x)
+        )
+        return bl.BatchNorm(use_running_average=True, name="bn_last")(nn.Dense(4, name="second")(h))
+
+
+def test_find_pairs_skips_a_batch_norm_whose_feature_axis_is_not_last():
+    x = _normal((3, 5))
+    v = _init(_FeatureAxis0(), x)
+    assert find_pairs(_FeatureAxis0(), v, x) == [FoldPair("second", "bn_last", 1e-5)]

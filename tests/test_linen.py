@@ -337,3 +337,23 @@ def test_errors_are_the_functional_ones():
         bnl.BatchNorm().apply(
             v, jnp.ones((4, 3)), train=True, mask=jnp.ones((4, 2), bool), mutable=["batch_stats"]
         )
+
+
+def test_axis_name_initializes_in_train_mode_outside_a_mapped_context():
+    """flax's convention: ``init`` makes no collective, so a layer with ``axis_name`` set
+    initializes with ``train=True`` on a real batch outside ``vmap``/``pmap``/``shard_map``
+    (the variables are the fresh ones). Applying it in train mode there does need the axis
+    (the positive control that ``axis_name`` is in use at all)."""
+    x = _data((8, 3))[0]
+    bn = bnl.BatchNorm(axis_name="batch")
+    v = bn.init(jax.random.key(0), x, train=True)
+    np.testing.assert_array_equal(v["batch_stats"]["mean"], np.zeros(3, np.float32))
+    np.testing.assert_array_equal(v["batch_stats"]["var"], np.ones(3, np.float32))
+    with pytest.raises(NameError, match="axis_name='batch' is not bound"):
+        bn.apply(v, x, train=True, mutable=["batch_stats"])
+    # Inside a mapped context with that name the same variables train (pooled statistics).
+    y, upd = jax.vmap(
+        lambda xi: bn.apply(v, xi, train=True, mutable=["batch_stats"]), axis_name="batch"
+    )(x.reshape(2, 4, 3))
+    ref = np.asarray(x, np.float64)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"][0], 0.01 * ref.mean(0), rtol=1e-5)
