@@ -66,6 +66,11 @@ class MLP(nn.Module):
       bn: extra keyword arguments for every BatchNorm (``momentum``,
         ``population``, ``grad``, ...), as a tuple of ``(name, value)`` pairs or
         a dict.
+      norm: the normalization layer's class where ``use_bn`` (default ``None``:
+        :class:`bnjax.linen.BatchNorm`); any linen module called as
+        ``norm(name=..., **bn)(x, train=...)``, e.g. ``bnjax.linen.BatchRenorm``
+        (then ``bn`` holds its arguments, such as ``r_max``). The layers keep
+        the names ``bn_<i>`` whatever the class.
 
     Input ``(batch, ...)`` is flattened to ``(batch, features)``; output is
     ``(batch, num_classes)`` logits.
@@ -77,6 +82,7 @@ class MLP(nn.Module):
     init_std: float = 1.0
     act: str = "sigmoid"
     bn: Any = ()
+    norm: Any = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
@@ -87,7 +93,8 @@ class MLP(nn.Module):
             x = nn.Dense(width, use_bias=not self.use_bn, kernel_init=init, name=f"dense_{i}")(x)
             if self.use_bn:
                 self.sow("intermediates", f"bn_in_{i}", x)
-                x = BatchNorm(name=f"bn_{i}", **dict(self.bn))(x, train=train)
+                norm = BatchNorm if self.norm is None else self.norm
+                x = norm(name=f"bn_{i}", **dict(self.bn))(x, train=train)
             self.sow("intermediates", f"act_in_{i}", x)
             x = g(x)
         return nn.Dense(self.num_classes, kernel_init=init, name="head")(x)

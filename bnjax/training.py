@@ -72,6 +72,7 @@ __all__ = [
     "make_train_step",
     "epoch_batch_indices",
     "epoch_permutation",
+    "class_grouped_batch_indices",
     "make_train_loop",
     "make_eval_step",
     "save_checkpoint",
@@ -83,6 +84,7 @@ __all__ = [
 Array = jax.Array
 PyTree = Any
 LossFn = Callable[[Array, Array], Array]
+StepProbe = Callable[..., dict[str, Array]]
 
 _DATA_STREAM = 0x0DA7A  # fold_in tag: the data-order key of a state's rng
 
@@ -175,6 +177,9 @@ def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     loss_fn: LossFn = cross_entropy_loss,
+    *,
+    probe: StepProbe | None = None,
+    axis_name: str | None = None,
 ) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
     """One training step ``(state, x, y) -> (new_state, {"loss", "accuracy"})`` (pure, not jitted).
 
@@ -182,17 +187,45 @@ def make_train_step(
     its population statistics are updated; ``loss_fn(logits, y)`` is
     differentiated w.r.t. ``state.params``; the per-step ``"dropout"`` key is
     ``fold_in(state.rng, state.step)``.
+
+    ``probe``: optional ``probe(params=, grads=, updates=, intermediates=,
+    logits=, labels=) -> dict`` of extra metrics of this step, from its own
+    forward pass (training mode, the parameters *before* the update):
+    ``updates`` are the optimizer's parameter deltas, ``intermediates`` the
+    model's ``"intermediates"`` collection (made mutable for the probe; see
+    :mod:`bnjax.models` and :func:`bnjax.dynamics.layer_probe`). Its metrics are
+    added to ``"loss"`` and ``"accuracy"``.
+
+    ``axis_name``: the data-parallel form of the same step, written per device
+    for a mapped axis (``jax.shard_map`` over a mesh axis, as
+    :func:`bnjax.parallel.data_parallel` does, or ``pmap``): ``x`` and ``y``
+    are the device's shard of the global batch, the loss is the ``lax.pmean``
+    over ``axis_name`` of the per-device ``loss_fn`` (the global-batch mean for
+    equal shards), so its gradient with respect to the replicated parameters
+    is the full-batch gradient (``shard_map`` with ``check_vma=True`` sums the
+    per-device contributions of a replicated value); the metrics (``"loss"``,
+    ``"accuracy"`` and every floating probe metric) are ``pmean``-ed too, and
+    identical on every device. The model's batch-norm layers should pool over
+    the same axis (``BatchNorm(axis_name=...)``) so the statistics are those
+    of the global batch. The ``"dropout"`` key is additionally folded with
+    the device's ``lax.axis_index(axis_name)``, so devices draw independent
+    masks. ``None`` (default): the single-device step.
     """
+    mutable = ["batch_stats", "intermediates"] if probe is not None else ["batch_stats"]
+
+    def over_devices(v: Array) -> Array:
+        return v if axis_name is None else lax.pmean(v, axis_name)
 
     def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
-        rngs = {"dropout": jax.random.fold_in(state.rng, state.step)}
+        key = jax.random.fold_in(state.rng, state.step)
+        if axis_name is not None:
+            key = jax.random.fold_in(key, lax.axis_index(axis_name))
+        rngs = {"dropout": key}
 
         def loss(params):
             variables = state.replace(params=params).variables()
-            logits, updates = model.apply(
-                variables, x, train=True, mutable=["batch_stats"], rngs=rngs
-            )
-            return loss_fn(logits, y), (logits, updates)
+            logits, updates = model.apply(variables, x, train=True, mutable=mutable, rngs=rngs)
+            return over_devices(loss_fn(logits, y)), (logits, updates)
 
         (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
         deltas, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -202,8 +235,20 @@ def make_train_step(
             batch_stats=updates.get("batch_stats", state.batch_stats),
             opt_state=opt_state,
         )
-        acc = jnp.mean(jnp.argmax(logits, -1) == y)
-        return new, {"loss": value, "accuracy": acc}
+        acc = over_devices(jnp.mean(jnp.argmax(logits, -1) == y))
+        metrics = {"loss": value, "accuracy": acc}
+        if probe is not None:
+            extra = probe(
+                params=state.params,
+                grads=grads,
+                updates=deltas,
+                intermediates=updates.get("intermediates", {}),
+                logits=logits,
+                labels=y,
+            )
+            floating = lambda v: jnp.issubdtype(jnp.result_type(v), jnp.floating)
+            metrics.update(jax.tree.map(lambda v: over_devices(v) if floating(v) else v, extra))
+        return new, metrics
 
     return step
 
@@ -271,16 +316,149 @@ def epoch_batch_indices(
             f"batch_size must be in [1, num_examples={num_examples}], got {batch_size}"
         )
     spe = num_examples // batch_size
-    start = jnp.asarray(start_step, jnp.int32)
+    return _steps_of_epochs(
+        key,
+        start_step,
+        num_steps,
+        spe,
+        batch_size,
+        lambda keys: epoch_permutation(keys, num_examples),
+    )
+
+
+def _steps_of_epochs(key, start, num_steps: int, spe: int, batch_size: int, epoch_order):
+    """Rows ``start .. start + num_steps - 1`` of the epochs' batches (see the callers).
+
+    ``epoch_order(keys)`` maps the epoch keys ``(E, 2)`` to each epoch's example
+    order ``(E, >= spe * batch_size)``, whose consecutive ``batch_size`` slices
+    are the epoch's ``spe`` mini-batches.
+    """
+    start = jnp.asarray(start, jnp.int32)
     first_epoch = start // spe
     touched = num_steps // spe + 2  # static bound on the epochs a chunk can touch
     epochs = first_epoch + jnp.arange(touched, dtype=jnp.int32)
     keys = jax.vmap(lambda e: jax.random.fold_in(key, e))(epochs)
-    perms = epoch_permutation(keys, num_examples)
+    order = epoch_order(keys)
     t = start + jnp.arange(num_steps, dtype=jnp.int32)
     rows = (t // spe - first_epoch)[:, None]
     cols = ((t % spe) * batch_size)[:, None] + jnp.arange(batch_size, dtype=jnp.int32)
-    return perms[rows, cols].astype(jnp.int32)
+    return order[rows, cols].astype(jnp.int32)
+
+
+def _class_chunks(labels: np.ndarray, classes_per_batch: int, batch_size: int):
+    """``(chunk, chunks per class, steps per epoch)`` of a class-grouped order, validated."""
+    if classes_per_batch < 1 or batch_size % classes_per_batch:
+        raise ValueError(
+            f"classes_per_batch={classes_per_batch} must be >= 1 and divide batch_size="
+            f"{batch_size}"
+        )
+    chunk = batch_size // classes_per_batch
+    _, counts = np.unique(labels, return_counts=True)
+    if classes_per_batch > counts.size:
+        raise ValueError(
+            f"classes_per_batch={classes_per_batch} exceeds the {counts.size} classes in labels"
+        )
+    per_class = counts // chunk
+    spe = int(per_class.sum()) // classes_per_batch
+    if spe < 1 or per_class.max() > spe:
+        raise ValueError(
+            f"cannot cut batches of {batch_size} holding {classes_per_batch} classes of "
+            f"{chunk} examples each from class counts {counts.tolist()}: one class would "
+            "fill more than 1/classes_per_batch of the epoch (or no batch fits)"
+        )
+    return chunk, per_class, spe
+
+
+def _host_class_grouped(words, labels, classes_per_batch, batch_size):
+    """One class-grouped epoch per uint32 word pair: ``(..., spe * batch_size)`` int32."""
+    chunk, _, spe = _class_chunks(labels, classes_per_batch, batch_size)
+    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    words = np.asarray(words, np.uint32)
+    out = np.empty(words.shape[:-1] + (spe * batch_size,), np.int32)
+    for i in np.ndindex(words.shape[:-1]):
+        rng = np.random.default_rng([int(w) for w in words[i]])
+        blocks = []
+        for c in rng.permutation(classes.size):  # a fresh class order each epoch
+            idx = rng.permutation(members[c])
+            blocks.append(idx[: idx.size // chunk * chunk].reshape(-1, chunk))
+        # Each class is one contiguous block of at most spe chunks, so the chunks
+        # j, j + spe, ..., j + (k - 1) spe come from k different classes.
+        chunks = np.concatenate(blocks)[: spe * classes_per_batch]
+        batches = chunks.reshape(classes_per_batch, spe, chunk).transpose(1, 0, 2)
+        batches = batches.reshape(spe, batch_size)[rng.permutation(spe)]
+        out[i] = rng.permuted(batches, axis=1).ravel()  # classes mixed within a batch
+    return out
+
+
+def class_grouped_batch_indices(
+    labels: np.ndarray | Sequence[int], classes_per_batch: int
+) -> Callable[..., Array]:
+    """A non-i.i.d. data order: every mini-batch holds examples of exactly ``k`` classes.
+
+    Returns ``indices(key, start_step, num_steps, num_examples, batch_size)``
+    with the signature and contract of :func:`epoch_batch_indices` (a pure
+    function of ``(key, step)``, usable under ``jit``/``vmap``; pass it to
+    :func:`make_train_loop` as ``batch_indices``). Epoch ``e``, drawn on the
+    host from ``fold_in(key, e)``: the classes in a random order, each class's
+    examples shuffled and cut into chunks of ``batch_size // k``; the chunks
+    laid out class after class are dealt into ``steps_per_epoch`` batches of
+    ``k`` chunks of ``k`` different classes (the class partners change every
+    epoch), the batches shuffled, the examples shuffled within each batch. An
+    epoch uses every example at most once and drops fewer than
+    ``batch_size // k`` examples per class plus fewer than ``k`` chunks.
+
+    This is the setting of Ioffe (2017), Sec. 4.3 (mini-batches with few
+    labels, several examples per label), under which batch norm's inference
+    output and its training output disagree.
+
+    Args:
+      labels: the integer class of every training example, ``(N,)`` (on the host).
+      classes_per_batch: ``k``; must divide the batch size, and no class may
+        hold more than ``1/k`` of the examples.
+
+    Raises:
+      ValueError (when called): ``num_examples != len(labels)``, ``k`` not
+      dividing ``batch_size``, more classes asked than exist, or a class too
+      large for ``k``.
+
+    Example::
+
+        >>> y = np.repeat(np.arange(10), 60)
+        >>> f = class_grouped_batch_indices(y, 2)
+        >>> idx = np.asarray(f(jax.random.PRNGKey(0), 0, 3, 600, 20))
+        >>> [len(set(y[b])) for b in idx]
+        [2, 2, 2]
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+
+    def indices(key, start_step, num_steps: int, num_examples: int, batch_size: int) -> Array:
+        if num_examples != labels.size:
+            raise ValueError(
+                f"class_grouped_batch_indices was built for {labels.size} labels, but the "
+                f"data has {num_examples} examples"
+            )
+        _, _, spe = _class_chunks(labels, classes_per_batch, batch_size)
+        host = functools.partial(
+            _host_class_grouped,
+            labels=labels,
+            classes_per_batch=classes_per_batch,
+            batch_size=batch_size,
+        )
+
+        def order(keys):
+            keys = jnp.asarray(_raw_key(keys), jnp.uint32)
+            out = jax.ShapeDtypeStruct(keys.shape[:-1] + (spe * batch_size,), jnp.int32)
+            return jax.pure_callback(host, out, keys, vmap_method="expand_dims")
+
+        return _steps_of_epochs(key, start_step, num_steps, spe, batch_size, order)
+
+    indices.steps_per_epoch = lambda batch_size: _class_chunks(  # type: ignore[attr-defined]
+        labels, classes_per_batch, batch_size
+    )[2]
+    return indices
 
 
 def make_train_loop(
@@ -291,6 +469,9 @@ def make_train_loop(
     loss_fn: LossFn = cross_entropy_loss,
     over_seeds: bool = True,
     steps_per_call: int | None = None,
+    probe: StepProbe | None = None,
+    per_step: bool = False,
+    batch_indices: Callable[..., Array] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """``loop(state, images, labels, num_steps) -> (state, metrics)``: ``num_steps`` compiled steps.
 
@@ -312,13 +493,24 @@ def make_train_loop(
     (compile time grows with ``k``); dense models run fastest rolled (the
     default). Same batches and the same result either way.
 
+    ``probe``: per-step extra metrics (see :func:`make_train_step`);
+    ``per_step=True``: return every step's metrics (a trajectory, e.g. for
+    :func:`bnjax.dynamics.trace`) instead of their mean over the chunk.
+
+    ``batch_indices``: the data order, a function with the signature of
+    :func:`epoch_batch_indices` (the default: shuffled epochs, i.i.d.
+    mini-batches), e.g. :func:`class_grouped_batch_indices` for mini-batches
+    of few classes each.
+
     Returns:
-      The new state and the mean training ``loss`` and ``accuracy`` over the
-      chunk's steps (shape ``(seeds,)`` with ``over_seeds``).
+      The new state and the mean training ``loss`` and ``accuracy`` (and probe
+      metrics) over the chunk's steps (shape ``(seeds,)`` with ``over_seeds``);
+      with ``per_step``, every step's values (shape ``(seeds, num_steps)``).
     """
     if steps_per_call is not None and steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1 or None, got {steps_per_call}")
-    step_fn = make_train_step(model, tx, loss_fn)
+    step_fn = make_train_step(model, tx, loss_fn, probe=probe)
+    sample = epoch_batch_indices if batch_indices is None else batch_indices
     unroll = steps_per_call is not None
 
     def check(images, labels):
@@ -330,14 +522,14 @@ def make_train_loop(
 
     def indices(state, *, num_steps, num_examples):
         key = jax.random.fold_in(state.rng, _DATA_STREAM)
-        return epoch_batch_indices(key, state.step, num_steps, num_examples, batch_size)
+        return sample(key, state.step, num_steps, num_examples, batch_size)
 
     def run_steps(state, images, labels, idx):
         def body(s, i):
             return step_fn(s, images[i], labels[i])
 
         state, metrics = lax.scan(body, state, idx, unroll=unroll)
-        return state, jax.tree.map(jnp.mean, metrics)
+        return state, metrics if per_step else jax.tree.map(lambda m: jnp.mean(m, 0), metrics)
 
     def one_seed(state, images, labels, *, num_steps):
         idx = indices(state, num_steps=num_steps, num_examples=images.shape[0])
@@ -378,6 +570,11 @@ def make_train_loop(
             state, metrics = call(state, images, labels, part)
             parts.append((k, metrics))
             done += k
+        if per_step:
+            axis = 1 if over_seeds else 0
+            return state, jax.tree.map(
+                lambda *ms: jnp.concatenate(ms, axis), *[m for _, m in parts]
+            )
         mean = jax.tree.map(
             lambda *ms: sum(k * m for (k, _), m in zip(parts, ms, strict=True)) / done,
             *[m for _, m in parts],
@@ -394,6 +591,7 @@ def make_eval_step(
     probe: Callable[[PyTree], dict[str, Array]] | None = None,
     batch_size: int | None = None,
     over_seeds: bool = True,
+    batch_statistics: bool = False,
 ) -> Callable[[TrainState, Array, Array], dict[str, Array]]:
     """``evaluate(state, images, labels) -> metrics`` in inference mode (population statistics).
 
@@ -406,16 +604,28 @@ def make_eval_step(
       batch_size: evaluate in chunks of this many examples (must divide ``N``)
         to bound memory; default: the whole set at once.
       over_seeds: ``jax.vmap`` over the leading seed axis of ``state``.
+      batch_statistics: evaluate in *training* mode instead (``train=True``):
+        every chunk of ``batch_size`` examples (default: the whole set) is
+        normalized with its own statistics, as a training mini-batch is
+        (Algorithm 1; ghost batches as configured in the model), so the
+        grouping of ``images`` into consecutive chunks matters. The stored
+        statistics are only read (by layers that use them in training, such as
+        Batch Renorm); the updates are discarded, ``state`` is unchanged. The
+        gap to the default inference-mode accuracy is batch norm's
+        train/inference mismatch.
 
     Returns:
       A jitted function; metrics have shape ``(seeds,)`` (plus the probe's own shape).
     """
+    mutable = (["intermediates"] if probe is not None else []) + (
+        ["batch_stats"] if batch_statistics else []
+    )
 
     def forward(state, x):
-        if probe is None:
+        if not mutable:
             return model.apply(state.variables(), x, train=False), {}
-        logits, aux = model.apply(state.variables(), x, train=False, mutable=["intermediates"])
-        return logits, aux["intermediates"]
+        logits, aux = model.apply(state.variables(), x, train=batch_statistics, mutable=mutable)
+        return logits, aux.get("intermediates", {}) if probe is not None else {}
 
     def one_seed(state, images, labels):
         n = images.shape[0]

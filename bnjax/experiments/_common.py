@@ -232,8 +232,10 @@ def updated(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.
     return c
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0):
-    """``"sgd"`` (plain), ``"momentum"`` (heavy ball), ``"nesterov"`` or ``"adam"``."""
+def make_optimizer(name: str, learning_rate: float | optax.Schedule, momentum: float = 0.0):
+    """``"sgd"`` (plain), ``"momentum"`` (heavy ball), ``"nesterov"`` or ``"adam"``.
+
+    ``learning_rate`` is a constant or an optax schedule of the step count."""
     if name == "sgd":
         return optax.sgd(learning_rate)
     if name == "momentum":
@@ -342,6 +344,7 @@ def train_side_by_side(
     workdir: Path,
     *,
     probe: Callable[[Any], dict[str, Any]] | None = None,
+    batch_indices: Mapping[str, Callable[..., Any] | None] | None = None,
     resume: bool,
     progress: bool,
     desc: str,
@@ -356,7 +359,9 @@ def train_side_by_side(
     on ``test`` every ``config.eval_every`` steps in chunks of
     ``config.eval_batch_size`` (0: all at once) with ``probe``. It trains to
     ``config.num_steps``, checkpointing to ``workdir/checkpoints`` every
-    ``config.checkpoint_every`` steps (0: only at the end).
+    ``config.checkpoint_every`` steps (0: only at the end). ``batch_indices``
+    (name -> data order, see ``make_train_loop``; missing or ``None``: shuffled
+    epochs) gives a net another data order.
 
     Returns:
       The :class:`bnjax.training.Run` of every net (its ``evaluate`` can be
@@ -375,6 +380,7 @@ def train_side_by_side(
                 tx,
                 batch_size=config.batch_size,
                 steps_per_call=config.get("steps_per_call") or None,
+                batch_indices=(batch_indices or {}).get(name),
             ),
             evaluate=training.make_eval_step(model, probe=probe, batch_size=eval_bs),
         )
