@@ -23,7 +23,8 @@ a replicated value), identical on every device. On several hosts, call
 ``jax.devices()``; see ``docs/multidevice.md``.
 
 The state is :class:`bnjax.training.TrainState` (re-exported here as
-``TrainState``); the step here leaves its ``rng`` field untouched.
+``TrainState``) and the step is :func:`bnjax.training.make_train_step` with an
+``axis_name``: one state type and one step for one device and for many.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
-from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bnjax import training
 from bnjax.training import TrainState, _raw_key, cross_entropy_loss, state_from_variables
 
 __all__ = [
@@ -84,43 +84,20 @@ def make_train_step(
 ) -> StepFn:
     """A train step ``(state, x, y) -> (state, metrics)`` for a linen model with batch norm.
 
-    Written per device: ``x`` and ``y`` are the device's shard of the batch.
-    With ``axis_name`` the loss and metrics are averaged over that axis (bind it
-    with :func:`data_parallel`); with ``axis_name=None`` the step is an ordinary
-    single-device step (the model's BatchNorm layers must then have
-    ``axis_name=None`` too).
+    :func:`bnjax.training.make_train_step` with ``axis_name`` (default
+    ``"data"``): the library's one train step, written per device, ``x`` and
+    ``y`` being the device's shard of the batch. The loss and the metrics are
+    averaged over that axis (bind it with :func:`data_parallel`); with
+    ``axis_name=None`` the step is the ordinary single-device step (the model's
+    BatchNorm layers must then have ``axis_name=None`` too).
 
     ``state`` is a :class:`bnjax.training.TrainState` (e.g. from
-    :func:`create_train_state`); its ``rng`` is passed through unchanged.
+    :func:`create_train_state`); its ``rng`` is only read (the per-step
+    ``"dropout"`` key is ``fold_in(fold_in(rng, step), device index)``).
 
     Metrics: ``loss`` (mean over the global batch) and ``accuracy``.
     """
-
-    def mean_over_devices(v):
-        return v if axis_name is None else lax.pmean(v, axis_name)
-
-    def loss_and_updates(params, batch_stats, x, y):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        loss = mean_over_devices(loss_fn(logits, y))
-        return loss, (logits, updates["batch_stats"])
-
-    def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
-        grad_fn = jax.value_and_grad(loss_and_updates, has_aux=True)
-        (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, x, y)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        accuracy = mean_over_devices(jnp.mean(jnp.argmax(logits, -1) == y))
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        )
-        return new_state, {"loss": loss, "accuracy": accuracy}
-
-    return step
+    return training.make_train_step(model, tx, loss_fn, axis_name=axis_name)
 
 
 def data_parallel(

@@ -299,3 +299,37 @@ def test_fit_resume_equals_uninterrupted(tmp_path, setup, data):
     assert len(rec["accuracy"]) == 2
     assert T.latest_checkpoint_step(tmp_path / "a") == 60
     assert int(whole.states["bn"].step[0]) == 60
+
+
+def test_train_step_axis_name_means_metrics_and_draws_dropout_per_device():
+    """With ``axis_name`` the metrics are the mean over the mapped devices (equal on all) and
+    each device draws its own dropout mask (the per-step key folded with its axis index)."""
+
+    class DropNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train):
+            x = nn.Dropout(0.5, deterministic=not train)(x)
+            return nn.Dense(C, kernel_init=nn.initializers.normal(1.0))(x)
+
+    model, tx = DropNet(), optax.sgd(0.1)
+    x = jnp.ones((4, D), jnp.float32)
+    y = jnp.arange(4, dtype=jnp.int32) % C
+    state = T.init_state(model, tx, jax.random.PRNGKey(0), x[:1])
+    step = T.make_train_step(model, tx, axis_name="dev")
+    # Two "devices" holding the same shard: only the dropout masks can tell them apart.
+    xs, ys = jnp.stack([x, x]), jnp.stack([y, y])
+    _, metrics = jax.vmap(step, in_axes=(None, 0, 0), axis_name="dev")(state, xs, ys)
+    np.testing.assert_array_equal(metrics["loss"][0], metrics["loss"][1])
+    single = T.make_train_step(model, tx)
+    per_device = []
+    for i in range(2):
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), i)
+        logits = model.apply(state.variables(), x, train=True, rngs={"dropout": key})
+        per_device.append(float(T.cross_entropy_loss(logits, y)))
+    assert per_device[0] != per_device[1]  # different masks on the two devices
+    np.testing.assert_allclose(metrics["loss"][0], np.mean(per_device), rtol=1e-6)
+    # Without axis_name: one device, the unfolded key.
+    _, m1 = jax.jit(single)(state, x, y)
+    key = jax.random.fold_in(state.rng, state.step)
+    logits = model.apply(state.variables(), x, train=True, rngs={"dropout": key})
+    np.testing.assert_allclose(m1["loss"], T.cross_entropy_loss(logits, y), rtol=1e-6)
