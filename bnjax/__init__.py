@@ -11,12 +11,13 @@ The submodules ``fold`` and ``recalibrate`` stay modules (``bnjax.fold.fold``,
 ``bnjax.recalibrate.recalibrate``); their other public functions are re-exported here.
 """
 
-from bnjax import diagnostics, fold, linen, nnx, recalibrate
+from bnjax import diagnostics, fold, linen, nnx, recalibrate, whitening
 from bnjax.diagnostics import consistency, consistency_nnx, format_table
 from bnjax.fold import affine, find_pairs, fold_linear, fold_sequential
 from bnjax.functional import (
     BatchNormConfig,
     BNParams,
+    RenormConfig,
     apply,
     apply_eval,
     apply_train,
@@ -24,10 +25,12 @@ from bnjax.functional import (
     inference_affine,
     init,
     init_state,
+    renorm_schedule,
 )
-from bnjax.population import BatchStats, reset_population
+from bnjax.population import BatchStats, RenormStats, renorm_stats, reset_population
 from bnjax.recalibrate import recalibrate_nnx
 from bnjax.stats import Moments, merge, moments
+from bnjax.whitening import WhiteningConfig, WhiteningStats
 
 __version__ = "0.1.0"
 
@@ -59,4 +62,11 @@ __all__ = [
     "recalibrate",
     "recalibrate_nnx",
     "reset_population",
+    "RenormConfig",
+    "RenormStats",
+    "renorm_schedule",
+    "renorm_stats",
+    "whitening",
+    "WhiteningConfig",
+    "WhiteningStats",
 ]

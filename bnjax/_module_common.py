@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from bnjax import functional as F
+from bnjax import whitening as W
 
 Array = jax.Array
 
@@ -103,3 +104,37 @@ def batch_stats(stored: Mapping[str, Array]) -> F.BatchStats:
         stored.get("count", zeros),
         stored.get("batches", zeros),
     )
+
+
+def whitening_config_of(module: Any, *, local: bool = False) -> W.WhiteningConfig:
+    """The functional :class:`~bnjax.whitening.WhiteningConfig` of a ``BatchWhitening``
+    module (linen or NNX); ``local=True`` leaves out ``axis_name`` and ``axis_index_groups``."""
+    return W.WhiteningConfig(
+        group_size=module.group_size,
+        method=module.method,
+        iterations=module.iterations,
+        axis=module.axis,
+        epsilon=module.epsilon,
+        momentum=module.momentum,
+        use_scale=module.use_scale,
+        use_bias=module.use_bias,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        population=module.population,
+        axis_name=None if local else module.axis_name,
+        axis_index_groups=None if local else module.axis_index_groups,
+        allow_singular=module.allow_singular,
+    )
+
+
+def whitening_stat_names(population: str) -> tuple[str, ...]:
+    """What a ``BatchWhitening`` module stores: ``mean`` and ``whitening`` (the
+    inference map), and with ``population="average"`` also ``cov``, ``count`` and
+    ``batches`` (the exact running average)."""
+    return ("mean", "whitening") + (("cov", "count", "batches") if population == "average" else ())
+
+
+def whitening_stats(stored: Mapping[str, Array], fresh: W.WhiteningStats) -> W.WhiteningStats:
+    """The stored statistics ``{name: array}`` as :class:`~bnjax.whitening.WhiteningStats`,
+    the fields not stored taken from ``fresh`` (:func:`bnjax.whitening.init_state`)."""
+    return fresh._replace(**stored)

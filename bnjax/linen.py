@@ -45,14 +45,18 @@ import jax.numpy as jnp
 from flax.linen import initializers
 
 from bnjax import functional as F
+from bnjax import whitening as W
 from bnjax._module_common import (
     batch_stats,
     config_of,
     resolve_use_running_average,
     stat_names,
+    whitening_config_of,
+    whitening_stat_names,
+    whitening_stats,
 )
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "BatchWhitening"]
 
 
 Array = jax.Array
@@ -176,6 +180,112 @@ class BatchNorm(nn.Module):
             # undefined (flax returns zeros there; init does not update them anyway).
             return F.apply_eval(params, state, x, cfg)
         y, new_state = F.apply_train(params, state, x, cfg, mask=mask)
+        if not initializing:
+            for k, v in variables.items():
+                v.value = getattr(new_state, k)
+        return y
+
+
+class BatchWhitening(nn.Module):
+    """Batch whitening (Decorrelated BN / IterNorm) as a ``flax.linen`` module.
+
+    Groups of ``group_size`` contiguous features are whitened jointly over the
+    batch (and spatial) axes, then scaled and shifted per feature; numerics in
+    :mod:`bnjax.whitening`. Variables: ``params/{scale,bias}`` of shape ``(d,)``
+    as BatchNorm; ``batch_stats/mean (d,)`` and ``batch_stats/whitening
+    (g, G, G)`` (the inference map ``W_pop`` per group), with
+    ``population="average"`` also ``cov``, ``count``, ``batches``.
+
+    Attributes:
+      group_size: features per group (must divide the features; ``None``: all).
+      method: ``"zca"`` (DBN) or ``"iternorm"`` (Newton-Schulz).
+      iterations: Newton-Schulz steps of ``"iternorm"`` (default 5).
+      use_running_average, axis, momentum, epsilon, dtype, param_dtype,
+      use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
+      population: as :class:`BatchNorm` (``axis`` is one int here).
+      allow_singular: train on batches with no more examples than ``group_size``.
+
+    Example::
+
+        x = nn.Dense(64, use_bias=False)(x)
+        x = bnjax.linen.BatchWhitening(group_size=16)(x, train=train)
+    """
+
+    use_running_average: bool | None = None
+    group_size: int | None = None
+    method: str = "zca"
+    iterations: int = 5
+    axis: int = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Callable = initializers.zeros
+    scale_init: Callable = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    population: str = "ema"
+    allow_singular: bool = False
+
+    def config(self, *, initializing: bool = False) -> W.WhiteningConfig:
+        """The functional :class:`~bnjax.whitening.WhiteningConfig` this module runs."""
+        return whitening_config_of(self, local=initializing)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        train: bool | None = None,
+        mask: Array | None = None,
+    ) -> Array:
+        """Whitens ``x`` (batch statistics in training, ``W_pop`` at inference).
+
+        Args:
+          x: floating input, features on ``axis``.
+          use_running_average, train: the switches of :class:`BatchNorm`.
+          mask: optional boolean array broadcastable to ``x`` with size 1 on the
+            feature axis; only ``True`` examples enter the statistics.
+        """
+        use_ra = None
+        if self.use_running_average is not None or use_running_average is not None:
+            use_ra = nn.merge_param(
+                "use_running_average", self.use_running_average, use_running_average
+            )
+        use_ra = resolve_use_running_average(
+            use_ra,
+            train,
+            missing="BatchWhitening needs train=... (or use_running_average=...) as an "
+            "attribute or a call argument",
+            hint=" (train = not use_running_average)",
+        )
+        x = jnp.asarray(x)
+        W._check_input(x)
+        initializing = self.is_initializing()
+        cfg = self.config(initializing=initializing)
+        faxis, d, _, size = W._layout(x, cfg)
+        params = F.BNParams(
+            scale=self.param("scale", self.scale_init, (d,), self.param_dtype)
+            if self.use_scale
+            else None,
+            bias=self.param("bias", self.bias_init, (d,), self.param_dtype)
+            if self.use_bias
+            else None,
+        )
+        fresh = W.init_state(d, cfg)
+        variables = {
+            k: self.variable("batch_stats", k, lambda k=k: getattr(fresh, k))
+            for k in whitening_stat_names(self.population)
+        }
+        state = whitening_stats({k: v.value for k, v in variables.items()}, fresh)
+        if use_ra or (initializing and x.size // d <= size):
+            # Inference; or init on a batch too small for a covariance (init does not
+            # update the statistics anyway).
+            return W.apply_eval(params, state, x, cfg)
+        y, new_state = W.apply_train(params, state, x, cfg, mask=mask)
         if not initializing:
             for k, v in variables.items():
                 v.value = getattr(new_state, k)

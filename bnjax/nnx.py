@@ -46,14 +46,18 @@ from flax import nnx
 from flax.nnx.nn import initializers
 
 from bnjax import functional as F
+from bnjax import whitening as W
 from bnjax._module_common import (
     batch_stats,
     config_of,
     resolve_use_running_average,
     stat_names,
+    whitening_config_of,
+    whitening_stat_names,
+    whitening_stats,
 )
 
-__all__ = ["BatchNorm", "intercept"]
+__all__ = ["BatchNorm", "BatchWhitening", "intercept"]
 
 Array = jax.Array
 _ZEROS = initializers.zeros_init()
@@ -243,5 +247,141 @@ class BatchNorm(nnx.Module):
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by :func:`flax.nnx.view` (``nnx.view(model, use_running_average=True)``)."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class BatchWhitening(nnx.Module):
+    """Batch whitening (Decorrelated BN / IterNorm) as a ``flax.nnx`` module.
+
+    Numerics in :mod:`bnjax.whitening`; the same options as
+    :class:`bnjax.linen.BatchWhitening` and the same ``.train()`` / ``.eval()`` /
+    :func:`flax.nnx.view` switching as :class:`BatchNorm`.
+
+    Args:
+      num_features: number of features ``d`` (an int).
+      group_size: features per group (must divide ``d``; ``None``: all).
+      method: ``"zca"`` or ``"iternorm"``; iterations: Newton-Schulz steps (5).
+      use_running_average, axis, momentum, epsilon, dtype, param_dtype,
+      use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
+      rngs, population: as :class:`BatchNorm` (``axis`` is one int here).
+      allow_singular: train on batches with no more examples than ``group_size``.
+
+    Attributes:
+      scale, bias: ``nnx.Param`` of shape ``(d,)`` (or ``None``).
+      mean: ``nnx.BatchStat`` ``(d,)``; whitening: ``nnx.BatchStat``
+        ``(g, G, G)`` (the inference map per group); with
+        ``population="average"`` also ``cov``, ``count``, ``batches``.
+
+    Example::
+
+        >>> from flax import nnx
+        >>> bw = BatchWhitening(8, group_size=4, rngs=nnx.Rngs(0))
+        >>> y = bw(jax.random.normal(jax.random.key(0), (32, 8)))   # train mode
+        >>> bw.eval(); y = bw(jnp.ones((1, 8)))                      # population map
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        group_size: int | None = None,
+        method: str = "zca",
+        iterations: int = 5,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Callable = _ZEROS,
+        scale_init: Callable = _ONES,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        population: str = "ema",
+        allow_singular: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_features = num_features
+        self.group_size = group_size
+        self.method = method
+        self.iterations = iterations
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.population = population
+        self.allow_singular = allow_singular
+        fresh = W.init_state(num_features, self.config())  # validates the options
+        for name in whitening_stat_names(population):
+            setattr(self, name, nnx.BatchStat(getattr(fresh, name)))
+
+        def param(used: bool, init: Callable) -> Any:
+            if not used:
+                return nnx.data(None)
+            key = rngs.params() if rngs is not None else jax.random.key(0)
+            return nnx.Param(init(key, (num_features,), param_dtype))
+
+        self.scale = param(use_scale, scale_init)
+        self.bias = param(use_bias, bias_init)
+
+    def config(self) -> W.WhiteningConfig:
+        """The functional :class:`~bnjax.whitening.WhiteningConfig` this module runs."""
+        return whitening_config_of(self)
+
+    def bn_params(self) -> F.BNParams:
+        """The current ``(scale, bias)`` as a :class:`~bnjax.BNParams`."""
+        return F.BNParams(
+            scale=None if self.scale is None else self.scale[...],
+            bias=None if self.bias is None else self.bias[...],
+        )
+
+    def whitening_state(self) -> W.WhiteningStats:
+        """The population statistics as :class:`~bnjax.whitening.WhiteningStats`
+        (fields not stored are fresh values)."""
+        fresh = W.init_state(self.num_features, self.config())
+        names = whitening_stat_names(self.population)
+        return whitening_stats({k: getattr(self, k)[...] for k in names}, fresh)
+
+    def set_whitening_state(self, state: W.WhiteningStats) -> None:
+        """Writes the stored population statistics."""
+        for k in whitening_stat_names(self.population):
+            stored = getattr(self, k)
+            stored[...] = getattr(state, k).astype(stored[...].dtype)
+
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        train: bool | None = None,
+        mask: Array | None = None,
+    ) -> Array:
+        """Whitens ``x``; in training mode the statistics are updated in place."""
+        use_running_average = resolve_use_running_average(
+            use_running_average,
+            train,
+            default=self.use_running_average,
+            missing="BatchWhitening needs use_running_average: pass it to the constructor or "
+            "the call, or use model.train() / model.eval()",
+        )
+        cfg = self.config()
+        params, state = self.bn_params(), self.whitening_state()
+        if use_running_average:
+            return W.apply_eval(params, state, x, cfg)
+        y, new_state = W.apply_train(params, state, x, cfg, mask=mask)
+        self.set_whitening_state(jax.lax.stop_gradient(new_state))
+        return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by :func:`flax.nnx.view`."""
         if use_running_average is not None:
             self.use_running_average = use_running_average

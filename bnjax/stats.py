@@ -43,7 +43,11 @@ except ImportError:  # pragma: no cover - older/newer JAX: fall back to lax.all_
     _all_gather_invariant = None
 
 __all__ = [
+    "CoMoments",
     "Moments",
+    "all_reduce_comoments",
+    "comoments",
+    "merge_comoments_along",
     "moments",
     "merge",
     "merge_along",
@@ -57,6 +61,8 @@ __all__ = [
     "resolve_method",
     "safe_rsqrt",
     "METHODS",
+    "abs2",
+    "real_dtype",
 ]
 
 Array = jax.Array
@@ -67,12 +73,14 @@ class Moments(NamedTuple):
     """Per-feature sufficient statistics of a set of values.
 
     All three fields have the same shape (the feature shape, or the keepdims
-    shape of the reduction) and the statistics dtype (at least float32).
+    shape of the reduction) and the statistics dtype (at least float32). For
+    complex inputs ``mean`` is complex (complex64 at least) while ``count`` and
+    ``m2`` are real (its :func:`real_dtype`), as is :meth:`var`.
 
     Attributes:
       count: number of valid elements ``n`` (a float, so it can be summed).
       mean: ``sum(x) / n`` (0 where ``n == 0``).
-      m2: centred sum of squares ``sum((x - mean)^2)`` (0 where ``n == 0``).
+      m2: centred sum of squares ``sum(|x - mean|^2)`` (0 where ``n == 0``).
     """
 
     count: Array
@@ -97,8 +105,23 @@ def safe_rsqrt(v: Array) -> Array:
 
 
 def stats_dtype(dtype) -> jnp.dtype:
-    """The accumulation dtype for inputs of ``dtype``: at least float32."""
+    """The accumulation dtype for inputs of ``dtype``: at least float32.
+
+    Complex inputs keep a complex dtype (complex64 at least; complex128 stays).
+    """
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype) -> jnp.dtype:
+    """The real dtype of ``dtype``: float32 for complex64, unchanged for a real float."""
+    return jnp.finfo(dtype).dtype
+
+
+def abs2(d: Array) -> Array:
+    """``|d|^2``, real: ``d * d`` for real ``d``; ``re(d)^2 + im(d)^2`` for complex ``d``."""
+    if jnp.iscomplexobj(d):
+        return lax.square(lax.real(d)) + lax.square(lax.imag(d))
+    return d * d
 
 
 def canonicalize_axes(
@@ -162,35 +185,38 @@ def moments(
     axes = canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes")
     method = resolve_method(method)
     dt = stats_dtype(x.dtype)
+    rdt = real_dtype(dt)  # count and M2 (dt itself for real inputs)
     xf = x.astype(dt)
     if mask is None:
         kshape = [1 if i in axes else s for i, s in enumerate(x.shape)]
         n = math.prod(x.shape[a] for a in axes)
         if n == 0:  # nothing to reduce: n = 0, mean = M2 = 0 (no 0/0)
-            zero = jnp.zeros(kshape, dt)
-            return Moments(zero, zero, zero)
-        count = jnp.full(kshape, n, dt)
+            zero = jnp.zeros(kshape, rdt)
+            return Moments(zero, jnp.zeros(kshape, dt), zero)
+        count = jnp.full(kshape, n, rdt)
         if method == "shifted":
+            # complex: a, b are data values too (max/min order lexicographically)
             a, b = _shifts(xf, axes)
             s1 = _reduce_sum(xf - a, axes)
-            s2 = _reduce_sum(jnp.square(xf - b), axes)
+            s2 = _reduce_sum(abs2(xf - b) if rdt != dt else jnp.square(xf - b), axes)
             # mean = a + s1 / n;  M2 = sum((x - b)^2) - n (mean - b)^2, where
             # mean - b = (a - b) + s1 / n is of the order of the spread.
             mean_a = s1 / count
             mean = a + mean_a
             mean_b = (a - b) + mean_a
-            m2 = jnp.maximum(s2 - count * mean_b * mean_b, 0)
+            mb2 = count * abs2(mean_b) if rdt != dt else count * mean_b * mean_b
+            m2 = jnp.maximum(s2 - mb2, 0)
             return Moments(count, mean, m2)
         mean = _reduce_sum(xf, axes) / count
         d = xf - mean
-        return Moments(count, mean, _reduce_sum(d * d, axes))
+        return Moments(count, mean, _reduce_sum(abs2(d), axes))
     mask = check_mask(mask, x.shape)
     w = jnp.broadcast_to(mask, x.shape)
-    count = _reduce_sum(w.astype(dt), axes)
+    count = _reduce_sum(w.astype(rdt), axes)
     safe = jnp.maximum(count, 1)
     mean = _reduce_sum(jnp.where(w, xf, 0), axes) / safe
     d = jnp.where(w, xf - mean, 0)
-    return Moments(count, mean, _reduce_sum(d * d, axes))
+    return Moments(count, mean, _reduce_sum(abs2(d), axes))
 
 
 METHODS = ("auto", "two_pass", "shifted")
@@ -288,14 +314,14 @@ def merge(a: Moments, b: Moments) -> Moments:
     """Exact combination of two sets of moments (Chan, Golub & LeVeque).
 
     ``n = n_a + n_b``, ``d = mean_b - mean_a``, ``mean = mean_a + d n_b / n``,
-    ``M2 = M2_a + M2_b + d^2 n_a n_b / n``. Exact for unequal counts; a side
+    ``M2 = M2_a + M2_b + |d|^2 n_a n_b / n``. Exact for unequal counts; a side
     with ``n == 0`` contributes nothing, and ``n_a = n_b = 0`` gives zeros.
     """
     n = a.count + b.count
     safe = jnp.where(n > 0, n, 1)
     d = b.mean - a.mean
     mean = a.mean + d * (b.count / safe)
-    m2 = a.m2 + b.m2 + d * d * (a.count * b.count / safe)
+    m2 = a.m2 + b.m2 + abs2(d) * (a.count * b.count / safe)
     return Moments(n, jnp.where(n > 0, mean, 0), jnp.where(n > 0, m2, 0))
 
 
@@ -303,14 +329,15 @@ def merge_along(m: Moments, axis: int, *, keepdims: bool = False) -> Moments:
     """Exactly merges moments stacked along ``axis`` (e.g. per device or per ghost batch).
 
     Uses the pooled form ``mean = sum(n_i mean_i) / n`` and
-    ``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``, which is Chan's formula
+    ``M2 = sum(M2_i) + sum(n_i |mean_i - mean|^2)``, which is Chan's formula
     applied to all parts at once (no ``E[x^2]`` cancellation).
     """
     n = jnp.sum(m.count, axis=axis, keepdims=True)
     safe = jnp.where(n > 0, n, 1)
     mean = jnp.sum(m.count * m.mean, axis=axis, keepdims=True) / safe
     d = m.mean - mean
-    m2 = jnp.sum(m.m2 + m.count * d * d, axis=axis, keepdims=True)
+    dd = m.count * abs2(d) if jnp.iscomplexobj(d) else m.count * d * d
+    m2 = jnp.sum(m.m2 + dd, axis=axis, keepdims=True)
     out = Moments(n, mean, m2)
     if not keepdims:
         out = Moments(*(jnp.squeeze(f, axis) for f in out))
@@ -325,7 +352,8 @@ def all_reduce(
     """Exactly merges per-device moments over a named axis with one collective.
 
     The three fields are stacked and all-gathered in a single ``all_gather``
-    (``3 x features`` floats per device), then merged with :func:`merge_along`.
+    (``3 x features`` floats per device; 4 for a complex mean, gathered as its
+    real and imaginary parts), then merged with :func:`merge_along`.
     This is exact for unequal per-device counts and ignores devices without
     valid elements, unlike averaging per-device means.
 
@@ -334,7 +362,27 @@ def all_reduce(
     """
     if axis_name is None:
         return m
-    stacked = jnp.stack([m.count, m.mean, m.m2])
+    if jnp.iscomplexobj(m.mean):  # one real collective: count, re(mean), im(mean), M2
+        rows = [m.count, lax.real(m.mean), lax.imag(m.mean), m.m2]
+        gathered, typed = _gather(jnp.stack(rows), axis_name, axis_index_groups)
+        mean = lax.complex(gathered[:, 1], gathered[:, 2])
+        parts = Moments(gathered[:, 0], mean, gathered[:, 3])
+    else:
+        rows = [m.count, m.mean, m.m2]
+        gathered, typed = _gather(jnp.stack(rows), axis_name, axis_index_groups)
+        parts = Moments(gathered[:, 0], gathered[:, 1], gathered[:, 2])
+    out = merge_along(parts, 0)
+    return out if typed else Moments(*_per_device(tuple(out), axis_name))
+
+
+def _gather(
+    stacked: Array, axis_name: AxisName, axis_index_groups: Sequence[Sequence[int]] | None
+) -> tuple[Array, bool]:
+    """All-gathers ``stacked`` over ``axis_name`` (one collective): ``(gathered, typed)``.
+
+    ``typed``: inside ``shard_map(check_vma=True)`` with ``stacked`` varying over
+    ``axis_name``; then the result is typed invariant (the same on every device).
+    """
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     typed = set(names) <= varying_axes(stacked)
     try:
@@ -350,16 +398,121 @@ def all_reduce(
             f"axis_name={axis_name!r} is not bound here: call batch norm inside "
             "shard_map / pmap / vmap with that axis name, or set axis_name=None"
         ) from e
-    parts = Moments(gathered[:, 0], gathered[:, 1], gathered[:, 2])
-    out = merge_along(parts, 0)
-    if not typed:
-        # One copy per device, also under vmap (whose all_gather result is a single
-        # unbatched value): then every untyped context (pmap, vmap, shard_map with
-        # check_vma=False) hands each device its own cotangent of the pooled
-        # moments, which the custom_vjp backward sums with one psum.
-        zero = (0 * lax.axis_index(axis_name)).astype(out.mean.dtype)
-        out = Moments(*(f + zero for f in out))
-    return out
+    return gathered, typed
+
+
+def _per_device(fields: tuple[Array, ...], axis_name: AxisName) -> tuple[Array, ...]:
+    """``fields`` as one copy per device of ``axis_name`` (values unchanged).
+
+    Also under vmap (whose all_gather result is a single unbatched value): then
+    every untyped context (pmap, vmap, shard_map with check_vma=False) hands each
+    device its own cotangent of the pooled moments, which the custom_vjp backward
+    sums with one psum.
+    """
+    zero = (0 * lax.axis_index(axis_name)).astype(real_dtype(fields[1].dtype))
+    return tuple(f + zero for f in fields)
+
+
+class CoMoments(NamedTuple):
+    """Sufficient statistics of groups of features *jointly*: the covariance form of
+    :class:`Moments`, merged exactly by :func:`merge_comoments_along` /
+    :func:`all_reduce_comoments` (Chan's formula with outer products).
+
+    For ``g`` groups of ``G`` features:
+
+    Attributes:
+      count: ``(g,)`` number of valid examples ``n`` per group (a float).
+      mean: ``(g, G)`` mean of each group's features (0 where ``n == 0``).
+      c2: ``(g, G, G)`` centred co-moment matrix ``sum((x - mean)(x - mean)^T)``
+        (0 where ``n == 0``); ``c2 / n`` is the (biased) covariance.
+    """
+
+    count: Array
+    mean: Array
+    c2: Array
+
+    def cov(self) -> Array:
+        """The biased covariance ``c2 / n`` (0 where ``n == 0``), ``(g, G, G)``."""
+        n = self.count[..., None, None]
+        return jnp.where(n > 0, self.c2 / jnp.where(n > 0, n, 1), 0)
+
+
+def comoments(x: Array, group_size: int, *, weights: Array | None = None) -> CoMoments:
+    """Count, mean and centred co-moment matrix of contiguous feature groups of ``x``.
+
+    Args:
+      x: ``(m, d)`` rows (examples, or examples times positions), any float dtype;
+        ``d`` must be a multiple of ``group_size``. Group ``k`` is features
+        ``k G .. (k + 1) G - 1``.
+      group_size: ``G``.
+      weights: optional ``(m,)`` 0/1 weights of the rows (a mask of examples).
+
+    Two passes in :func:`stats_dtype` (the mean first, then the products of the
+    centred rows), so the covariance stays exact when ``|mean| >> std``.
+
+    Returns:
+      :class:`CoMoments` with ``count (g,)``, ``mean (g, G)``, ``c2 (g, G, G)``.
+    """
+    m, d = x.shape
+    if d % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the {d} features")
+    dt = stats_dtype(x.dtype)
+    xg = x.astype(dt).reshape(m, d // group_size, group_size)
+    if weights is None:
+        count = jnp.full((d // group_size,), m, dt)
+        safe = max(m, 1)
+        mean = jnp.sum(xg, axis=0) / safe
+        xc = xg - mean
+        c2 = jnp.einsum("mgi,mgj->gij", xc, xc)
+    else:
+        w = weights.astype(dt)[:, None, None]
+        n = jnp.sum(weights.astype(dt))
+        count = jnp.full((d // group_size,), 1, dt) * n
+        mean = jnp.sum(w * xg, axis=0) / jnp.maximum(n, 1)
+        xc = xg - mean
+        c2 = jnp.einsum("mgi,mgj->gij", w * xc, xc)
+    return CoMoments(count, mean, c2)
+
+
+def merge_comoments_along(c: CoMoments, axis: int = 0) -> CoMoments:
+    """Exactly merges co-moments stacked along ``axis`` (per device or per batch).
+
+    ``n = sum n_i``, ``mean = sum(n_i mean_i) / n``,
+    ``C2 = sum(C2_i) + sum(n_i (mean_i - mean)(mean_i - mean)^T)``: :func:`merge_along`
+    with outer products; exact for unequal counts, parts with ``n_i = 0`` ignored.
+    """
+    count = jnp.moveaxis(c.count, axis, 0)
+    mean_i = jnp.moveaxis(c.mean, axis, 0)
+    c2_i = jnp.moveaxis(c.c2, axis, 0)
+    n = jnp.sum(count, axis=0)
+    safe = jnp.where(n > 0, n, 1)
+    mean = jnp.sum(count[..., None] * mean_i, axis=0) / safe[..., None]
+    dm = mean_i - mean
+    c2 = jnp.sum(c2_i, axis=0) + jnp.einsum("k...,k...i,k...j->...ij", count, dm, dm)
+    return CoMoments(n, mean, c2)
+
+
+def all_reduce_comoments(
+    c: CoMoments,
+    axis_name: AxisName,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> CoMoments:
+    """Exactly merges per-device co-moments over a named axis with one all-gather.
+
+    The co-moment counterpart of :func:`all_reduce` (same collective, same
+    typing rules): exact for unequal per-device counts, devices without a valid
+    example contribute nothing.
+    """
+    if axis_name is None:
+        return c
+    g, k = c.mean.shape
+    flat = jnp.concatenate([c.count[:, None], c.mean, c.c2.reshape(g, k * k)], axis=1)
+    gathered, typed = _gather(flat, axis_name, axis_index_groups)
+    parts = CoMoments(
+        gathered[:, :, 0], gathered[:, :, 1 : 1 + k], gathered[:, :, 1 + k :].reshape(-1, g, k, k)
+    )
+    out = merge_comoments_along(parts, 0)
+    return out if typed else CoMoments(*_per_device(tuple(out), axis_name))
 
 
 def varying_axes(a: Array) -> frozenset:
