@@ -793,6 +793,7 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     parallel: bool = True,
+    put_on_device: bool = True,
 ) -> FitResult:
     """Trains several named runs side by side to ``num_steps``, evaluating every ``eval_every``.
 
@@ -822,6 +823,16 @@ def fit(
       parallel: run the runs' chunks (training and evaluation) in one thread per
         run, so several runs use several CPU cores (the results are the same
         either way: the runs are independent).
+      put_on_device: put ``train_data`` and ``eval_data`` on the default device
+        once (for the loops of :func:`make_train_loop`); ``False`` passes them
+        as given, e.g. host arrays for :func:`bnjax.parallel.make_train_loop`,
+        which feeds each process its share of every batch.
+
+    Several processes (``jax.distributed``): every process calls ``fit`` with the
+    same arguments and states replicated over the global mesh
+    (:func:`bnjax.parallel.replicate`); checkpoints are written and read by all
+    processes together through orbax (``checkpoint_dir`` on a file system every
+    process sees), and the progress bar is shown by process 0 only.
 
     Returns:
       A :class:`FitResult`.
@@ -841,11 +852,12 @@ def fit(
             raise ValueError(
                 f"the checkpoint in {checkpoint_dir} is at step {start}, past num_steps={num_steps}"
             )
-    train_x, train_y = (jax.device_put(a) for a in train_data)
-    eval_x, eval_y = (jax.device_put(a) for a in eval_data)
+    put = jax.device_put if put_on_device else (lambda a: a)
+    train_x, train_y = (put(a) for a in train_data)
+    eval_x, eval_y = (put(a) for a in eval_data)
 
     bar = None
-    if progress:
+    if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)

@@ -21,6 +21,29 @@ variant             BN     activation  lr
 ``bn_x5_sigmoid``   yes    sigmoid     5 x base
 ==================  =====  ==========  ==========
 
+These run at a constant rate with nothing else changed, isolating BN's own
+effect. The paper's accelerated BN networks (BN-x5, BN-x30) also came with the
+changes of its Sec. 4.2.1; those that exist in this setting are options of a
+variant (:class:`Variant`) and make a second set of named variants, ``<name>_421``:
+
+* an Inception-style staircase exponential decay of the rate,
+  ``lr * lr_decay_rate ** floor(step / lr_decay_steps)`` (Inception: 4% every
+  8 epochs; ``optax.exponential_decay(staircase=True)``), for the base-rate
+  networks (as the paper's Inception and BN-Baseline), and the same decay 6x
+  faster (every ``lr_decay_steps / 6`` steps) for the accelerated ones;
+* L2 weight decay on the conv and dense kernels, ``weight_decay`` for the
+  base-rate networks and ``weight_decay / 5`` for the accelerated ones;
+* no dropout: :class:`bnjax.models.ConvNet` has none (nor local response
+  normalization, nor photometric distortions: there is no augmentation);
+* thorough shuffling: every epoch already visits the training set in a fresh
+  permutation per seed (:func:`bnjax.training.epoch_batch_indices`).
+
+Changes that are *not* in the paper are separate, labelled variants
+(``*_warmup``: a linear warm-up of the rate; ``*_clip``: gradient clipping),
+never applied silently. The default ``variants`` are the eight above (their
+results unchanged); ``configs/lr_tolerance_sec421.py`` runs both sets side by
+side and ``results.md`` then also gets a side-by-side table.
+
 All variants share the initial-weight seeds and the data order per seed
 (:func:`bnjax.training.init_states`), are trained side by side with
 :func:`bnjax.training.fit` (several seeds in parallel by ``jax.vmap``) and are
@@ -56,6 +79,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from bnjax.experiments import _common
 from bnjax.models import ConvNet
@@ -64,11 +88,18 @@ __all__ = [
     "CONFIG_HELP",
     "VARIANTS",
     "Variant",
+    "ORIGINAL",
     "get_config",
     "quick_config",
+    "sec421_config",
+    "schedule",
+    "make_optimizer",
+    "make_model",
     "build",
     "summarize",
     "results_markdown",
+    "side_by_side_markdown",
+    "settings_text",
     "plot",
     "run",
     "main",
@@ -83,13 +114,33 @@ class Variant:
       label: the name in the table and the plot (the paper's names where they exist).
       use_bn: batch norm before every hidden activation.
       act: ``"base"`` (the config's ``activation``) or an activation name.
-      lr_mult: the learning rate is ``lr_mult * config.learning_rate``.
+      lr_mult: the (initial) learning rate is ``lr_mult * config.learning_rate``.
+      schedule: ``"constant"``, ``"inception"`` (staircase exponential decay by
+        ``config.lr_decay_rate`` every ``config.lr_decay_steps`` steps) or
+        ``"inception_6x"`` (the same, 6x faster: every ``lr_decay_steps / 6`` steps).
+      weight_decay: L2 weight decay of the kernels, as a multiple of
+        ``config.weight_decay`` (0: none).
+      warmup: (not in the paper) a linear warm-up from 0 over ``config.warmup_steps``.
+      clip: (not in the paper) clip the gradient's global norm at ``config.clip_norm``.
     """
 
     label: str
     use_bn: bool
     act: str
     lr_mult: float
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    warmup: bool = False
+    clip: bool = False
+
+    @property
+    def group(self) -> str:
+        """``"original"`` (constant rate), ``"sec421"`` or ``"beyond"`` (beyond the paper)."""
+        if self.warmup or self.clip:
+            return "beyond"
+        if self.schedule != "constant" or self.weight_decay:
+            return "sec421"
+        return "original"
 
 
 VARIANTS: dict[str, Variant] = {
@@ -101,7 +152,41 @@ VARIANTS: dict[str, Variant] = {
     "bn_x30": Variant("BN-x30", True, "base", 30.0),
     "sigmoid": Variant("Sigmoid, no BN", False, "sigmoid", 1.0),
     "bn_x5_sigmoid": Variant("BN-x5-Sigmoid", True, "sigmoid", 5.0),
+    # The paper's Sec. 4.2.1: base-rate nets get the Inception schedule and the base L2 (as the
+    # paper's Inception and BN-Baseline), accelerated BN nets the 6x faster decay and L2 / 5.
+    "no_bn_421": Variant("No BN (base lr), decay + L2", False, "base", 1.0, "inception", 1.0),
+    "no_bn_x5_421": Variant("No BN, lr x5, Sec. 4.2.1", False, "base", 5.0, "inception_6x", 0.2),
+    "bn_421": Variant("BN-Baseline, decay + L2", True, "base", 1.0, "inception", 1.0),
+    "bn_x5_421": Variant("BN-x5, Sec. 4.2.1", True, "base", 5.0, "inception_6x", 0.2),
+    "bn_x10_421": Variant("BN-x10, Sec. 4.2.1", True, "base", 10.0, "inception_6x", 0.2),
+    "bn_x30_421": Variant("BN-x30, Sec. 4.2.1", True, "base", 30.0, "inception_6x", 0.2),
+    "sigmoid_421": Variant("Sigmoid, no BN, decay + L2", False, "sigmoid", 1.0, "inception", 1.0),
+    "bn_x5_sigmoid_421": Variant(
+        "BN-x5-Sigmoid, Sec. 4.2.1", True, "sigmoid", 5.0, "inception_6x", 0.2
+    ),
+    # Beyond the paper (labelled): Sec. 4.2.1 plus a warm-up, or plus gradient clipping.
+    "bn_x30_421_warmup": Variant(
+        "BN-x30, Sec. 4.2.1 + warm-up (not in the paper)",
+        True,
+        "base",
+        30.0,
+        "inception_6x",
+        0.2,
+        warmup=True,
+    ),
+    "bn_x30_421_clip": Variant(
+        "BN-x30, Sec. 4.2.1 + grad clipping (not in the paper)",
+        True,
+        "base",
+        30.0,
+        "inception_6x",
+        0.2,
+        clip=True,
+    ),
 }
+ORIGINAL = tuple(n for n, v in VARIANTS.items() if v.group == "original")
+"""The variants of the first session (the default ``variants``)."""
+SCHEDULES = ("constant", "inception", "inception_6x")
 COLORS = {
     "no_bn": "black",
     "no_bn_x5": "tab:gray",
@@ -111,6 +196,8 @@ COLORS = {
     "bn_x30": "tab:red",
     "sigmoid": "tab:olive",
     "bn_x5_sigmoid": "tab:green",
+    "bn_x30_421_warmup": "tab:brown",
+    "bn_x30_421_clip": "tab:pink",
 }
 
 CHANCE = 0.2  # final test accuracy below this (10 classes): the net did not train
@@ -137,6 +224,13 @@ CONFIG_HELP = {
     "reference": "the variant whose max accuracy is the 'steps to reach' target",
     "bn_momentum": "EMA momentum of the BN population statistics (flax convention)",
     "bn_epsilon": "BN epsilon",
+    "lr_decay_rate": "Sec. 4.2.1 variants: the staircase decay factor (Inception: 0.96)",
+    "lr_decay_steps": "Sec. 4.2.1 variants: steps per decay of the base schedule ('inception'); "
+    "'inception_6x' decays every lr_decay_steps / 6 steps",
+    "weight_decay": "Sec. 4.2.1 variants: base L2 weight decay of the kernels (accelerated "
+    "variants use 1/5 of it)",
+    "warmup_steps": "'*_warmup' variants (not in the paper): linear warm-up steps",
+    "clip_norm": "'*_clip' variants (not in the paper): max global gradient norm",
 }
 
 
@@ -172,11 +266,34 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 0
     c.steps_per_call = 10
     c.checkpoint_every = 0
-    c.variants = ",".join(VARIANTS)
+    c.variants = ",".join(ORIGINAL)
     c.reference = "no_bn"
     c.bn_momentum = 0.9
     c.bn_epsilon = 1e-5
+    # Sec. 4.2.1 options (used only by the *_421 variants, see sec421_config).
+    c.lr_decay_rate = 0.96
+    c.lr_decay_steps = 15.0
+    c.weight_decay = 5e-4
+    c.warmup_steps = 50
+    c.clip_norm = 1.0
     return c
+
+
+def sec421_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """``config`` (default :func:`get_config`) with the reference and accelerated variants in
+    both settings, the original and the paper's Sec. 4.2.1 (plus the labelled extras).
+
+    The schedule's time base: at 32 examples a step, Inception's 31.0M steps to its
+    maximum (the paper's Figure 3) are about 775 passes over ImageNet's 1.28M images,
+    so its decay of 4% every 8 epochs had made about 97 decays (a factor ~0.02) when it
+    peaked. The no-BN net here peaks near the end of its 1,500 steps, so the base
+    schedule decays by 4% every 15 steps (1,500 / ~97) and the 6x one every 2.5 steps.
+    The base L2 is 5e-4, the usual value for small convnets: Inception's own (4e-5)
+    would shrink the weights here by under 3% over the run, nothing to measure.
+    """
+    names = ["no_bn", "no_bn_x5", "bn", "bn_x5", "bn_x10", "bn_x30"]
+    names += [f"{n}_421" for n in names] + ["bn_x30_421_warmup", "bn_x30_421_clip"]
+    return _common.updated(get_config() if config is None else config, variants=",".join(names))
 
 
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
@@ -200,27 +317,98 @@ def variant_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def learning_rate(config: ml_collections.ConfigDict, name: str) -> float:
-    """The learning rate of variant ``name``."""
+    """The (initial, peak) learning rate of variant ``name``."""
     return VARIANTS[name].lr_mult * config.learning_rate
+
+
+def schedule(
+    config: ml_collections.ConfigDict, name: str, *, lr: float | None = None
+) -> float | optax.Schedule:
+    """Variant ``name``'s learning rate: a float (constant) or an optax schedule of the step.
+
+    ``"inception"``: ``lr * lr_decay_rate ** floor(step / lr_decay_steps)``;
+    ``"inception_6x"``: the same with ``lr_decay_steps / 6``; with ``warmup`` the
+    rate first grows linearly from 0 to ``lr`` over ``warmup_steps`` and the decay
+    starts after it (``optax.warmup_exponential_decay_schedule``). ``lr``
+    overrides the variant's initial rate.
+    """
+    v = VARIANTS[name]
+    lr = learning_rate(config, name) if lr is None else lr
+    if v.schedule not in SCHEDULES:
+        raise ValueError(
+            f"variant {name!r}: schedule must be one of {SCHEDULES}, got {v.schedule!r}"
+        )
+    if v.schedule == "constant":
+        if v.warmup:
+            return optax.linear_schedule(0.0, lr, config.warmup_steps)
+        return lr
+    if not (config.lr_decay_steps > 0 and 0 < config.lr_decay_rate <= 1):
+        raise ValueError(
+            f"need lr_decay_steps > 0 and 0 < lr_decay_rate <= 1, got "
+            f"{config.lr_decay_steps} and {config.lr_decay_rate}"
+        )
+    period = config.lr_decay_steps / (6.0 if v.schedule == "inception_6x" else 1.0)
+    if v.warmup:
+        return optax.warmup_exponential_decay_schedule(
+            0.0, lr, config.warmup_steps, period, config.lr_decay_rate, staircase=True
+        )
+    return optax.exponential_decay(lr, period, config.lr_decay_rate, staircase=True)
+
+
+def _kernels(params):
+    """The weight-decay mask: True for conv/dense kernels, False for biases and BN's gamma/beta."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+    name: str,
+    *,
+    lr: float | None = None,
+    momentum: float | None = None,
+) -> optax.GradientTransformation:
+    """Variant ``name``'s optimizer: ``config.optimizer`` at :func:`schedule`, plus its options.
+
+    L2 weight decay (``weight_decay * config.weight_decay``) is
+    ``optax.add_decayed_weights`` on the kernels, before the optimizer: it adds
+    ``wd * W`` to the gradient, exactly the gradient of a loss term
+    ``wd / 2 * ||W||^2``, so with SGD (+ momentum) it *is* the paper's L2
+    regularization, while the reported training loss stays the cross-entropy
+    (comparable across variants) and BN's gamma/beta and the biases are left out
+    by a mask. Clipping (``clip``) acts on the raw gradient, first. ``lr`` and
+    ``momentum`` override the variant's (for the diagnosis).
+    """
+    v = VARIANTS[name]
+    mom = config.momentum if momentum is None else momentum
+    tx = _common.make_optimizer(config.optimizer, schedule(config, name, lr=lr), mom)
+    parts = []
+    if v.clip:
+        parts.append(optax.clip_by_global_norm(config.clip_norm))
+    if v.weight_decay:
+        parts.append(optax.add_decayed_weights(v.weight_decay * config.weight_decay, _kernels))
+    return optax.chain(*parts, tx) if parts else tx
+
+
+def make_model(config: ml_collections.ConfigDict, name: str) -> ConvNet:
+    """Variant ``name``'s network."""
+    v = VARIANTS[name]
+    bn = (("momentum", config.bn_momentum), ("epsilon", config.bn_epsilon))
+    return ConvNet(
+        features=tuple(config.features),
+        dense=config.dense,
+        use_bn=v.use_bn,
+        act=config.activation if v.act == "base" else v.act,
+        bn=bn if v.use_bn else (),
+        downsample=config.downsample,
+    )
 
 
 def build(config: ml_collections.ConfigDict) -> dict[str, tuple[ConvNet, Any]]:
     """``{variant: (model, optimizer)}`` for the config's variants."""
-    bn = (("momentum", config.bn_momentum), ("epsilon", config.bn_epsilon))
-    out = {}
-    for name in variant_names(config):
-        v = VARIANTS[name]
-        model = ConvNet(
-            features=tuple(config.features),
-            dense=config.dense,
-            use_bn=v.use_bn,
-            act=config.activation if v.act == "base" else v.act,
-            bn=bn if v.use_bn else (),
-            downsample=config.downsample,
-        )
-        tx = _common.make_optimizer(config.optimizer, learning_rate(config, name), config.momentum)
-        out[name] = (model, tx)
-    return out
+    return {
+        name: (make_model(config, name), make_optimizer(config, name))
+        for name in variant_names(config)
+    }
 
 
 # --------------------------------------------------------------------------- summary
@@ -419,6 +607,7 @@ def results_markdown(
         "",
     ]
     lines += [f"- {t}" for t in observations(summary)]
+    lines += side_by_side_markdown(summary, config)
     if seconds is not None:
         lines += [
             "",
@@ -427,6 +616,71 @@ def results_markdown(
             f"{os.getloadavg()[1]:.1f} over the last 5 minutes at the end.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def settings_text(config: ml_collections.ConfigDict, name: str) -> str:
+    """Variant ``name``'s training changes in words (``"constant rate"`` for the originals)."""
+    v = VARIANTS[name]
+    parts = []
+    if v.schedule == "constant":
+        parts.append("constant rate")
+    else:
+        period = config.lr_decay_steps / (6.0 if v.schedule == "inception_6x" else 1.0)
+        fast = " (6x faster)" if v.schedule == "inception_6x" else ""
+        parts.append(f"rate x{config.lr_decay_rate:g} every {period:g} steps{fast}")
+    if v.weight_decay:
+        parts.append(f"L2 {v.weight_decay * config.weight_decay:g}")
+    if v.warmup:
+        parts.append(f"linear warm-up over {config.warmup_steps} steps (not in the paper)")
+    if v.clip:
+        parts.append(f"gradient norm clipped at {config.clip_norm:g} (not in the paper)")
+    return ", ".join(parts)
+
+
+def side_by_side_markdown(summary: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """Lines of the "original vs Sec. 4.2.1" table (``[]`` without any ``*_421`` variant):
+    one row per original variant whose ``<name>_421`` was also trained, then the variants
+    beyond the paper, with their settings."""
+    v = summary["variants"]
+    pairs = [(n, f"{n}_421") for n in ORIGINAL if n in v and f"{n}_421" in v]
+    extra = [n for n in v if VARIANTS[n].group != "original" and n not in dict(pairs).values()]
+    if not pairs and not extra:
+        return []
+    tgt = "-" if summary["target"] is None else f"{summary['target']:.2%}"
+
+    def cells(name):
+        s = v[name]
+        final = f"{s['final_accuracy_mean']:.2%}{_failures(s, short=True)}"
+        return f"{_fmt_steps(s['steps_to_target'])} | {s['max_accuracy']:.2%} | {final}"
+
+    lines = [
+        "",
+        "## Constant rate vs the paper's Sec. 4.2.1 changes, side by side",
+        "",
+        f"Same nets, seeds and data order. Steps to {tgt} (the constant-rate no-BN maximum, "
+        "the same target for every row); accuracies are seed means.",
+        "",
+        f"| model | lr | constant: steps to {tgt} | max | final | Sec. 4.2.1 changes "
+        f"| 4.2.1: steps to {tgt} | max | final |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a, b in pairs:
+        lines.append(
+            f"| {v[a]['label']} | {v[a]['learning_rate']:g} | {cells(a)} | "
+            f"{settings_text(config, b)} | {cells(b)} |"
+        )
+    if extra:
+        lines += [
+            "",
+            "| other variant | lr | changes | steps to | max | final |",
+            "|---|---|---|---|---|---|",
+        ]
+        for n in extra:
+            lines.append(
+                f"| {v[n]['label']} | {v[n]['learning_rate']:g} | {settings_text(config, n)} "
+                f"| {cells(n)} |"
+            )
+    return lines
 
 
 def _failures(s: dict[str, Any], short: bool = False) -> str:
@@ -462,7 +716,8 @@ def observations(summary: dict[str, Any]) -> list[str]:
             f"Without BN, the base rate {a['learning_rate']:g} reached {a['max_accuracy']:.2%}; "
             f"at 5x ({b['learning_rate']:g}) the net {desc('no_bn_x5')}: {verdict}."
         )
-    for name in ("bn", "bn_x5", "bn_x10", "bn_x30"):
+    later = [n for n in v if VARIANTS[n].group != "original"]
+    for name in ("bn", "bn_x5", "bn_x10", "bn_x30", *later):
         if name in v:
             s = v[name]
             when = s["steps_to_target"]
