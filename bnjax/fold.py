@@ -41,6 +41,7 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from bnjax import functional as F
+from bnjax import whitening as W
 from bnjax._module_common import batch_stats
 from bnjax.linen import BatchNorm as LinenBatchNorm
 
@@ -51,6 +52,8 @@ __all__ = [
     "fold",
     "fold_sequential",
     "find_pairs",
+    "fold_whitening",
+    "whitening_affine",
 ]
 
 Array = jax.Array
@@ -143,7 +146,9 @@ def fold_linear(
         computed in at least float32.
 
     Returns:
-      ``(kernel * a, a * bias + b)``; the bias is always present.
+      ``(kernel * a, a * bias + b)``; the bias is always present. A batch norm
+      trained on complex inputs has a complex ``b``: the new bias is then complex
+      (complex64 at least) even for a real kernel, whose new kernel stays real.
 
     Raises:
       ValueError: if the kernel's output features, the bias and ``a``/``b``
@@ -169,10 +174,22 @@ def fold_linear(
     out_dt = kernel.dtype if dtype is None else jnp.dtype(dtype)
     ct = jnp.promote_types(jnp.promote_types(kernel.dtype, a.dtype), jnp.float32)
     new_kernel = kernel.astype(ct) * a.astype(ct)
+    bias_dt = out_dt
+    if jnp.iscomplexobj(b) or (bias is not None and jnp.iscomplexobj(bias)):
+        # Complex inputs: the batch-norm mean, so b, is complex; a real kernel stays
+        # real (a is real), its new bias is complex.
+        ct = jnp.promote_types(ct, b.dtype if bias is None else jnp.result_type(b, bias))
+        if not jnp.iscomplexobj(out_dt):
+            if dtype is not None:
+                raise ValueError(
+                    f"dtype={jnp.dtype(dtype)} is real but the folded bias is complex "
+                    f"({ct}): the batch norm was trained on complex inputs"
+                )
+            bias_dt = ct
     new_bias = b.astype(ct)
     if bias is not None:
         new_bias = new_bias + a.astype(ct) * jnp.asarray(bias).astype(ct)
-    return new_kernel.astype(out_dt), new_bias.astype(out_dt)
+    return new_kernel.astype(out_dt), new_bias.astype(bias_dt)
 
 
 def _as_pair(p: FoldPair | tuple, epsilon: float | Mapping[str, float]) -> FoldPair:
@@ -348,3 +365,74 @@ def find_pairs(
         for p in found
         if calls[p.linear] == 1 and calls[p.bn] == 1
     ]
+
+
+def whitening_affine(
+    bw_params: F.BNParams | Mapping[str, Array],
+    bw_stats: W.WhiteningStats | Mapping[str, Array],
+) -> tuple[Array, Array]:
+    """The inference map of one batch-whitening layer: ``y_k = A_k x_k + b_k`` per group.
+
+    Args:
+      bw_params: :class:`~bnjax.BNParams` or a Flax params subtree (``scale``/``bias``, ``(d,)``).
+      bw_stats: :class:`~bnjax.whitening.WhiteningStats` or a ``batch_stats``
+        subtree with ``mean (d,)`` and ``whitening (g, G, G)``.
+
+    Returns:
+      ``A (g, G, G)`` and ``b (d,)`` (:func:`bnjax.whitening.inference_affine`).
+    """
+    if not isinstance(bw_params, F.BNParams):
+        bw_params = F.BNParams(bw_params.get("scale"), bw_params.get("bias"))
+    if not isinstance(bw_stats, W.WhiteningStats):
+        mean, wm = jnp.asarray(bw_stats["mean"]), jnp.asarray(bw_stats["whitening"])
+        zeros = jnp.zeros_like(mean)
+        bw_stats = W.WhiteningStats(mean, wm, wm, zeros, zeros)
+    return W.inference_affine(bw_params, bw_stats)
+
+
+def fold_whitening(
+    kernel: Array, bias: Array | None, a: Array, b: Array, *, dtype: Any = None
+) -> tuple[Array, Array]:
+    """Folds a batch-whitening layer's inference map into the preceding Dense/Conv.
+
+    With ``x = u @ kernel + bias`` and per group ``y_k = A_k x_k + b_k``, the
+    block-diagonal ``A = blockdiag(A_1, ..., A_g)`` folds as
+    ``kernel' = kernel @ A^T`` (on the output-feature axis) and
+    ``bias' = A bias + b``. Dense ``(in, d)`` and ordinary Conv kernels
+    ``(*window, in, d)`` (``feature_group_count=1``: whitening mixes output
+    channels, which a grouped convolution cannot express).
+
+    Args:
+      kernel, bias: the linear layer's (``bias`` may be ``None``).
+      a, b: from :func:`whitening_affine`, ``(g, G, G)`` and ``(d,)``.
+      dtype: dtype of the result (default: the kernel's); computed in >= float32.
+
+    Raises:
+      ValueError: if the shapes do not agree.
+    """
+    kernel = jnp.asarray(kernel)
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.ndim != 3 or a.shape[1] != a.shape[2] or b.shape != (a.shape[0] * a.shape[1],):
+        raise ValueError(
+            f"the whitening map must be A (g, G, G) and b (g*G,), got A of shape "
+            f"{tuple(a.shape)} and b of shape {tuple(b.shape)}"
+        )
+    g, size, _ = a.shape
+    d = g * size
+    if kernel.ndim < 2 or kernel.shape[-1] != d:
+        raise ValueError(
+            f"cannot fold a whitening layer over {d} features into a kernel of shape "
+            f"{tuple(kernel.shape)}: its output features (last axis) must number {d}"
+        )
+    if bias is not None and tuple(jnp.shape(bias)) != (d,):
+        raise ValueError(f"bias of shape {tuple(jnp.shape(bias))} does not match the {d} features")
+    out_dt = kernel.dtype if dtype is None else jnp.dtype(dtype)
+    ct = jnp.promote_types(jnp.promote_types(kernel.dtype, a.dtype), jnp.float32)
+    af = a.astype(ct)
+    kg = kernel.astype(ct).reshape(kernel.shape[:-1] + (g, size))
+    new_kernel = jnp.einsum("...gj,gij->...gi", kg, af).reshape(kernel.shape)
+    new_bias = b.astype(ct)
+    if bias is not None:
+        cb = jnp.asarray(bias).astype(ct).reshape(g, size)
+        new_bias = new_bias + jnp.einsum("gij,gj->gi", af, cb).reshape(d)
+    return new_kernel.astype(out_dt), new_bias.astype(out_dt)

@@ -406,27 +406,28 @@ def test_multidevice_pooled_covariance_equals_one_device():
             assert err < 1e-10, (method, name, err)
 
 
-def test_fold_whitening_into_dense_reproduces_eval(rng):
-    pytest.importorskip("bnjax.fold")
-    if not hasattr(bnjax.fold, "fold_whitening"):
-        pytest.skip("fold_whitening not available")
-
+@pytest.mark.parametrize("conv", [False, True])
+def test_fold_whitening_into_linear_reproduces_eval(rng, conv):
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x, train):
-            x = nn.Dense(8, name="dense")(x)
-            return bnjax.linen.BatchWhitening(group_size=4, name="bw")(x, train=train)
+            lin = nn.Conv(8, (3, 3), name="lin") if conv else nn.Dense(8, name="lin")
+            return bnjax.linen.BatchWhitening(group_size=4, momentum=0.0, name="bw")(
+                lin(x), train=train
+            )
 
-    x = jnp.asarray(rng.normal(size=(64, 5)), jnp.float32)
+    shape = (16, 6, 6, 3) if conv else (64, 5)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     net = Net()
     v = net.init(jax.random.key(0), x, train=False)
     _, upd = net.apply(v, x, train=True, mutable=["batch_stats"])
     v = {"params": v["params"], **upd}
     y = net.apply(v, x, train=False)
     p = v["params"]
-    a, b = W.inference_affine(
-        BNParams(p["bw"]["scale"], p["bw"]["bias"]),
-        W.init_state(8, W.WhiteningConfig(group_size=4))._replace(**v["batch_stats"]["bw"]),
-    )
-    k, c = bnjax.fold.fold_whitening(p["dense"]["kernel"], p["dense"]["bias"], a, b)
-    np.testing.assert_allclose(x @ k + c, y, atol=1e-5)
+    a, b = bnjax.fold.whitening_affine(p["bw"], v["batch_stats"]["bw"])
+    k, c = bnjax.fold.fold_whitening(p["lin"]["kernel"], p["lin"]["bias"], a, b)
+    folded = nn.Conv(8, (3, 3)) if conv else nn.Dense(8)
+    y_fold = folded.apply({"params": {"kernel": k, "bias": c}}, x)
+    np.testing.assert_allclose(y_fold, y, atol=2e-5)
+    with pytest.raises(ValueError, match="must number 8"):
+        bnjax.fold.fold_whitening(p["lin"]["kernel"][..., :4], None, a, b)
