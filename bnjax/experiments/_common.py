@@ -69,6 +69,7 @@ class CommandLine:
     resume: bool
     progress: bool
     download: bool
+    distributed: dict[str, Any] | None = None  # bnjax.distributed.initialize's arguments
 
 
 def _usage(prog, doc, fv: flags.FlagValues, config, config_help: Mapping[str, str], default: str):
@@ -97,6 +98,7 @@ def parse_command_line(
     config_help: Mapping[str, str],
     default_workdir: str,
     quick: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] | None = None,
+    distributed: bool = False,
 ) -> CommandLine:
     """Parses an experiment's command line (``--help`` prints every option and exits).
 
@@ -109,6 +111,10 @@ def parse_command_line(
       default_workdir: the output folder used without ``--workdir``.
       quick: if given, ``--quick`` applies it to the config; fields given
         explicitly as ``--config.<field>=...`` keep their given values.
+      distributed: add the multi-process flags ``--coordinator-address``,
+        ``--num-processes``, ``--process-id`` (default: the environment, see
+        :func:`bnjax.distributed.initialize`), ``--auto-distributed`` and
+        ``--init-timeout``; their values go to ``CommandLine.distributed``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = flags.FlagValues()
@@ -151,6 +157,37 @@ def parse_command_line(
             "a smoke-test run of the same pipeline (under a minute)",
             flag_values=fv,
         )
+    if distributed:
+        flags.DEFINE_string(
+            "coordinator-address",
+            None,
+            "multi-process run: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS)",
+            flag_values=fv,
+        )
+        flags.DEFINE_integer(
+            "num-processes", None, "number of processes (else $JAX_NUM_PROCESSES)", flag_values=fv
+        )
+        flags.DEFINE_integer(
+            "process-id", None, "this process, 0..N-1 (else $JAX_PROCESS_ID)", flag_values=fv
+        )
+        flags.DEFINE_boolean(
+            "auto-distributed",
+            False,
+            "let JAX detect the processes from the cluster (SLURM, Open MPI, Kubernetes)",
+            flag_values=fv,
+        )
+        flags.DEFINE_integer(
+            "init-timeout",
+            300,
+            "seconds to wait for every process to join (a missing one ends the run)",
+            flag_values=fv,
+        )
+        flags.DEFINE_integer(
+            "heartbeat-timeout",
+            100,
+            "seconds after which a silent (dead) process ends the whole run",
+            flag_values=fv,
+        )
     if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv):
         fv([prog])
         print(_usage(prog, doc, fv, fv["config"].value, config_help, default_config))
@@ -174,6 +211,16 @@ def parse_command_line(
         resume=fv["resume"].value,
         progress=fv["progress"].value,
         download=fv["download"].value,
+        distributed=dict(
+            coordinator_address=fv["coordinator-address"].value,
+            num_processes=fv["num-processes"].value,
+            process_id=fv["process-id"].value,
+            auto=fv["auto-distributed"].value,
+            initialization_timeout=fv["init-timeout"].value,
+            heartbeat_timeout=fv["heartbeat-timeout"].value,
+        )
+        if distributed
+        else None,
     )
 
 
@@ -209,7 +256,13 @@ def run_command_line(
         config_help=experiment.CONFIG_HELP,
         default_workdir=default_workdir,
         quick=experiment.quick_config,
+        distributed=getattr(experiment, "DISTRIBUTED", False),
     )
+    multi = False
+    if cl.distributed is not None:
+        from bnjax import distributed
+
+        multi = distributed.initialize(**cl.distributed)
     try:
         out = experiment.run(
             cl.config,
@@ -219,9 +272,39 @@ def run_command_line(
             resume=cl.resume,
             progress=cl.progress,
         )
-    except exit_on as e:
-        raise SystemExit(f"{prog}: {e}") from None
+    except BaseException as e:
+        if multi:
+            _end_process_group(prog, e, expected=isinstance(e, exit_on))
+        if isinstance(e, exit_on):
+            raise SystemExit(f"{prog}: {e}") from None
+        raise
     return cl, out
+
+
+def _end_process_group(prog: str, error: BaseException, *, expected: bool) -> None:
+    """A failed process of a multi-process run: reports and exits at once (status 1).
+
+    Skips the normal exit, whose ``jax.distributed.shutdown`` barrier would wait
+    for the other processes (up to its timeout) while they wait in a collective
+    for this one; exiting stops its heartbeats, so JAX's runtime ends the others
+    after ``--heartbeat-timeout`` seconds.
+    """
+    import os
+    import traceback
+
+    import jax
+
+    if not expected:
+        traceback.print_exception(error)
+    print(
+        f"{prog}: process {jax.process_index()} of {jax.process_count()} failed: "
+        f"{type(error).__name__}: {error}\n{prog}: ending this process now; the other "
+        "processes stop when they miss its heartbeats (--heartbeat-timeout)",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def updated(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
@@ -332,7 +415,10 @@ def prepare_workdir(
             f"{ckpt} already holds checkpoints: pass --resume to continue that run, or use "
             "another --workdir (or delete the folder)"
         )
-    write_json(cfg_path, config_dict)
+    import jax
+
+    if jax.process_index() == 0:  # one writer in a multi-process run
+        write_json(cfg_path, config_dict)
     return workdir
 
 
@@ -412,7 +498,7 @@ def write_metrics(
     Its fields: ``config``, ``summary``, ``extra`` (in the order given),
     ``seconds`` (since ``t0``, a :func:`time.perf_counter` time taken at the
     start of the run), ``train_seconds``, ``resumed_from``, ``device`` and
-    ``history`` (from ``result``).
+    ``history`` (from ``result``). In a multi-process run only process 0 writes.
     """
     import jax
 
@@ -426,7 +512,8 @@ def write_metrics(
         "device": str(jax.devices()[0]),
         "history": result.history,
     }
-    write_json(workdir / "metrics.json", metrics)
+    if jax.process_index() == 0:
+        write_json(workdir / "metrics.json", metrics)
     return metrics
 
 
