@@ -1,4 +1,4 @@
-"""Experiment 3 smoke test: the same pipeline, 200 steps, 2 seeds, every setting and method.
+"""Experiment 3 smoke test: the same pipeline, 100 steps, 2 seeds, every setting and method.
 
 Equivalent to ``bnjax-small-batch --quick``.
 """

@@ -220,13 +220,18 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-    """``config`` (default :func:`get_config`) shortened to a smoke test of the same pipeline."""
+    """``config`` (default :func:`get_config`) shortened to a smoke test of the same pipeline.
+
+    Every setting and method, 100 steps, 2 seeds, one hidden layer of 64 (the
+    time is mostly compilation: one train loop and two evaluators per network).
+    """
     return _common.updated(
         get_config() if config is None else config,
-        num_steps=200,
+        hidden=(64,),
+        num_steps=100,
         num_seeds=2,
         eval_every=100,
-        precise_bn_batches=10,
+        precise_bn_batches=5,
     )
 
 
@@ -400,7 +405,7 @@ def test_batches(labels: np.ndarray, setting: Setting, batch_size: int, seed: in
 # --------------------------------------------------------------------------- evaluation
 
 
-def _precise_bn(config, model, state, train_x, progress):
+def _precise_bn(config, model, state, train_x):
     """The seed-stacked ``state`` with PreciseBN statistics (layerwise, i.i.d. batches)."""
     from bnjax.recalibrate import recalibrate
 
@@ -411,22 +416,29 @@ def _precise_bn(config, model, state, train_x, progress):
     per_seed = []
     for k in range(state.step.shape[0]):
         v = jax.tree.map(lambda a, k=k: a[k], state).variables()
-        new = recalibrate(
-            model, v, batches, mode="layerwise", variance="within", train=False, progress=progress
-        )
+        new = recalibrate(model, v, batches, mode="layerwise", variance="within", train=False)
         per_seed.append(new["batch_stats"])
     return state.replace(batch_stats=jax.tree.map(lambda *a: jnp.stack(a), *per_seed))
 
 
-def _evaluate_all(config, nets, states, train, test, progress) -> dict[str, Any]:
-    """Eval- and train-mode test accuracy per (setting, method), per seed."""
+def _evaluate_all(config, nets, runs, states, train, test, progress) -> dict[str, Any]:
+    """Eval- and train-mode test accuracy per (setting, method), per seed.
+
+    Eval mode reuses each run's compiled evaluator from training (full test set).
+    """
     settings, methods = selected(config)
     test_x, test_y = (np.asarray(a) for a in test)
+    full_x, full_y = jnp.asarray(test_x), jnp.asarray(test_y)
     bs = config.batch_size
     eval_full = {}
     train_mode: dict[str, Any] = {}  # run -> evaluator (one compilation per run and shape)
     cells: dict[str, dict[str, Any]] = {}
     precise: dict[str, Any] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(settings) * len(methods), desc="evaluate (eval + train mode)")
     for s in settings:
         idx = test_batches(test_y, SETTINGS[s], bs, config.seed).ravel()
         gx, gy = jnp.asarray(test_x[idx]), jnp.asarray(test_y[idx])
@@ -438,12 +450,11 @@ def _evaluate_all(config, nets, states, train, test, progress) -> dict[str, Any]
             t0 = time.perf_counter()
             if m == "bn_precise":
                 if run_name not in precise:
-                    precise[run_name] = _precise_bn(config, model, state, train[0], progress)
+                    precise[run_name] = _precise_bn(config, model, state, train[0])
                 state = precise[run_name]
             key = (run_name, m == "bn_precise")
             if key not in eval_full:
-                ev = training.make_eval_step(model, batch_size=config.eval_batch_size or None)
-                eval_full[key] = ev(state, jnp.asarray(test_x), jnp.asarray(test_y))
+                eval_full[key] = runs[run_name].evaluate(state, full_x, full_y)
             if run_name not in train_mode:
                 train_mode[run_name] = training.make_eval_step(
                     model, batch_size=bs, batch_statistics=True
@@ -459,6 +470,10 @@ def _evaluate_all(config, nets, states, train, test, progress) -> dict[str, Any]
                 "train_mode_examples": int(idx.size),
                 "seconds": time.perf_counter() - t0,
             }
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     return cells
 
 
@@ -652,14 +667,19 @@ def plot(
     ax.legend(loc="lower left", fontsize=8)
     ax = axes[1]
     styles = ["-", "--", ":", "-.", (0, (3, 1, 1, 1, 1, 1))]
+    plotted = set()
     for i, s in enumerate(settings):
         for m in ("bn", "renorm", "none"):
-            if m not in methods or (m == "none" and i):
-                continue
             run_name = _source_run(config, s, m)
+            if m not in methods or run_name in plotted:
+                continue
+            plotted.add(run_name)
             steps, acc = _common.series(history, run_name, "accuracy")
             if steps.size:
-                label = f"{METHODS[m]}, {SETTINGS[s].label}" if m != "none" else "no norm, i.i.d."
+                label = f"{METHODS[m]}, {SETTINGS[s].label}"
+                if m == "none":
+                    k = SETTINGS[s].classes_per_batch
+                    label = "no norm, " + (f"{k} class(es) per batch" if k else "i.i.d.")
                 ax.plot(
                     steps,
                     acc.mean(1),
@@ -730,7 +750,7 @@ def run(
         desc=f"small_batch ({len(nets)} nets x {config.num_seeds} seeds)",
     )
     t1 = time.perf_counter()
-    cells = _evaluate_all(config, nets, result.states, train, test, progress)
+    cells = _evaluate_all(config, nets, runs, result.states, train, test, progress)
     seconds = {"train": result.seconds, "evaluate": time.perf_counter() - t1}
     summary = summarize(cells, result.history, config)
     seconds["total"] = time.perf_counter() - t0
