@@ -6,6 +6,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 
 from bnjax.experiments import lr_tolerance as lt
@@ -28,9 +29,11 @@ needs_data = pytest.mark.skipif(
 
 def test_config_variants_and_learning_rates():
     c = lt.get_config()
-    assert lt.variant_names(c) == list(lt.VARIANTS)
+    # the defaults are the first session's eight variants (their results stay reproducible)
+    first = ["no_bn", "no_bn_x5", "bn", "bn_x5", "bn_x10", "bn_x30", "sigmoid", "bn_x5_sigmoid"]
+    assert lt.variant_names(c) == first == list(lt.ORIGINAL)
     built = lt.build(c)
-    assert set(built) == set(lt.VARIANTS)
+    assert set(built) == set(first)
     assert lt.learning_rate(c, "bn_x5") == pytest.approx(5 * c.learning_rate)
     assert lt.learning_rate(c, "bn_x30") == pytest.approx(30 * c.learning_rate)
     assert built["bn_x5_sigmoid"][0].act == "sigmoid" and built["bn_x5_sigmoid"][0].use_bn
@@ -183,3 +186,135 @@ def test_convnet_stride_downsampling_shapes():
     with pytest.raises(ValueError, match="downsample"):
         jax.eval_shape(lambda x: ConvNet(downsample="avg").init(key, x, train=False), x)
 
+
+# --------------------------------------------------------------------------- Sec. 4.2.1 options
+
+
+def _sgd_config(**fields):
+    """The default config with plain SGD: an update is exactly ``-lr(t) * gradient``."""
+    return lt._common.updated(lt.get_config(), optimizer="sgd", **fields)
+
+
+def _lr_seen(tx, steps):
+    """The rate ``tx`` applies at each step: ``-update`` for a unit gradient."""
+    import jax.numpy as jnp
+
+    p = {"w": jnp.zeros(())}
+    opt = tx.init(p)
+    out = []
+    for _ in range(steps):
+        u, opt = tx.update({"w": jnp.ones(())}, opt, p)
+        out.append(-float(u["w"]))
+    return out
+
+
+def test_schedules_closed_form_and_used_by_the_optimizer():
+    c = _sgd_config()
+    steps = [0, 1, 2, 3, 5, 14, 15, 16, 29, 30, 100, 301]
+    base = lt.schedule(c, "bn_421")
+    fast = lt.schedule(c, "bn_x30_421")
+    for t in steps:  # Inception-style staircase: lr * 0.96 ** floor(t / 15), 6x: t / 2.5
+        assert float(base(t)) == pytest.approx(0.05 * 0.96 ** math.floor(t / 15), rel=1e-5)
+        assert float(fast(t)) == pytest.approx(1.5 * 0.96 ** math.floor(t / 2.5), rel=1e-5)
+    warm = lt.schedule(c, "bn_x30_421_warmup")  # linear 0 -> 1.5 over 50 steps, then the decay
+    for t in (0, 10, 25, 49):
+        assert float(warm(t)) == pytest.approx(1.5 * t / 50, abs=1e-6)
+    for t in (50, 52, 53, 100):
+        assert float(warm(t)) == pytest.approx(1.5 * 0.96 ** math.floor((t - 50) / 2.5), rel=1e-5)
+    # the optimizer applies the schedule: SGD steps with a unit gradient move by lr(t)
+    seen = _lr_seen(lt.make_optimizer(c, "bn_x10_421"), 8)
+    assert seen == pytest.approx([0.5 * 0.96 ** math.floor(t / 2.5) for t in range(8)], rel=1e-5)
+    assert _lr_seen(lt.make_optimizer(c, "bn_x10"), 3) == pytest.approx([0.5] * 3)
+    assert lt.schedule(c, "bn_x30") == pytest.approx(1.5)  # the originals: a constant float
+    assert lt.settings_text(c, "bn_x30") == "constant rate"
+    assert "every 2.5 steps (6x faster), L2 0.0001" in lt.settings_text(c, "bn_x30_421")
+
+
+def test_schedule_and_variant_validation():
+    c = _sgd_config(lr_decay_steps=0.0)
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        lt.schedule(c, "bn_421")
+    with pytest.raises(ValueError, match="lr_decay_rate"):
+        lt.schedule(_sgd_config(lr_decay_rate=1.5), "bn_421")
+    lt.schedule(c, "bn")  # a constant-rate variant does not use the decay fields
+    bad = lt.Variant("bad", True, "base", 1.0, schedule="cosine")
+    lt.VARIANTS["_bad"] = bad
+    try:
+        with pytest.raises(ValueError, match="schedule must be one of"):
+            lt.schedule(c, "_bad")
+    finally:
+        del lt.VARIANTS["_bad"]
+    groups = {n: v.group for n, v in lt.VARIANTS.items()}
+    assert groups["bn_x30"] == "original" and groups["bn_x30_421"] == "sec421"
+    assert groups["bn_x30_421_warmup"] == groups["bn_x30_421_clip"] == "beyond"
+    # the paper's assignment: base-rate nets get the base decay and L2, accelerated ones 6x, 1/5
+    for n, v in lt.VARIANTS.items():
+        if v.group == "sec421":
+            fast = v.lr_mult > 1
+            assert v.schedule == ("inception_6x" if fast else "inception"), n
+            assert v.weight_decay == (0.2 if fast else 1.0), n
+
+
+def test_weight_decay_is_l2_on_the_kernels_only():
+    """add_decayed_weights == SGD(+momentum) on loss + wd/2 ||kernels||^2; BN/bias untouched."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    c = lt._common.updated(lt.get_config(), weight_decay=0.01)  # momentum 0.9 (the default)
+    params = {
+        "conv_0": {"kernel": jnp.full((3, 3, 1, 2), 0.5)},
+        "bn_0": {"scale": jnp.ones(2), "bias": jnp.full(2, 0.3)},
+        "head": {"kernel": jnp.full((2, 10), -1.0), "bias": jnp.full(10, 0.2)},
+    }
+
+    def loss(p):  # any differentiable loss of every parameter
+        return sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(p))
+
+    def l2(p):
+        return loss(p) + 0.5 * 0.2 * 0.01 * sum(
+            jnp.sum(p[m]["kernel"] ** 2) for m in ("conv_0", "head")
+        )
+
+    for name, wd_loss in (("bn_x30_421", l2), ("bn_x30", loss)):
+        tx = lt.make_optimizer(c, name)
+        ref_tx = optax.sgd(lt.schedule(c, name), momentum=0.9)  # the same schedule, plain SGD
+        p, q = params, params
+        s, r = tx.init(p), ref_tx.init(q)
+        for _ in range(3):
+            u, s = tx.update(jax.grad(loss)(p), s, p)
+            p = optax.apply_updates(p, u)
+            v, r = ref_tx.update(jax.grad(wd_loss)(q), r, q)
+            q = optax.apply_updates(q, v)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # and the decay is really there: with a zero gradient only the kernels move
+    tx = lt.make_optimizer(lt._common.updated(c, optimizer="sgd"), "bn_421")
+    zero = jax.tree.map(jnp.zeros_like, params)
+    u, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(u["head"]["kernel"], -0.05 * 0.01 * params["head"]["kernel"])
+    assert not np.any(u["bn_0"]["bias"]) and not np.any(u["head"]["bias"])
+
+
+def test_side_by_side_table():
+    c = lt.sec421_config()
+    names = lt.variant_names(c)
+    assert {"bn_x30", "bn_x30_421", "no_bn_421", "bn_x30_421_warmup"} <= set(names)
+    with c.unlocked():
+        c.variants = "no_bn,bn_x30,bn_x30_421,bn_x30_421_warmup"
+    history = []
+    for step, acc in ((100, 0.7), (200, 0.8)):
+        history.append(_record("no_bn", step, (acc, acc), (0.5, 0.5)))
+        history.append(_record("bn_x30", step, (0.1, 0.1), (2.3, 2.3)))
+        history.append(_record("bn_x30_421", step, (acc + 0.05, acc + 0.05), (0.4, 0.4)))
+        history.append(_record("bn_x30_421_warmup", step, (acc, acc), (0.4, 0.4)))
+    md = lt.results_markdown(lt.summarize(history, c), c, None)
+    assert "## Constant rate vs the paper's Sec. 4.2.1 changes" in md
+    row = next(line for line in md.splitlines() if line.startswith("| BN-x30 | 1.5 | - |"))
+    assert "chance level" in row and "every 2.5 steps (6x faster)" in row
+    assert row.endswith("| 200 | 85.00% | 85.00% |")
+    assert "| BN-x30, Sec. 4.2.1 + warm-up (not in the paper) | 1.5 | " in md
+    # without *_421 variants the table is the first session's
+    with c.unlocked():
+        c.variants = "no_bn,bn_x30"
+    assert "side by side" not in lt.results_markdown(lt.summarize(history, c), c, None)

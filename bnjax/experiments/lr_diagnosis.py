@@ -79,6 +79,7 @@ CASES: dict[str, Case] = {
     "no_bn_x5": Case("No BN: lr 0.25, momentum 0.9", "no_bn_x5"),
     "bn_x30_421": Case("BN-x30, Sec. 4.2.1", "bn_x30_421"),
     "bn_x30_421_warmup": Case("BN-x30, Sec. 4.2.1 + warm-up", "bn_x30_421_warmup"),
+    "bn_x30_421_clip": Case("BN-x30, Sec. 4.2.1 + clipping", "bn_x30_421_clip"),
 }
 COLORS = {
     "bn_x30": "tab:red",
@@ -90,6 +91,7 @@ COLORS = {
     "no_bn_x5": "tab:gray",
     "bn_x30_421": "tab:green",
     "bn_x30_421_warmup": "tab:brown",
+    "bn_x30_421_clip": "tab:olive",
 }
 DEAD = 0.5  # a layer "is dead" when at least this fraction of its units is
 CHANCE_LOSS = 2.0  # a 20-step mean training loss above this: no better than chance (log 10 = 2.3)
@@ -146,10 +148,11 @@ def case_settings(config: ml_collections.ConfigDict, name: str) -> dict[str, flo
 
 def _running_mean(a: np.ndarray, k: int) -> np.ndarray:
     """Trailing mean over ``k`` steps along the last axis (shorter at the start)."""
-    c = np.cumsum(np.nan_to_num(a, nan=np.inf), axis=-1)
+    c = np.cumsum(np.nan_to_num(a, nan=np.inf), axis=-1)  # a non-finite value poisons its windows
     out = np.empty_like(c)
     out[..., :k] = c[..., :k] / np.arange(1, min(k, a.shape[-1]) + 1)
-    out[..., k:] = (c[..., k:] - c[..., :-k]) / k
+    with np.errstate(invalid="ignore"):  # inf - inf = nan: still non-finite
+        out[..., k:] = (c[..., k:] - c[..., :-k]) / k
     return out
 
 
