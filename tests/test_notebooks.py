@@ -70,7 +70,15 @@ def _data_available() -> bool:
     return True
 
 
-@pytest.mark.parametrize(("name", "figures"), [("quickstart.ipynb", 2), ("figure1.ipynb", 2)])
+@pytest.mark.parametrize(
+    ("name", "figures"),
+    [
+        ("quickstart.ipynb", 2),
+        ("figure1.ipynb", 2),
+        ("whitening.ipynb", 2),
+        ("small_batch.ipynb", 2),
+    ],
+)
 def test_notebook_runs(name, figures, tmp_path, monkeypatch):
     path = NOTEBOOKS / name
     if not path.exists():

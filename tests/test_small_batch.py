@@ -49,6 +49,10 @@ def test_class_grouped_batches_hold_k_classes_and_cover_each_epoch(rng, k, bs):
         assert e.size > y.size - len(counts) * (chunk - 1) - k * chunk
         assert e.size == spe * bs
     assert not np.array_equal(epochs[0], epochs[1])  # a fresh order every epoch
+    # The batches of an epoch come in a random order, not class block after class block.
+    groups = [tuple(sorted(set(y[b]))) for b in idx[:spe]]
+    changes = sum(a != b for a, b in zip(groups[:-1], groups[1:], strict=True))
+    assert changes > 2 * len(counts), groups
     # The class partners change between epochs (k >= 2): not always the same pairs.
     if k >= 2:
         pairs = [{tuple(sorted(set(y[b]))) for b in idx[e * spe : (e + 1) * spe]} for e in range(3)]
