@@ -11,7 +11,7 @@ The submodules ``fold`` and ``recalibrate`` stay modules (``bnjax.fold.fold``,
 ``bnjax.recalibrate.recalibrate``); their other public functions are re-exported here.
 """
 
-from bnjax import diagnostics, fold, linen, nnx, recalibrate, whitening
+from bnjax import diagnostics, dynamics, fold, linen, nnx, recalibrate, whitening
 from bnjax.diagnostics import consistency, consistency_nnx, format_table
 from bnjax.fold import affine, find_pairs, fold_linear, fold_sequential
 from bnjax.functional import (
@@ -47,6 +47,7 @@ __all__ = [
     "consistency",
     "consistency_nnx",
     "diagnostics",
+    "dynamics",
     "find_pairs",
     "fold",
     "fold_linear",
