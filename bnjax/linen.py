@@ -200,9 +200,10 @@ class BatchWhitening(nn.Module):
       group_size: features per group (must divide the features; ``None``: all).
       method: ``"zca"`` (DBN) or ``"iternorm"`` (Newton-Schulz).
       iterations: Newton-Schulz steps of ``"iternorm"`` (default 5).
-      use_running_average, axis, momentum, epsilon, dtype, param_dtype,
-      use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-      population: as :class:`BatchNorm` (``axis`` is one int here).
+      use_running_average, axis, momentum, epsilon, dtype, param_dtype: as
+        :class:`BatchNorm` (``axis`` is one int here), and so are ``use_bias``,
+        ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
+        ``axis_index_groups``, ``population``.
       allow_singular: train on batches with no more examples than ``group_size``.
 
     Example::

@@ -262,9 +262,10 @@ class BatchWhitening(nnx.Module):
       num_features: number of features ``d`` (an int).
       group_size: features per group (must divide ``d``; ``None``: all).
       method: ``"zca"`` or ``"iternorm"``; iterations: Newton-Schulz steps (5).
-      use_running_average, axis, momentum, epsilon, dtype, param_dtype,
-      use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-      rngs, population: as :class:`BatchNorm` (``axis`` is one int here).
+      use_running_average, axis, momentum, epsilon, dtype, param_dtype: as
+        :class:`BatchNorm` (``axis`` is one int here), and so are ``use_bias``,
+        ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
+        ``axis_index_groups``, ``rngs``, ``population``.
       allow_singular: train on batches with no more examples than ``group_size``.
 
     Attributes:

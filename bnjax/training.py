@@ -418,9 +418,9 @@ def class_grouped_batch_indices(
         hold more than ``1/k`` of the examples.
 
     Raises:
-      ValueError (when called): ``num_examples != len(labels)``, ``k`` not
-      dividing ``batch_size``, more classes asked than exist, or a class too
-      large for ``k``.
+      ValueError: (when called) ``num_examples != len(labels)``, ``k`` not
+        dividing ``batch_size``, more classes asked than exist, or a class too
+        large for ``k``.
 
     Example::
 

@@ -310,3 +310,37 @@ def test_quick_run_writes_the_outputs(tmp_path, data_dir):
     img = matplotlib.image.imread(tmp_path / "small_batch.png")
     assert img.ndim == 3 and img.shape[1] > 1000
     assert out["summary"]["settings"]["iid"]["bn"]["eval_accuracy"] == c["eval_accuracy"]
+    if "renorm" in methods:  # Batch Renorm's step counter ran with the training steps
+        steps = out["states"]["renorm/iid"].batch_stats["bn_0"]["steps"]
+        np.testing.assert_array_equal(steps, cfg.num_steps)
+
+
+def test_renorm_schedule_is_the_papers_scaled_to_the_run():
+    """5k / 25k / 40k steps of the paper as fractions 0.05 / 0.25 / 0.40 of num_steps: plain BN
+    (r_max 1, d_max 0) during the warm-up, d_max 5 and r_max 3 at the ends of the ramps."""
+    if "renorm" not in _methods():
+        pytest.skip("bnjax.linen.BatchRenorm not available yet")
+    cfg = small_batch.get_config()
+    b = small_batch.renorm_bounds(cfg)
+    n = cfg.num_steps
+    assert b["warmup_steps"] == round(0.05 * n)
+    assert b["steps"] == {"warmup": 300, "d_max_end": 1500, "r_max_end": 2400}
+    r, d = b["r_max"], b["d_max"]
+    for step, want_r, want_d in [
+        (0, 1, 0),
+        (300, 1, 0),
+        (1500, 1 + 2 * 1200 / 2100, 5),
+        (2400, 3, 5),
+        (n, 3, 5),
+    ]:
+        assert float(r(step)) == pytest.approx(want_r) and float(d(step)) == pytest.approx(want_d)
+    nets = small_batch.build(
+        _common.updated(cfg, settings="micro4", methods="renorm"), np.arange(4)
+    )
+    model = nets["renorm/micro4"][0]
+    import bnjax.linen
+
+    assert model.norm is bnjax.linen.BatchRenorm
+    kw = dict(model.bn)
+    assert kw["virtual_batch_size"] == 4 and kw["momentum"] == cfg.renorm_momentum
+    assert kw["warmup_steps"] == 300 and kw["r_max"] is not None
