@@ -18,9 +18,15 @@ The step is a ``jax.shard_map`` (``check_vma=True``) inside ``jax.jit``. The
 loss is the ``pmean`` over devices of the per-device mean loss, i.e. the mean
 over the global batch; its gradient with respect to the replicated parameters
 is therefore the full-batch gradient (JAX sums the per-device contributions of
-a replicated value), identical on every device. On several hosts, call
-``jax.distributed.initialize()`` first and build the mesh over
-``jax.devices()``; see ``docs/multidevice.md``.
+a replicated value), identical on every device.
+
+Several processes (hosts): call :func:`bnjax.distributed.initialize` first and
+build the mesh over ``jax.devices()`` (all devices of all processes);
+:func:`replicate` puts a state on it, :func:`make_train_loop` trains with the
+single-process batch order while each process loads only its share of every
+batch (:func:`global_batch`), and :func:`make_eval_step` evaluates over all
+processes. ``bnjax-data-parallel`` (:mod:`bnjax.experiments.data_parallel`) is
+the complete job; see ``docs/multidevice.md``.
 
 The state is :class:`bnjax.training.TrainState` (re-exported here as
 ``TrainState``) and the step is :func:`bnjax.training.make_train_step` with an

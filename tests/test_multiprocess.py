@@ -237,3 +237,24 @@ def test_parallel_loop_draws_the_training_loops_batches_and_steps():
     assert float(ev["loss"]) == pytest.approx(float(ev_ref["loss"]), rel=1e-5)
     with pytest.raises(ValueError, match="axis_name='batch' is not an axis"):
         parallel.make_train_loop(pooled, tx, mesh, batch_size=20, axis_name="batch")
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_two_process_resume_is_bit_identical(tmp_path):
+    """2 processes: 20 steps + resume to 40 == 40 uninterrupted steps, bit for bit (~60 s)."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for workdir, steps, extra in ((whole, 40, ()), (parts, 20, ()), (parts, 40, ("--resume",))):
+        argv = _cli(workdir, steps, "--noprogress", *extra)
+        distributed.launch_local(argv, 2, env=_env(2), timeout=300)
+    from bnjax.experiments import data_parallel as dp
+
+    config = ml_collections.ConfigDict(json.loads((whole / "config.json").read_text()))
+    model, tx = dp.build(config)
+    like = {"bn": training.init_state(model, tx, jax.random.PRNGKey(0), jnp.zeros((1, 784)))}
+    a, meta_a = training.restore_checkpoint(whole / "checkpoints", like)
+    b, meta_b = training.restore_checkpoint(parts / "checkpoints", like)
+    assert meta_a["history"] == meta_b["history"]
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
