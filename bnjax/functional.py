@@ -30,6 +30,26 @@ Gradient (``cfg.grad``):
 ``"autodiff"``
     Plain JAX autodiff of the forward computation (a reference).
 
+Batch Renormalization (Ioffe 2017; ``BatchNormConfig(renorm=RenormConfig(...))``)
+is an option of the same kernel, not a second copy of it. With the running
+statistics ``mu, sigma = sqrt(var + eps)`` *before* the update and the batch
+statistics ``mu_B, sigma_B = sqrt(sigma2_B + eps)`` (pooled over ``axis_name``,
+masked, per ghost batch with ``virtual_batch_size``), per feature::
+
+    r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+    d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+    y = gamma * (r * xhat + d) + beta,     xhat = (x - mu_B) / sigma_B
+
+so the training map is the inference map ``gamma (x - mu) / sigma + beta``
+wherever the clips are inactive. The gradient is batch norm's with ``gamma``
+replaced by ``gamma r`` (``dgamma = sum(dy (r xhat + d))``, ``dbeta = sum(dy)``),
+in all three ``grad`` implementations; nothing flows into the running statistics
+through ``r`` and ``d``. The state is a :class:`~bnjax.population.RenormStats`
+(``BatchStats`` plus an int32 ``steps`` counter, incremented by every training
+call); for ``steps < warmup_steps`` the layer is plain batch norm (``r = 1``,
+``d = 0``, bit for bit), and ``r_max``/``d_max`` may be schedules of ``steps``
+(:func:`renorm_schedule` is the paper's). Details in :class:`RenormConfig`.
+
 ``jax.vmap`` without an ``axis_name``: each mapped slice is normalized with its
 own statistics and gets its own state (an ensemble of models). With
 ``cfg.axis_name`` bound by ``vmap``/``pmap``/``shard_map``, statistics (and the
@@ -44,22 +64,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 from bnjax import population as _pop
 from bnjax import stats as _stats
-from bnjax.population import BatchStats
+from bnjax.population import BatchStats, RenormStats
 from bnjax.stats import Moments
 
 __all__ = [
     "BatchNormConfig",
+    "RenormConfig",
     "BNParams",
     "BatchStats",
+    "RenormStats",
+    "renorm_schedule",
     "init",
     "init_state",
     "apply_train",
@@ -72,6 +96,133 @@ __all__ = [
 
 Array = jax.Array
 Axes = int | tuple[int, ...]
+Schedule = Callable[[Array], Array]
+
+
+def _check_bound(name: str, value: Any, low: float) -> Any:
+    if callable(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a float or a schedule (a callable of the step count), "
+            f"got {value!r}"
+        )
+    if not value >= low:  # also rejects NaN
+        raise ValueError(f"{name} must be >= {low:g}, got {name}={value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenormConfig:
+    """Batch Renormalization (Ioffe 2017) options of a :class:`BatchNormConfig`.
+
+    Attributes:
+      r_max: bound of ``r = clip(sigma_B / sigma, 1 / r_max, r_max)``: a float
+        ``>= 1``, or a schedule ``f(steps) -> value`` (a plain callable or an optax
+        schedule; traced under ``jit``, evaluated at the state's stored ``steps``).
+      d_max: bound of ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``: a float
+        ``>= 0`` or a schedule.
+      warmup_steps: the first ``warmup_steps`` training calls (``steps <
+        warmup_steps``) are plain batch norm (``r = 1``, ``d = 0``), while the
+        running statistics settle. An int ``>= 0``.
+
+    ``r_max = 1`` and ``d_max = 0`` is plain batch norm. Floats out of range (or
+    NaN) raise ``ValueError`` here; a schedule's values cannot be checked when
+    traced, so they are clamped at use (``r_max`` to ``>= 1``, ``d_max`` to
+    ``>= 0``), which is the nearest valid bound.
+
+    Behaviour at the edges (documented choices):
+
+    * ghost batches (``virtual_batch_size``): ``r`` and ``d`` are computed per
+      ghost batch, from its own moments against the (shared) running statistics;
+      the running statistics are updated with the whole batch, as for batch norm;
+    * a feature with no valid element in the batch (masks) gets ``r = 1``,
+      ``d = 0``, i.e. exactly batch norm's output for it, and keeps its state;
+    * a feature whose batch moments are not finite (a NaN or inf in the batch)
+      keeps its stored statistics (``mean``, ``var``, ``count``, ``batches``):
+      unlike batch norm, Batch Renorm's *training* output depends on the
+      running statistics, so one bad batch would otherwise poison every later
+      step. The bad batch itself is visible: its outputs (and loss) for that
+      feature are NaN, and that feature's ``count`` does not advance
+      (``steps`` does: it counts training calls).
+
+    Example:
+      >>> cfg = BatchNormConfig(renorm=RenormConfig(r_max=3.0, d_max=5.0, warmup_steps=1000))
+      >>> r_max, d_max = renorm_schedule()              # the paper's relaxation
+      >>> cfg = BatchNormConfig(momentum=0.99, renorm=RenormConfig(r_max, d_max))
+    """
+
+    r_max: float | Schedule = 3.0
+    d_max: float | Schedule = 5.0
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "r_max", _check_bound("r_max", self.r_max, 1.0))
+        object.__setattr__(self, "d_max", _check_bound("d_max", self.d_max, 0.0))
+        w = self.warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"warmup_steps must be an int, got {w!r}")
+        if w < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got warmup_steps={w}")
+
+    def bounds(self, steps: Array, dtype=jnp.float32) -> tuple[Array, Array]:
+        """``(r_max, d_max)`` at the (possibly traced) step count ``steps``.
+
+        Schedules are evaluated at ``steps`` and clamped into range; before
+        ``warmup_steps`` the bounds are ``(1, 0)`` (plain batch norm).
+        """
+
+        def at(v, low):
+            if callable(v):
+                return jnp.maximum(jnp.asarray(v(steps), dtype), low)
+            return jnp.asarray(v, dtype)
+
+        r_max, d_max = at(self.r_max, 1), at(self.d_max, 0)
+        if self.warmup_steps:
+            warm = steps < self.warmup_steps
+            r_max = jnp.where(warm, jnp.ones((), dtype), r_max)
+            d_max = jnp.where(warm, jnp.zeros((), dtype), d_max)
+        return r_max, d_max
+
+
+def renorm_schedule(
+    start: int = 5_000,
+    r_max: float = 3.0,
+    r_max_steps: int = 40_000,
+    d_max: float = 5.0,
+    d_max_steps: int = 25_000,
+) -> tuple[Schedule, Schedule]:
+    """The paper's relaxation of the Batch Renorm bounds, as two optax schedules.
+
+    ``r_max`` is 1 and ``d_max`` 0 (plain batch norm) for the first ``start``
+    steps, then both grow linearly, reaching ``r_max`` at step ``r_max_steps``
+    and ``d_max`` at step ``d_max_steps`` and staying there. The defaults are
+    Ioffe (2017)'s Inception setting (plain BN for ~5k steps, ``r_max = 3`` by
+    ~40k, ``d_max = 5`` by ~25k); scale the step counts to your run length.
+
+    Returns:
+      ``(r_max_fn, d_max_fn)`` (``optax.linear_schedule`` s), for
+      ``RenormConfig(r_max_fn, d_max_fn)`` or the modules' ``r_max=`` / ``d_max=``.
+
+    Raises:
+      ValueError: ``r_max < 1``, ``d_max < 0``, ``start < 0``, or an end step
+        not after ``start``.
+
+    Example:
+      >>> r_fn, d_fn = renorm_schedule(start=100, r_max_steps=800, d_max_steps=500)
+      >>> float(r_fn(100)), float(r_fn(450)), float(d_fn(10_000))
+      (1.0, 2.0, 5.0)
+    """
+    _check_bound("r_max", r_max, 1.0)
+    _check_bound("d_max", d_max, 0.0)
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got start={start}")
+    for name, end in (("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
+        if end <= start:
+            raise ValueError(f"{name}={end} must be after start={start}")
+    r_fn = optax.linear_schedule(1.0, float(r_max), r_max_steps - start, start)
+    d_fn = optax.linear_schedule(0.0, float(d_max), d_max_steps - start, start)
+    return r_fn, d_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +249,8 @@ class BatchNormConfig:
       stats_method: ``"auto"`` (default: ``"two_pass"`` on CPU, ``"shifted"`` on
         GPU/TPU), ``"two_pass"`` or ``"shifted"``; all exact, see :mod:`bnjax.stats`.
       grad: ``"vjp"``, ``"jvp"`` or ``"autodiff"`` (see the module docstring).
+      renorm: ``None`` (batch norm) or a :class:`RenormConfig`: Batch
+        Renormalization, whose state is a :class:`~bnjax.population.RenormStats`.
     """
 
     axis: Axes = -1
@@ -113,8 +266,11 @@ class BatchNormConfig:
     virtual_batch_size: int | None = None
     stats_method: str = "auto"
     grad: str = "vjp"
+    renorm: RenormConfig | None = None
 
     def __post_init__(self):
+        if self.renorm is not None and not isinstance(self.renorm, RenormConfig):
+            raise TypeError(f"renorm must be None or a RenormConfig, got {self.renorm!r}")
         if self.population not in _pop.POPULATION_ESTIMATORS:
             raise ValueError(
                 f"population must be one of {_pop.POPULATION_ESTIMATORS}, got {self.population!r}"
@@ -197,7 +353,7 @@ def init_state(feature_shape: int | Sequence[int], dtype=jnp.float32) -> BatchSt
 
 def init(
     feature_shape: int | Sequence[int], config: BatchNormConfig = BatchNormConfig()
-) -> tuple[BNParams, BatchStats]:
+) -> tuple[BNParams, BatchStats | RenormStats]:
     """Parameters (gamma = 1, beta = 0) and fresh statistics for ``feature_shape``.
 
     Args:
@@ -206,7 +362,9 @@ def init(
       config: the layer's :class:`BatchNormConfig` (``param_dtype``, ``use_scale``, ``use_bias``).
 
     Returns:
-      ``(BNParams, BatchStats)``; statistics are float32 (at least).
+      ``(BNParams, BatchStats)``; statistics are float32 (at least). With
+      ``config.renorm`` the state is a :class:`~bnjax.population.RenormStats`
+      with ``steps = 0``.
 
     Example:
       >>> params, state = init(64)
@@ -219,7 +377,10 @@ def init(
         scale=jnp.ones(shape, pdt) if config.use_scale else None,
         bias=jnp.zeros(shape, pdt) if config.use_bias else None,
     )
-    return params, init_state(shape, _stats.stats_dtype(pdt))
+    state = init_state(shape, _stats.stats_dtype(pdt))
+    if config.renorm is not None:
+        state = _pop.renorm_stats(state)
+    return params, state
 
 
 # --------------------------------------------------------------------------- kernel
@@ -237,18 +398,51 @@ class _Spec:
     out_dtype: Any
 
 
-def _forward(spec: _Spec, x, mask, scale, bias):
-    """Algorithm 1 on (possibly reshaped) ``x``. Returns (y, moments, mean, inv)."""
+def _forward(spec: _Spec, x, mask, scale, bias, ren=None):
+    """Algorithm 1 on (possibly reshaped) ``x``. Returns (y, moments, mean, inv, rd).
+
+    ``ren`` is ``None`` (batch norm; ``rd`` is ``None``) or Batch Renorm's
+    ``(running mean, running var, r_max, d_max)``; then ``rd = (r, d)``.
+    """
     dt = _stats.stats_dtype(x.dtype)
     xf = x.astype(dt)
     m = _stats.moments(xf, spec.stat_axes, mask=mask, method=spec.method)
     m = _stats.all_reduce(m, spec.axis_name, spec.axis_index_groups)
     mean = m.mean
-    inv = _stats.safe_rsqrt(m.var() + jnp.asarray(spec.epsilon, dt))
-    a = inv if scale is None else inv * scale.astype(dt)
-    b = None if bias is None else bias.astype(dt)
+    var_eps = m.var() + jnp.asarray(spec.epsilon, dt)
+    inv = _stats.safe_rsqrt(var_eps)
+    if ren is None:
+        rd = None
+        a = inv if scale is None else inv * scale.astype(dt)
+        b = None if bias is None else bias.astype(dt)
+    else:
+        rd = _renorm_rd(spec, m, var_eps, ren)
+        r, d = rd
+        a, b = inv * r, d
+        if scale is not None:
+            a, b = a * scale.astype(dt), b * scale.astype(dt)
+        if bias is not None:
+            b = b + bias.astype(dt)
     y = _centred_affine(xf, a, b, mean, _centre(spec, xf, mask, 0))
-    return y.astype(spec.out_dtype), m, mean, inv
+    return y.astype(spec.out_dtype), m, mean, inv, rd
+
+
+def _renorm_rd(spec: _Spec, m: Moments, var_eps, ren):
+    """Batch Renorm's per-feature ``(r, d)`` (gradient stopped), keepdims shape.
+
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma,
+    -d_max, d_max)`` with the running ``mu``, ``sigma = sqrt(var + eps)``; a feature
+    without a valid element gets ``r = 1``, ``d = 0`` (batch norm's output).
+    """
+    mu, var, r_max, d_max = ren
+    dt = m.mean.dtype
+    inv_run = _stats.safe_rsqrt(var.astype(dt) + jnp.asarray(spec.epsilon, dt))
+    r = jnp.clip(jnp.sqrt(var_eps) * inv_run, 1 / r_max, r_max)
+    d = jnp.clip((m.mean - mu.astype(dt)) * inv_run, -d_max, d_max)
+    seen = m.count > 0
+    r = jnp.where(seen, r, 1).astype(dt)
+    d = jnp.where(seen, d, 0).astype(dt)
+    return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
 def _centre(spec: _Spec, xf, mask, j: int):
@@ -289,18 +483,18 @@ def _psum(a, spec: _Spec):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _bn_vjp(spec, x, mask, scale, bias):
-    y, m, _, _ = _forward(spec, x, mask, scale, bias)
+def _bn_vjp(spec, x, mask, scale, bias, ren):
+    y, m, _, _, _ = _forward(spec, x, mask, scale, bias, ren)
     return y, m
 
 
-def _bn_vjp_fwd(spec, x, mask, scale, bias):
-    y, m, mean, inv = _forward(spec, x, mask, scale, bias)
-    return (y, m), (x, mask, scale, bias, mean, inv, m.count)
+def _bn_vjp_fwd(spec, x, mask, scale, bias, ren):
+    y, m, mean, inv, rd = _forward(spec, x, mask, scale, bias, ren)
+    return (y, m), (x, mask, scale, bias, mean, inv, m.count, rd)
 
 
 def _bn_vjp_bwd(spec, res, cts):
-    x, mask, scale, bias, mean, inv, count = res
+    x, mask, scale, bias, mean, inv, count, rd = res
     gy, gm = cts
     dt = mean.dtype
     xf = x.astype(dt)
@@ -319,7 +513,13 @@ def _bn_vjp_bwd(spec, res, cts):
         s_k = jnp.sum(gyf * (xf - k), axis=spec.stat_axes, keepdims=True)
         sum_dy_xc = s_k + (k - mean) * sum_dy
     sum_dy_xhat = inv * sum_dy_xc
-    dscale = None if scale is None else _sum_to(sum_dy_xhat, scale.shape).astype(scale.dtype)
+    if scale is None:
+        dscale = None
+    elif rd is None:
+        dscale = _sum_to(sum_dy_xhat, scale.shape).astype(scale.dtype)
+    else:  # Batch Renorm: y = gamma (r xhat + d) + beta, r and d constant
+        dscale = rd[0] * sum_dy_xhat + rd[1] * sum_dy
+        dscale = _sum_to(dscale, scale.shape).astype(scale.dtype)
     dbias = None if bias is None else _sum_to(sum_dy, bias.shape).astype(bias.dtype)
     gmean = None if gm is None else gm.mean.astype(dt)
     gm2 = None if gm is None else gm.m2.astype(dt)
@@ -338,6 +538,8 @@ def _bn_vjp_bwd(spec, res, cts):
         if sum_gm:
             gmean, gm2 = both[2], both[3]
     gamma_inv = inv if scale is None else scale.astype(dt) * inv
+    if rd is not None:  # Batch Renorm: batch norm's dx with gamma -> gamma r
+        gamma_inv = gamma_inv * rd[0]
     n = jnp.where(count > 0, count, 1)
     # dx = gamma / (m sigma) * (m dy - sum(dy) - xhat sum(dy xhat)), masked elements
     # outside the statistics; plus the cotangents of the returned mean and M2. As
@@ -349,23 +551,23 @@ def _bn_vjp_bwd(spec, res, cts):
         q = q + 2 * gm2
     corr = _centred_affine(xf, q, p, mean, _centre(spec, xf, mask, 0))
     dx = gyf * gamma_inv + (corr if mask is None else mask.astype(dt) * corr)
-    return dx.astype(x.dtype), None, dscale, dbias
+    return dx.astype(x.dtype), None, dscale, dbias, None
 
 
 _bn_vjp.defvjp(_bn_vjp_fwd, _bn_vjp_bwd)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _bn_jvp(spec, x, mask, scale, bias):
-    y, m, _, _ = _forward(spec, x, mask, scale, bias)
+def _bn_jvp(spec, x, mask, scale, bias, ren):
+    y, m, _, _, _ = _forward(spec, x, mask, scale, bias, ren)
     return y, m
 
 
 @_bn_jvp.defjvp
 def _bn_jvp_rule(spec, primals, tangents):
-    x, mask, scale, bias = primals
-    tx, _, tscale, tbias = tangents
-    y, m, mean, inv = _forward(spec, x, mask, scale, bias)
+    x, mask, scale, bias, ren = primals
+    tx, _, tscale, tbias, _ = tangents  # Batch Renorm's r, d: constants
+    y, m, mean, inv, rd = _forward(spec, x, mask, scale, bias, ren)
     dt = mean.dtype
     n = jnp.where(m.count > 0, m.count, 1)
     w = 1 if mask is None else mask.astype(dt)
@@ -382,6 +584,9 @@ def _bn_jvp_rule(spec, primals, tangents):
     tmean = sums[0] / n
     tm2 = 2 * sums[1]
     txhat = inv * (txf - tmean - xhat * (inv * sums[1] / n))
+    if rd is not None:  # Batch Renorm: y = gamma (r xhat + d) + beta
+        txhat = rd[0] * txhat
+        xhat = rd[0] * xhat + rd[1]
     ty = txhat if scale is None else txhat * scale.astype(dt)
     if tscale is not None and scale is not None:
         ty = ty + xhat * tscale.astype(dt)
@@ -392,8 +597,8 @@ def _bn_jvp_rule(spec, primals, tangents):
     return (y, m), (ty.astype(y.dtype), tm)
 
 
-def _bn_autodiff(spec, x, mask, scale, bias):
-    y, m, _, _ = _forward(spec, x, mask, scale, bias)
+def _bn_autodiff(spec, x, mask, scale, bias, ren):
+    y, m, _, _, _ = _forward(spec, x, mask, scale, bias, ren)
     return y, m
 
 
@@ -423,7 +628,8 @@ def _prepare(params: BNParams, x: Array, config: BatchNormConfig, state: BatchSt
     _check_features(x.shape, faxes, params.bias, "params.bias")
     if state is not None:
         for name in state._fields:
-            _check_features(x.shape, faxes, getattr(state, name), f"state.{name}")
+            if name != "steps":
+                _check_features(x.shape, faxes, getattr(state, name), f"state.{name}")
     if config.use_scale != (params.scale is not None) or config.use_bias != (
         params.bias is not None
     ):
@@ -488,13 +694,22 @@ def apply_train(
       updated with the (biased) batch moments by the configured estimator.
       Features without a valid element keep their state.
 
+    With ``config.renorm`` (Batch Renormalization, see :class:`RenormConfig`)
+    ``state`` must be a :class:`~bnjax.population.RenormStats`; the output is
+    ``gamma (r xhat + d) + beta`` with ``r``, ``d`` from the batch and the
+    running statistics before the update, and ``new_state.steps`` is
+    ``state.steps + 1``.
+
     Raises:
       TypeError: integer input or non-boolean mask.
       ValueError: mismatched feature shapes, bad axis, bad mask shape, a
-        reduction of one element per feature, or a virtual batch size that
-        does not divide the batch.
+        reduction of one element per feature, a virtual batch size that
+        does not divide the batch, or (Batch Renorm) a state without a
+        scalar integer ``steps`` counter.
     """
     x, faxes = _prepare(params, x, config, state)
+    if config.renorm is not None:
+        _check_steps(state)
     if mask is not None:
         mask = _stats.check_mask(mask, x.shape)
     red = tuple(i for i in range(x.ndim) if i not in faxes)
@@ -540,17 +755,46 @@ def apply_train(
     # shard_map(check_vma=True): replicated gamma/beta enter the kernel cast to
     # "varying", so their gradients come back summed over devices (JAX's rule).
     scale_k, bias_k = _stats.match_varying(scale_k, bias_k, like=(x_k,))
-    y, m = _KERNELS[config.grad](spec, x_k, mask_k, scale_k, bias_k)
+    ren = None
+    if config.renorm is not None:  # Batch Renorm: the running statistics and the bounds
+        dt = _stats.stats_dtype(x.dtype)
+        ren = (
+            _bcast(state.mean.astype(dt), shape, faxes),
+            _bcast(state.var.astype(dt), shape, faxes),
+            *config.renorm.bounds(state.steps, dt),
+        )
+        if vbs is not None:
+            ren = (ren[0][None], ren[1][None], ren[2], ren[3])
+    y, m = _KERNELS[config.grad](spec, x_k, mask_k, scale_k, bias_k, ren)
     if vbs is not None:
         y = y.reshape(shape)
         m = _stats.merge_along(m, 0)
         m = _stats.all_reduce(m, config.axis_name, config.axis_index_groups)
     fshape = _feature_shape(shape, faxes)
     m = Moments(*(f.reshape(fshape) for f in m))
-    new_state = _pop.update(
-        state, m, estimator=config.population, momentum=config.momentum
-    )
-    return y, new_state
+    if config.renorm is None:
+        return y, _pop.update(state, m, estimator=config.population, momentum=config.momentum)
+    # Batch Renorm: a feature whose batch moments are not finite keeps its state
+    # (the running statistics enter later training outputs; see RenormConfig).
+    ok = jnp.isfinite(m.mean) & jnp.isfinite(m.m2)
+    m = Moments(*(jnp.where(ok, f, 0) for f in m))
+    new = _pop.update(state, m, estimator=config.population, momentum=config.momentum)
+    return y, RenormStats(*new, steps=state.steps + 1)
+
+
+def _check_steps(state) -> None:
+    steps = getattr(state, "steps", None)
+    if steps is None:
+        raise ValueError(
+            f"Batch Renorm (config.renorm) needs a RenormStats state with a step counter, "
+            f"got {type(state).__name__}; make one with init(features, config) or "
+            "bnjax.renorm_stats(state)"
+        )
+    if jnp.ndim(steps) != 0 or not jnp.issubdtype(jnp.result_type(steps), jnp.integer):
+        raise ValueError(
+            f"state.steps must be an integer scalar, got shape {tuple(jnp.shape(steps))} "
+            f"and dtype {jnp.result_type(steps)}"
+        )
 
 
 def inference_affine(

@@ -29,6 +29,21 @@ Two estimators (the static option ``population=``):
 
 A batch with no valid element for a feature leaves that feature's state as it
 was (no NaN, nothing lost).
+
+Complex inputs: ``mean`` is complex and ``var`` real (``E|x - mu|^2``), flax's
+convention. A real (float32) ``mean``, as made by :func:`bnjax.init_state` and by
+``flax.linen.BatchNorm``, turns complex at the first complex batch;
+``bnjax.linen.BatchNorm`` creates it complex from the start when it is
+initialized on a complex input (so its type never changes inside a ``jit`` loop).
+
+Batch Renormalization (``BatchNormConfig(renorm=...)``) keeps the same four
+statistics plus an integer step counter, in a :class:`RenormStats`: a separate
+type rather than an optional fifth field of :class:`BatchStats`, so that plain
+batch norm's pytrees (and checkpoints written with ``flax.serialization``, which
+compares field names) stay exactly as they were. :class:`RenormStats` has the
+four fields of :class:`BatchStats` first, under the same names, so everything
+that reads ``mean``/``var``/``count``/``batches`` (:func:`update`,
+:func:`reset_population`, inference, folding) takes either.
 """
 
 from __future__ import annotations
@@ -40,7 +55,14 @@ import jax.numpy as jnp
 
 from bnjax.stats import Moments
 
-__all__ = ["BatchStats", "POPULATION_ESTIMATORS", "update", "reset_population"]
+__all__ = [
+    "BatchStats",
+    "RenormStats",
+    "POPULATION_ESTIMATORS",
+    "update",
+    "reset_population",
+    "renorm_stats",
+]
 
 Array = jax.Array
 
@@ -56,6 +78,42 @@ class BatchStats(NamedTuple):
     batches: Array
 
 
+class RenormStats(NamedTuple):
+    """:class:`BatchStats` plus the step counter of a Batch Renormalization layer.
+
+    Attributes:
+      mean, var, count, batches: as in :class:`BatchStats` (per feature).
+      steps: int32 scalar, the number of training calls (``apply_train``) made
+        with this state; the warm-up and the ``r_max``/``d_max`` schedules are
+        evaluated at this stored value, before it is incremented.
+    """
+
+    mean: Array
+    var: Array
+    count: Array
+    batches: Array
+    steps: Array
+
+    @property
+    def batch_stats(self) -> BatchStats:
+        """The four population statistics, without the step counter."""
+        return BatchStats(self.mean, self.var, self.count, self.batches)
+
+
+def renorm_stats(state: BatchStats | RenormStats, steps: int | Array = 0) -> RenormStats:
+    """``state`` with a step counter (int32 scalar ``steps``), e.g. to start Batch
+    Renormalization from the statistics of a trained batch-norm layer.
+
+    ``steps=0`` starts the warm-up (and the ``r_max``/``d_max`` schedules) from the
+    beginning; pass the number of steps already done to skip it. A
+    :class:`RenormStats` gets its counter replaced.
+    """
+    steps = jnp.asarray(steps)
+    if steps.ndim != 0 or not jnp.issubdtype(steps.dtype, jnp.integer):
+        raise ValueError(f"steps must be an integer scalar, got {steps!r}")
+    return RenormStats(state.mean, state.var, state.count, state.batches, steps.astype(jnp.int32))
+
+
 def update(state: BatchStats, batch: Moments, *, estimator: str, momentum: float) -> BatchStats:
     """Folds one batch's moments (feature-shaped) into the population statistics.
 
@@ -66,7 +124,9 @@ def update(state: BatchStats, batch: Moments, *, estimator: str, momentum: float
       momentum: the EMA momentum (ignored by ``"average"``).
 
     Returns:
-      The new :class:`BatchStats`, in the state's dtypes.
+      The new :class:`BatchStats`, in the state's dtypes; except that a complex
+      batch mean makes a real ``mean`` complex (``var`` stays real: for complex
+      inputs it is the variance ``E|x - mu|^2``).
     """
     n = batch.count.astype(state.count.dtype)
     seen = n > 0
@@ -86,7 +146,12 @@ def update(state: BatchStats, batch: Moments, *, estimator: str, momentum: float
         raise ValueError(
             f"population must be one of {POPULATION_ESTIMATORS}, got {estimator!r}"
         )
-    mean = jnp.where(seen, mean, state.mean).astype(state.mean.dtype)
+    mean_dtype = state.mean.dtype
+    if jnp.iscomplexobj(batch.mean) and not jnp.iscomplexobj(state.mean):
+        # A complex batch turns a real stored mean complex (flax does the same:
+        # its float32 mean becomes complex64 after the first complex batch).
+        mean_dtype = jnp.promote_types(mean_dtype, batch.mean.dtype)
+    mean = jnp.where(seen, mean, state.mean).astype(mean_dtype)
     var = jnp.where(seen, var, state.var).astype(state.var.dtype)
     return BatchStats(mean, var, count, batches)
 
