@@ -371,22 +371,40 @@ def _class_chunks(labels: np.ndarray, classes_per_batch: int, batch_size: int):
 
 def _host_class_grouped(words, labels, classes_per_batch, batch_size):
     """One class-grouped epoch per uint32 word pair: ``(..., spe * batch_size)`` int32."""
-    chunk, _, spe = _class_chunks(labels, classes_per_batch, batch_size)
+    chunk, per_class, spe = _class_chunks(labels, classes_per_batch, batch_size)
     classes = np.unique(labels)
     members = [np.flatnonzero(labels == c) for c in classes]
     words = np.asarray(words, np.uint32)
     out = np.empty(words.shape[:-1] + (spe * batch_size,), np.int32)
+    k = classes_per_batch
     for i in np.ndindex(words.shape[:-1]):
         rng = np.random.default_rng([int(w) for w in words[i]])
-        blocks = []
-        for c in rng.permutation(classes.size):  # a fresh class order each epoch
+        chunks = []
+        for c in range(classes.size):
             idx = rng.permutation(members[c])
-            blocks.append(idx[: idx.size // chunk * chunk].reshape(-1, chunk))
-        # Each class is one contiguous block of at most spe chunks, so the chunks
-        # j, j + spe, ..., j + (k - 1) spe come from k different classes.
-        chunks = np.concatenate(blocks)[: spe * classes_per_batch]
-        batches = chunks.reshape(classes_per_batch, spe, chunk).transpose(1, 0, 2)
-        batches = batches.reshape(spe, batch_size)[rng.permutation(spe)]
+            chunks.append(idx[: idx.size // chunk * chunk].reshape(-1, chunk))
+        # Keep spe * k chunks: drop the surplus (< k chunks) from random classes.
+        left = per_class.astype(np.int64).copy()
+        for _ in range(int(left.sum()) - spe * k):
+            left[rng.choice(classes.size, p=left / left.sum())] -= 1
+        # Batch after batch, k different classes drawn in proportion to the chunks each
+        # has left, without replacement (Gumbel top-k); a class with as many chunks left
+        # as there are batches left is taken first, which keeps every later batch
+        # feasible (each class has at most `batches left` chunks, k * `batches left` in all).
+        gumbel = rng.gumbel(size=(spe, classes.size))
+        picks = np.empty((spe, k), np.int64)
+        with np.errstate(divide="ignore"):
+            for b in range(spe):
+                w = np.log(left) + gumbel[b]
+                w[left == spe - b] = np.inf
+                pick = np.argpartition(-w, k - 1)[:k]
+                picks[b] = pick
+                left[pick] -= 1
+        batches = np.empty((spe, k, chunk), np.int64)
+        for c in range(classes.size):  # each class's chunks in the order its batches come
+            where = picks == c
+            batches[where] = chunks[c][: int(where.sum())]
+        batches = batches.reshape(spe, batch_size)
         out[i] = rng.permuted(batches, axis=1).ravel()  # classes mixed within a batch
     return out
 
@@ -400,13 +418,14 @@ def class_grouped_batch_indices(
     with the signature and contract of :func:`epoch_batch_indices` (a pure
     function of ``(key, step)``, usable under ``jit``/``vmap``; pass it to
     :func:`make_train_loop` as ``batch_indices``). Epoch ``e``, drawn on the
-    host from ``fold_in(key, e)``: the classes in a random order, each class's
-    examples shuffled and cut into chunks of ``batch_size // k``; the chunks
-    laid out class after class are dealt into ``steps_per_epoch`` batches of
-    ``k`` chunks of ``k`` different classes (the class partners change every
-    epoch), the batches shuffled, the examples shuffled within each batch. An
-    epoch uses every example at most once and drops fewer than
-    ``batch_size // k`` examples per class plus fewer than ``k`` chunks.
+    host from ``fold_in(key, e)``: each class's examples shuffled and cut into
+    chunks of ``batch_size // k``; each of the ``steps_per_epoch`` batches
+    takes one chunk of each of ``k`` different classes, drawn at random in
+    proportion to the chunks the classes have left (so the classes that meet
+    in a batch change from batch to batch: no fixed partners for a network to
+    learn), the examples shuffled within each batch. An epoch uses every
+    example at most once and drops fewer than ``batch_size // k`` examples per
+    class plus fewer than ``k`` chunks.
 
     This is the setting of Ioffe (2017), Sec. 4.3 (mini-batches with few
     labels, several examples per label), under which batch norm's inference
