@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from bnjax import functional as F
 from bnjax import whitening as W
+from bnjax.population import RenormStats, renorm_stats
 
 Array = jax.Array
 
@@ -85,24 +86,45 @@ def config_of(module: Any, *, local: bool = False, **options: Any) -> F.BatchNor
     )
 
 
-def stat_names(population: str) -> tuple[str, ...]:
-    """The statistics a module stores: ``mean``, ``var``, and with
-    ``population="average"`` also ``count`` and ``batches``."""
-    return ("mean", "var") + (("count", "batches") if population == "average" else ())
+def stat_names(population: str, renorm: bool = False) -> tuple[str, ...]:
+    """The statistics a module stores: ``mean``, ``var``, with
+    ``population="average"`` also ``count`` and ``batches``, and with Batch
+    Renorm (``renorm=True``) the step counter ``steps``."""
+    names = ("mean", "var") + (("count", "batches") if population == "average" else ())
+    return names + (("steps",) if renorm else ())
 
 
-def batch_stats(stored: Mapping[str, Array]) -> F.BatchStats:
+def batch_stats(
+    stored: Mapping[str, Array], renorm: bool = False
+) -> F.BatchStats | RenormStats:
     """The stored statistics ``{name: array}`` as a :class:`~bnjax.BatchStats`.
 
     ``mean`` and ``var`` must be present; ``count`` and ``batches`` that are not
     stored (``population="ema"``, or flax variables) are zeros like ``mean``.
+    With ``renorm=True`` a :class:`~bnjax.RenormStats`, whose ``steps`` is the
+    stored one or 0 where none is stored (a batch-norm checkpoint); a stored
+    ``steps`` that is not an integer scalar is a ``ValueError``.
     """
     zeros = jnp.zeros_like(stored["mean"])
-    return F.BatchStats(
+    st = F.BatchStats(
         stored["mean"],
         stored["var"],
         stored.get("count", zeros),
         stored.get("batches", zeros),
+    )
+    if not renorm:
+        return st
+    try:
+        return renorm_stats(st, stored.get("steps", 0))
+    except ValueError as e:
+        raise ValueError(f"batch_stats/steps: {e}") from None
+
+
+def renorm_config_of(module: Any) -> F.RenormConfig:
+    """The :class:`~bnjax.RenormConfig` of a ``BatchRenorm`` module (linen or NNX):
+    its ``r_max``, ``d_max`` and ``warmup_steps`` (validated there)."""
+    return F.RenormConfig(
+        r_max=module.r_max, d_max=module.d_max, warmup_steps=module.warmup_steps
     )
 
 

@@ -4,7 +4,9 @@
 backward pass (training mode, the parameters before the update):
 
 * per parameter (``"<module>/<name>"``, e.g. ``"conv_0/kernel"``, ``"bn_0/bias"``):
-  ``w_norm/...`` the Frobenius norm, ``g_norm/...`` the gradient's norm and
+  ``w_norm/...`` the Frobenius norm, ``w_mean/...`` the mean entry (the sign of
+  a BN beta: negative pushes its relu units towards dead), ``g_norm/...`` the
+  gradient's norm and
   ``update_ratio/...`` the norm of the optimizer's step over the weight norm
   (NaN where the weight is 0, e.g. a BN beta at initialization);
 * per layer input the model sows into ``"intermediates"`` (flax ``sow``; the
@@ -107,6 +109,7 @@ def layer_probe(
     for name, w in p.items():
         wn = _norm(w)
         out[f"w_norm/{name}"] = wn
+        out[f"w_mean/{name}"] = jnp.mean(w.astype(wn.dtype))
         out[f"g_norm/{name}"] = _norm(g[name])
         ratio = _norm(u[name]) / jnp.where(wn > 0, wn, 1)
         out[f"update_ratio/{name}"] = jnp.where(wn > 0, ratio, jnp.nan)

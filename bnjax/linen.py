@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,14 +50,16 @@ from bnjax import whitening as W
 from bnjax._module_common import (
     batch_stats,
     config_of,
+    renorm_config_of,
     resolve_use_running_average,
     stat_names,
     whitening_config_of,
     whitening_stat_names,
     whitening_stats,
 )
+from bnjax.population import renorm_stats
 
-__all__ = ["BatchNorm", "BatchWhitening"]
+__all__ = ["BatchNorm", "BatchRenorm", "BatchWhitening"]
 
 
 Array = jax.Array
@@ -163,18 +166,22 @@ class BatchNorm(nn.Module):
             if self.use_bias
             else None,
         )
+        renorm = cfg.renorm is not None  # BatchRenorm: the same layer plus a step counter
         fresh = F.init_state(fshape, jnp.float32)
-        names = stat_names(self.population)
+        if renorm:
+            fresh = renorm_stats(fresh)
+        names = stat_names(self.population, renorm=renorm)
         if use_ra and not initializing:
             # Inference reads mean and var only: variables from flax.linen.BatchNorm (no
-            # count/batches) evaluate unchanged under population="average".
+            # count/batches/steps) evaluate unchanged under population="average" or
+            # as BatchRenorm.
             names = tuple(
                 k for k in names if k in ("mean", "var") or self.has_variable("batch_stats", k)
             )
         variables = {
             k: self.variable("batch_stats", k, lambda k=k: getattr(fresh, k)) for k in names
         }
-        state = batch_stats({k: v.value for k, v in variables.items()})
+        state = batch_stats({k: v.value for k, v in variables.items()}, renorm=renorm)
         if use_ra or (initializing and x.size == math.prod(fshape)):
             # Inference; or init on a one-example batch, whose batch statistics are
             # undefined (flax returns zeros there; init does not update them anyway).
@@ -184,6 +191,75 @@ class BatchNorm(nn.Module):
             for k, v in variables.items():
                 v.value = getattr(new_state, k)
         return y
+
+
+class BatchRenorm(BatchNorm):
+    """Batch Renormalization (Ioffe 2017) as a ``flax.linen`` module.
+
+    :class:`BatchNorm` (same attributes, call, ``train=`` / ``use_running_average``
+    switch, ``mask``, ``axis_name`` pooling, ghost batches, variables) whose
+    training output is corrected towards the inference map: per feature, with
+    the running ``mu``, ``sigma = sqrt(var + eps)`` before the update,
+    ``y = gamma (r xhat + d) + beta`` with ``r = clip(sigma_B / sigma, 1/r_max,
+    r_max)`` and ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` held constant for
+    the gradient (numerics: :class:`bnjax.RenormConfig`). Inference is exactly
+    batch norm's Algorithm 2 map.
+
+    Attributes:
+      r_max: a float ``>= 1`` or a schedule ``f(steps)`` (plain callable or optax
+        schedule, e.g. from :func:`bnjax.renorm_schedule`), default 3.
+      d_max: a float ``>= 0`` or a schedule, default 5.
+      warmup_steps: plain batch norm while ``steps < warmup_steps`` (default 0).
+      (all of :class:`BatchNorm`'s attributes, with the same defaults; the paper
+      and CrossQ use a faster moving average than batch norm, e.g.
+      ``momentum=0.9``; ``use_fast_variance``/``force_float32_reductions`` are
+      accepted and ignored as there.)
+
+    Variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var}`` exactly as
+    :class:`BatchNorm` and ``flax.linen.BatchNorm`` (plus ``count``/``batches``
+    with ``population="average"``), and ``batch_stats/steps``, an int32 scalar
+    counting training calls (the name CrossQ-style flax layers use). ``steps``
+    advances by one per training call (not in ``init``, not in eval mode); the
+    warm-up and the ``r_max``/``d_max`` schedules are evaluated at the stored
+    value before the increment.
+
+    Loading other checkpoints:
+
+    * variables of ``flax.linen.BatchNorm`` or :class:`BatchNorm` (no ``steps``)
+      load unchanged: inference needs only ``mean`` and ``var``; the first
+      training call (with ``mutable=["batch_stats"]``) creates ``steps = 0``, so
+      the warm-up and the schedules start from the beginning. To resume at step
+      ``k`` instead, add ``batch_stats/.../steps = jnp.int32(k)`` yourself;
+    * entries that this layer does not use, such as a stored ``r_max`` or
+      ``d_max``, are ignored (the bounds always come from the attributes) and
+      passed through unchanged in the returned ``batch_stats``;
+    * a ``steps`` that is not an integer scalar raises ``ValueError``.
+
+    A training batch with a NaN or inf leaves the stored ``mean``/``var`` of the
+    affected features unchanged (their outputs and the loss are NaN, so the bad
+    batch is visible); see :class:`bnjax.RenormConfig`.
+
+    Example::
+
+        r_max, d_max = bnjax.renorm_schedule(start=5_000)   # the paper's relaxation
+        x = nn.Dense(100, use_bias=False)(x)
+        x = bnjax.linen.BatchRenorm(momentum=0.9, r_max=r_max, d_max=d_max,
+                                    warmup_steps=5_000)(x, train=train)
+
+        variables = model.init(key, x, train=False)   # batch_stats: mean, var, steps
+        y, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    """
+
+    r_max: float | Callable[[Array], Array] = 3.0
+    d_max: float | Callable[[Array], Array] = 5.0
+    warmup_steps: int = 0
+
+    def config(self, *, initializing: bool = False) -> F.BatchNormConfig:
+        """The functional :class:`~bnjax.BatchNormConfig` this module runs
+        (with ``renorm`` set); raises ``ValueError`` for a bad ``r_max``,
+        ``d_max`` or ``warmup_steps``."""
+        cfg = BatchNorm.config(self, initializing=initializing)
+        return dataclasses.replace(cfg, renorm=renorm_config_of(self))
 
 
 class BatchWhitening(nn.Module):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -50,14 +51,16 @@ from bnjax import whitening as W
 from bnjax._module_common import (
     batch_stats,
     config_of,
+    renorm_config_of,
     resolve_use_running_average,
     stat_names,
     whitening_config_of,
     whitening_stat_names,
     whitening_stats,
 )
+from bnjax.population import renorm_stats
 
-__all__ = ["BatchNorm", "BatchWhitening", "intercept"]
+__all__ = ["BatchNorm", "BatchRenorm", "BatchWhitening", "intercept"]
 
 Array = jax.Array
 _ZEROS = initializers.zeros_init()
@@ -160,10 +163,12 @@ class BatchNorm(nnx.Module):
         self.population = population
         self.virtual_batch_size = virtual_batch_size
         self.grad = grad
-        self.config()  # validates the options early, with the functional core's messages
+        cfg = self.config()  # validates the options early, with the functional core's messages
 
         fresh = F.init_state(fshape, jnp.float32)
-        for name in stat_names(population):  # mean, var (, count, batches)
+        if cfg.renorm is not None:  # BatchRenorm: plus the int32 step counter
+            fresh = renorm_stats(fresh)
+        for name in self._stat_names():  # mean, var (, count, batches) (, steps)
             setattr(self, name, nnx.BatchStat(getattr(fresh, name)))
 
         def param(used: bool, init: Callable, metadata: Mapping[str, Any]) -> Any:
@@ -184,6 +189,9 @@ class BatchNorm(nnx.Module):
             grad=self.grad,
         )
 
+    def _stat_names(self) -> tuple[str, ...]:
+        return stat_names(self.population, renorm=self.config().renorm is not None)
+
     def bn_params(self) -> F.BNParams:
         """The current ``(scale, bias)`` as a :class:`~bnjax.BNParams`."""
         return F.BNParams(
@@ -192,15 +200,19 @@ class BatchNorm(nnx.Module):
         )
 
     def bn_state(self) -> F.BatchStats:
-        """The current population statistics as a :class:`~bnjax.BatchStats`.
+        """The current population statistics as a :class:`~bnjax.BatchStats`
+        (:class:`~bnjax.RenormStats` for :class:`BatchRenorm`).
 
         In ``"ema"`` mode ``count``/``batches`` are not stored and are returned as zeros.
         """
-        return batch_stats({k: getattr(self, k)[...] for k in stat_names(self.population)})
+        names = self._stat_names()
+        return batch_stats({k: getattr(self, k)[...] for k in names}, renorm="steps" in names)
 
     def set_bn_state(self, state: F.BatchStats) -> None:
         """Writes population statistics (``count``/``batches`` only if stored)."""
-        for k in stat_names(self.population):
+        for k in self._stat_names():
+            if k not in state._fields:  # a BatchStats given to a BatchRenorm: keep steps
+                continue
             stored = getattr(self, k)
             stored[...] = getattr(state, k).astype(stored[...].dtype)
 
@@ -249,6 +261,62 @@ class BatchNorm(nnx.Module):
         """Used by :func:`flax.nnx.view` (``nnx.view(model, use_running_average=True)``)."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+class BatchRenorm(BatchNorm):
+    """Batch Renormalization (Ioffe 2017) as a ``flax.nnx`` module.
+
+    :class:`BatchNorm` (same constructor, call, ``.train()`` / ``.eval()`` /
+    :func:`flax.nnx.view` switching, ``mask``, ``axis_name``, ghost batches) whose
+    training output is ``gamma (r xhat + d) + beta`` with ``r``, ``d`` clipped by
+    ``r_max``, ``d_max`` and constant for the gradient; inference is exactly
+    batch norm's Algorithm 2 map. Same numerics and rules as
+    :class:`bnjax.linen.BatchRenorm` (see there and :class:`bnjax.RenormConfig`).
+
+    Args:
+      num_features: as :class:`BatchNorm`.
+      r_max: a float ``>= 1`` or a schedule ``f(steps)`` (default 3).
+      d_max: a float ``>= 0`` or a schedule (default 5).
+      warmup_steps: plain batch norm while ``steps < warmup_steps`` (default 0).
+      **kwargs: every other keyword argument of :class:`BatchNorm` (``momentum``,
+        ``epsilon``, ``axis``, ``axis_name``, ``rngs``, ...), same defaults.
+
+    Attributes:
+      scale, bias, mean, var (, count, batches): as :class:`BatchNorm`.
+      steps: ``nnx.BatchStat``, int32 scalar, training calls so far (the warm-up
+        and the schedules are evaluated at it before it advances).
+
+    The state of a ``flax.nnx.BatchNorm`` or :class:`BatchNorm` loads with
+    ``nnx.update(brn, nnx.state(bn))``; ``steps`` is not in it and keeps its
+    value (0 for a new layer: the warm-up starts from the beginning).
+
+    Example::
+
+        >>> from flax import nnx
+        >>> brn = BatchRenorm(6, momentum=0.9, r_max=3.0, d_max=5.0, rngs=nnx.Rngs(0))
+        >>> y = brn(jax.random.normal(jax.random.key(0), (8, 6)))   # train mode
+        >>> int(brn.steps[...])
+        1
+        >>> brn.eval(); y = brn(jnp.ones((1, 6)))                    # Algorithm 2
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        r_max: float | Callable[[Array], Array] = 3.0,
+        d_max: float | Callable[[Array], Array] = 5.0,
+        warmup_steps: int = 0,
+        **kwargs: Any,
+    ):
+        self.r_max = r_max
+        self.d_max = d_max
+        self.warmup_steps = warmup_steps
+        super().__init__(num_features, **kwargs)
+
+    def config(self) -> F.BatchNormConfig:
+        """The functional :class:`~bnjax.BatchNormConfig` this module runs (with ``renorm``)."""
+        return dataclasses.replace(super().config(), renorm=renorm_config_of(self))
 
 
 class BatchWhitening(nnx.Module):

@@ -55,6 +55,11 @@ Statistics are computed locally: ``axis_name`` of the layers is ignored (run
 the calibration data on one host). A feature that gets no valid element (or,
 for the variance, a single one) keeps its old statistics.
 
+Batch Renorm layers (``bnjax.linen.BatchRenorm``, ``bnjax.nnx.BatchRenorm``) are
+batch-norm layers here: in ``"train"`` mode they produce their Batch Renorm
+training output (at their stored ``steps``); their ``mean``/``var`` (and
+``count``/``batches``) are replaced and their ``steps`` counter is kept.
+
 Limits: only ``bnjax.nnx.BatchNorm`` layers are found in NNX models (not
 ``flax.nnx.BatchNorm``; it has no interception hook); in linen models a batch
 norm inside a lifted transform (``nn.scan``, ``nn.vmap``) is intercepted per
@@ -142,10 +147,13 @@ def linen_tracer(model: nn.Module, apply_kwargs: Mapping[str, Any]) -> Callable:
                 mod.get_variable("params", "scale") if cfg.use_scale else None,
                 mod.get_variable("params", "bias") if cfg.use_bias else None,
             )
-            stored = {k: mod.get_variable("batch_stats", k) for k in F.BatchStats._fields}
+            renorm = cfg.renorm is not None  # BatchRenorm: also its step counter
+            names = F.BatchStats._fields + (("steps",) if renorm else ())
+            stored = {k: mod.get_variable("batch_stats", k) for k in names}
             if stored["mean"] is None or stored["var"] is None:
                 raise ValueError(f"batch-norm layer {path!r} has no batch_stats/mean and var")
-            state = batch_stats({k: v for k, v in stored.items() if v is not None})
+            stored = {k: v for k, v in stored.items() if v is not None}
+            state = _with_path(path, batch_stats, stored, renorm)
             y, rec = _with_path(path, record, x, mask, cfg, params, state, upstream)
             out.setdefault(path, []).append(rec)
             return y

@@ -74,6 +74,9 @@ def test_layer_probe_matches_numpy(use_bn):
         wn = np.linalg.norm(np.asarray(w, np.float64))
         gn = np.linalg.norm(np.asarray(flat_g[path], np.float64))
         np.testing.assert_allclose(m[f"w_norm/{key}"], wn, rtol=1e-5)
+        np.testing.assert_allclose(
+            m[f"w_mean/{key}"], np.asarray(w, np.float64).mean(), rtol=1e-5, atol=1e-7
+        )
         np.testing.assert_allclose(m[f"g_norm/{key}"], gn, rtol=1e-4, atol=1e-7)
         if wn > 0:
             np.testing.assert_allclose(m[f"update_ratio/{key}"], LR * gn / wn, rtol=1e-4)

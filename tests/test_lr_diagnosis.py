@@ -62,9 +62,16 @@ def test_cli_tiny(tmp_path):
             "--config.csv_every=2",
         ]
     )
-    for f in ("diagnosis.png", "diagnosis.md", "diagnosis.csv", "events.json"):
-        assert (work / f).stat().st_size > 0, f
     rows = list(csv.DictReader((work / "diagnosis.csv").open()))
+    for f in ("diagnosis.png", "diagnosis.md", "diagnosis.csv", "events.json", "records.npz"):
+        assert (work / f).stat().st_size > 0, f
+    npz = np.load(work / "records.npz")
+    assert npz["bn_x30:loss"].shape == (1, 6)
+    np.testing.assert_allclose(
+        npz["bn_x30_m0:w_norm/head/kernel"][0, ::2],
+        [float(r["w_norm/head/kernel"]) for r in rows if r["case"] == "bn_x30_m0"],
+        rtol=1e-4,
+    )
     assert [(r["case"], r["step"]) for r in rows] == [
         (case, str(t)) for case in ("bn_x30", "bn_x30_m0") for t in (0, 2, 4)
     ]

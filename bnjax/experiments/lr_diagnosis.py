@@ -12,7 +12,9 @@ units, the size of each update, and the logits' scale and the loss.
 Outputs in the run folder (``--workdir``): ``diagnosis.png`` (the plot),
 ``diagnosis.md`` (tables: per case the first step each layer is mostly dead,
 and BN-x30's layers step by step), ``diagnosis.csv`` (every ``csv_every``-th
-step of every case and seed, the main measurements) and ``config.json``.
+step of every case and seed, the main measurements), ``records.npz`` (every step,
+keys ``"<case>:<measurement>"``, ``(seeds, steps)`` arrays), ``events.json`` and
+``config.json``.
 
 Run::
 
@@ -208,7 +210,7 @@ def _csv_columns(record) -> list[str]:
         cols += [f"{layer}/dead", f"{layer}/nonpos", f"{layer}/mean_abs", f"{layer}/std"]
         cols += [k for k in (f"bn_in_{i}/mean_abs", f"bn_in_{i}/std") if k in record]
     for k in record:
-        if k.startswith(("w_norm/", "update_ratio/")):
+        if k.startswith(("w_norm/", "w_mean/", "update_ratio/")):
             cols.append(k)
     return cols
 
@@ -231,7 +233,8 @@ def _setting(config) -> str:
     convs = "-".join(map(str, config.features))
     return (
         f"{config.dataset}, convnet {convs} (3x3, {config.downsample}), dense {config.dense}, "
-        f"{config.optimizer}, base lr {config.learning_rate:g}, batch {config.batch_size}"
+        f"{config.optimizer} {config.momentum:g}, base lr {config.learning_rate:g}, "
+        f"batch {config.batch_size}"
     )
 
 
@@ -257,7 +260,7 @@ def markdown(records, config, seconds: float | None) -> str:
         + " | ".join(layers(next(iter(records.values()))))
         + f" | loss > {CHANCE_LOSS:g} | loss, last 20 steps | max logit rms "
         "| dense BN beta norm, end |",
-        "|---|---|---|---|" + "---|" * (len(layers(next(iter(records.values())))) + 5),
+        "|---|---|---|---|" + "---|" * (len(layers(next(iter(records.values())))) + 4),
     ]
     for name, rec in records.items():
         s = case_settings(config, name)
@@ -285,8 +288,8 @@ def markdown(records, config, seconds: float | None) -> str:
             + " | ".join(f"pre-BN std {i}" for i in range(len(layers(rec))))
             + " | "
             + " | ".join(f"beta norm {i}" for i in range(len(layers(rec))))
-            + " | beta_2 update / norm | head kernel norm |",
-            "|---|---|---|" + "---|" * (3 * len(layers(rec)) + 2),
+            + " | last beta mean | last beta update / norm | head kernel norm |",
+            "|---|---|---|" + "---|" * (3 * len(layers(rec)) + 3),
         ]
         for t in steps:
             m = lambda k, t=t: float(np.mean(rec[k][:, t])) if k in rec else float("nan")
@@ -298,6 +301,7 @@ def markdown(records, config, seconds: float | None) -> str:
                 + " | ".join(f"{m(f'bn_in_{i}/std'):.3g}" for i in range(nl))
                 + " | "
                 + " | ".join(f"{m(f'w_norm/bn_{i}/bias'):.3g}" for i in range(nl))
+                + f" | {m(f'w_mean/bn_{nl - 1}/bias'):.3g}"
                 + f" | {m(f'update_ratio/bn_{nl - 1}/bias'):.3g} | "
                 f"{m('w_norm/head/kernel'):.3g} |"
             )
@@ -328,7 +332,10 @@ def plot(records, config, path: Path) -> None:
                 y = _running_mean(rec[key], smooth).mean(0)
             a.plot(steps, y, color=c, lw=1.4, label=CASES[name].label)
     ax[0].axhline(np.log(10), color="k", lw=0.8, ls=":")
-    ax[0].set(title="(a) training loss (10-step mean; dotted: chance)", xlabel="step")
+    ax[0].set_ylim(0, 3.5)
+    ax[0].set(
+        title="(a) training loss (10-step mean, clipped at 3.5; dotted: chance)", xlabel="step"
+    )
     ax[1].set(title="(b) dense layer: fraction of dead relu units", xlabel="step")
     ax[2].set(title="(c) logits: root mean square (head, no BN)", xlabel="step")
     ax[2].set_yscale("log")
@@ -404,6 +411,10 @@ def run(
     plot(records, config, workdir / "diagnosis.png")
     ev = {name: events(rec) for name, rec in records.items()}
     _common.write_json(workdir / "events.json", ev)
+    np.savez_compressed(
+        workdir / "records.npz",
+        **{f"{name}:{k}": v for name, rec in records.items() for k, v in rec.items()},
+    )
     return {"config": config.to_dict(), "records": records, "events": ev, "seconds": seconds}
 
 

@@ -1,0 +1,332 @@
+"""Batch Renorm modules (``bnjax.linen.BatchRenorm``, ``bnjax.nnx.BatchRenorm``).
+
+References: the functional core (:func:`bnjax.apply_train` with a
+:class:`~bnjax.RenormConfig`, itself tested against float64 NumPy in
+test_renorm.py), ``bnjax.linen.BatchNorm`` / ``flax.linen.BatchNorm`` for the eval
+map and checkpoints, one device for ``axis_name`` under ``vmap``, the linen module
+for the NNX one, and float64 NumPy for the PreciseBN statistics. Tiny shapes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import bnjax
+import bnjax.functional as F
+from bnjax.functional import BatchNormConfig, BNParams, RenormConfig
+
+MOM = 0.5  # a fast moving average: the running statistics move between steps
+EPS = 1e-5
+
+
+def _batches(rng, n=3, shape=(8, 5), loc=2.0, scale=3.0):
+    """``n`` batches whose mean and spread drift (so r and d are clipped in places)."""
+    return [
+        jnp.asarray(loc * (k + 1) + scale * (1 + k) * rng.standard_normal(shape), jnp.float32)
+        for k in range(n)
+    ]
+
+
+def _cfg(axis=-1, **renorm):
+    return BatchNormConfig(axis=axis, momentum=MOM, epsilon=EPS, renorm=RenormConfig(**renorm))
+
+
+def _close(a, b, rtol=2e-5, atol=2e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------- linen
+
+
+RENORM_OPTIONS = [
+    {"r_max": 1.5, "d_max": 0.5},  # clipped
+    {"r_max": 50.0, "d_max": 50.0},  # not clipped: the eval map
+    {"r_max": optax.linear_schedule(1.0, 2.0, 2), "d_max": 0.7, "warmup_steps": 1},
+]
+
+
+@pytest.mark.parametrize("opts", RENORM_OPTIONS, ids=["clipped", "unclipped", "schedule"])
+@pytest.mark.parametrize("axis,shape", [(-1, (8, 5)), (1, (4, 5, 3))], ids=["dense", "nchw"])
+def test_linen_equals_functional_core(opts, axis, shape, rng):
+    """Three training steps: outputs, gradients (x, scale, bias) and the state, step by
+    step, equal the functional core's with the same RenormConfig; steps counts 1, 2, 3."""
+    xs = _batches(rng, shape=shape)
+    m = bnjax.linen.BatchRenorm(axis=axis, momentum=MOM, **opts)
+    v = m.init(jax.random.key(0), xs[0], train=False)
+    fshape = (shape[axis],)
+    params = BNParams(
+        jnp.asarray(1 + 0.3 * rng.standard_normal(fshape), jnp.float32),
+        jnp.asarray(rng.standard_normal(fshape), jnp.float32),
+    )
+    v = {"params": {"scale": params.scale, "bias": params.bias}, "batch_stats": v["batch_stats"]}
+    cfg = _cfg(axis, **opts)
+    state = F.init(fshape, cfg)[1]
+
+    @jax.jit
+    def lin(p, bs, x, dy):
+        def loss(p, x):
+            y, upd = m.apply({"params": p, "batch_stats": bs}, x, train=True,
+                             mutable=["batch_stats"])
+            return jnp.sum(y * dy), (y, upd)
+
+        return jax.grad(loss, (0, 1), has_aux=True)(p, x)
+
+    @jax.jit
+    def fun(p, state, x, dy):
+        def loss(p, x):
+            y, new = F.apply_train(BNParams(p["scale"], p["bias"]), state, x, cfg)
+            return jnp.sum(y * dy), (y, new)
+
+        return jax.grad(loss, (0, 1), has_aux=True)(p, x)
+
+    for k, x in enumerate(xs):
+        dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        g_lin, (y_lin, upd) = lin(v["params"], v["batch_stats"], x, dy)
+        g_fun, (y_fun, state) = fun(v["params"], state, x, dy)
+        _close(y_lin, y_fun)
+        jax.tree.map(_close, g_lin, g_fun)
+        bs = upd["batch_stats"]
+        assert sorted(bs) == ["mean", "steps", "var"]
+        _close(bs["mean"], state.mean)
+        _close(bs["var"], state.var)
+        assert bs["steps"].dtype == jnp.int32 and bs["steps"].shape == ()
+        assert int(bs["steps"]) == int(state.steps) == k + 1
+        v = {**v, "batch_stats": bs}
+
+
+def test_linen_renorm_differs_from_batch_norm_after_warmup(rng):
+    """Positive control: with clipping bounds > (1, 0) the training output is not batch
+    norm's (else the tests above could not tell the two apart); during the warm-up it is."""
+    x0, x1 = _batches(rng, n=2)
+    kw = {"momentum": MOM}
+    bn, brn = bnjax.linen.BatchNorm(**kw), bnjax.linen.BatchRenorm(warmup_steps=1, **kw)
+    v = brn.init(jax.random.key(0), x0, train=False)
+    y_bn, _ = bn.apply(v, x0, train=True, mutable=["batch_stats"])
+    y0, upd = brn.apply(v, x0, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(y0, y_bn)  # step 0 < warmup_steps: plain BN, bit for bit
+    v = {**v, **upd}
+    y_bn, _ = bn.apply(v, x1, train=True, mutable=["batch_stats"])
+    y1, _ = brn.apply(v, x1, train=True, mutable=["batch_stats"])
+    assert np.max(np.abs(np.asarray(y1) - np.asarray(y_bn))) > 0.1
+
+
+def test_eval_is_batch_norm_eval_exactly(rng):
+    """Eval mode is BN's Algorithm 2 map: bit-identical to bnjax BatchNorm on the same
+    variables (with and without ``steps``), and to flax.linen.BatchNorm up to rounding."""
+    xs = _batches(rng)
+    brn = bnjax.linen.BatchRenorm(momentum=MOM, r_max=2.0, d_max=1.0)
+    v = brn.init(jax.random.key(0), xs[0], train=False)
+    for x in xs:
+        _, upd = brn.apply(v, x, train=True, mutable=["batch_stats"])
+        v = {**v, **upd}
+    x = xs[-1] + 1.0
+    y = brn.apply(v, x, train=False)
+    no_steps = {**v, "batch_stats": {k: a for k, a in v["batch_stats"].items() if k != "steps"}}
+    np.testing.assert_array_equal(y, bnjax.linen.BatchNorm().apply(no_steps, x, train=False))
+    np.testing.assert_array_equal(y, brn.apply(no_steps, x, train=False))
+    y_flax = nn.BatchNorm(use_running_average=True).apply(no_steps, x)
+    _close(y, y_flax, rtol=1e-5, atol=1e-5)
+    # ... and the same through use_running_average (attribute or argument)
+    np.testing.assert_array_equal(y, brn.apply(v, x, use_running_average=True))
+    brn_ra = bnjax.linen.BatchRenorm(use_running_average=True, r_max=2.0, d_max=1.0)
+    np.testing.assert_array_equal(y, brn_ra.apply(v, x))
+
+
+def test_train_switch_equals_use_running_average(rng):
+    x = _batches(rng, n=1)[0]
+    brn = bnjax.linen.BatchRenorm(momentum=MOM, r_max=2.0, d_max=1.0)
+    v = brn.init(jax.random.key(0), x, train=False)
+    a = brn.apply(v, x, train=True, mutable=["batch_stats"])
+    b = brn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    c = bnjax.linen.BatchRenorm(use_running_average=False, momentum=MOM, r_max=2.0, d_max=1.0)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    jax.tree.map(np.testing.assert_array_equal, a, c.apply(v, x, mutable=["batch_stats"]))
+    with pytest.raises(ValueError, match="contradictory"):
+        brn.apply(v, x, train=True, use_running_average=True)
+    with pytest.raises(ValueError, match="needs train="):
+        brn.apply(v, x)
+
+
+def test_steps_advance_in_training_only(rng):
+    """``init`` (even with train=True) leaves steps at 0; each training call adds one;
+    eval calls (even with mutable batch_stats) change nothing; under jit and scan too."""
+    xs = _batches(rng)
+    brn = bnjax.linen.BatchRenorm(momentum=MOM)
+    v = brn.init(jax.random.key(0), xs[0], train=True)
+    assert int(v["batch_stats"]["steps"]) == 0
+    np.testing.assert_array_equal(v["batch_stats"]["mean"], np.zeros(5, np.float32))
+    _, upd = brn.apply(v, xs[0], train=False, mutable=["batch_stats"])
+    jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], v["batch_stats"])
+
+    @jax.jit
+    def step(v, x):
+        return {**v, **brn.apply(v, x, train=True, mutable=["batch_stats"])[1]}
+
+    v1 = step(step(v, xs[0]), xs[1])
+    assert int(v1["batch_stats"]["steps"]) == 2
+
+    def body(v, x):
+        return step(v, x), None
+
+    v2, _ = jax.lax.scan(body, v, jnp.stack(xs))
+    assert int(v2["batch_stats"]["steps"]) == 3
+
+
+def test_flax_batch_norm_checkpoint_loads(rng):
+    """flax.linen.BatchNorm variables (no ``steps``): eval equals flax's eval; the first
+    training call creates steps = 0 (warm-up from the beginning) and returns 1, with the
+    functional core's output for a fresh counter."""
+    xs = _batches(rng)
+    flax_bn = nn.BatchNorm(momentum=MOM)
+    v = flax_bn.init(jax.random.key(0), xs[0], use_running_average=True)
+    for x in xs:
+        _, upd = flax_bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+        v = {**v, **upd}
+    assert "steps" not in v["batch_stats"]
+    x = xs[0]
+    brn = bnjax.linen.BatchRenorm(momentum=MOM, r_max=1.5, d_max=0.5, warmup_steps=1)
+    _close(brn.apply(v, x, train=False), flax_bn.apply(v, x, use_running_average=True))
+    # warm-up counted from 0: the first step is plain BN, the second is not
+    y, upd = brn.apply(v, x, train=True, mutable=["batch_stats"])
+    assert int(upd["batch_stats"]["steps"]) == 1
+    y_flax, _ = flax_bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    _close(y, y_flax, rtol=1e-4, atol=1e-4)
+    cfg = _cfg(r_max=1.5, d_max=0.5, warmup_steps=1)
+    state = bnjax.renorm_stats(bnjax.BatchStats(*(v["batch_stats"][k] for k in ("mean", "var")),
+                                                 jnp.zeros(5), jnp.zeros(5)))
+    y_ref, _ = F.apply_train(BNParams(v["params"]["scale"], v["params"]["bias"]), state, x, cfg)
+    np.testing.assert_array_equal(y, y_ref)
+    # Resuming at step k: add steps yourself.
+    v_k = {**v, "batch_stats": {**v["batch_stats"], "steps": jnp.int32(7)}}
+    _, upd = brn.apply(v_k, x, train=True, mutable=["batch_stats"])
+    assert int(upd["batch_stats"]["steps"]) == 8
+
+
+def test_extra_entries_are_ignored_and_passed_through(rng):
+    """A checkpoint that also stores r_max/d_max (other implementations do): the bounds come
+    from the module's attributes; the extra entries come back unchanged."""
+    xs = _batches(rng, n=2)
+    brn = bnjax.linen.BatchRenorm(momentum=MOM, r_max=1.5, d_max=0.5)
+    v = brn.init(jax.random.key(0), xs[0], train=False)
+    _, upd = brn.apply(v, xs[0], train=True, mutable=["batch_stats"])
+    v = {**v, **upd}
+    extra = {"r_max": jnp.float32(100.0), "d_max": jnp.float32(100.0)}
+    v_extra = {**v, "batch_stats": {**v["batch_stats"], **extra}}
+    y, upd = brn.apply(v, xs[1], train=True, mutable=["batch_stats"])
+    y_e, upd_e = brn.apply(v_extra, xs[1], train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(y_e, y)
+    for k in ("mean", "var", "steps"):
+        np.testing.assert_array_equal(upd_e["batch_stats"][k], upd["batch_stats"][k])
+    for k, a in extra.items():
+        np.testing.assert_array_equal(upd_e["batch_stats"][k], a)
+    np.testing.assert_array_equal(brn.apply(v_extra, xs[1], train=False),
+                                  brn.apply(v, xs[1], train=False))
+
+
+def test_bad_steps_and_bad_bounds_raise(rng):
+    x = _batches(rng, n=1)[0]
+    brn = bnjax.linen.BatchRenorm()
+    v = brn.init(jax.random.key(0), x, train=False)
+    bad = {**v, "batch_stats": {**v["batch_stats"], "steps": jnp.float32(3.0)}}
+    with pytest.raises(ValueError, match="batch_stats/steps.*integer scalar"):
+        brn.apply(bad, x, train=True, mutable=["batch_stats"])
+    bad = {**v, "batch_stats": {**v["batch_stats"], "steps": jnp.zeros(2, jnp.int32)}}
+    with pytest.raises(ValueError, match="batch_stats/steps.*integer scalar"):
+        brn.apply(bad, x, train=True, mutable=["batch_stats"])
+    for kw, what in [({"r_max": 0.5}, "r_max=0.5"), ({"d_max": -1.0}, "d_max=-1"),
+                     ({"warmup_steps": -2}, "warmup_steps=-2")]:
+        with pytest.raises(ValueError, match=what):
+            bnjax.linen.BatchRenorm(**kw).init(jax.random.key(0), x, train=False)
+        with pytest.raises(ValueError, match=what):
+            bnjax.nnx.BatchRenorm(5, **kw)
+
+
+def test_bad_inputs_raise_as_batch_norm():
+    """Integer input, feature mismatch, bad mask shape, one element per feature: the same
+    exception type and message as bnjax.linen.BatchNorm."""
+    key = jax.random.key(0)
+    ok = jnp.ones((4, 3)) + jnp.arange(4.0)[:, None]
+    v = bnjax.linen.BatchRenorm().init(key, ok, train=False)
+
+    def both(fn):
+        errs = []
+        for cls in (bnjax.linen.BatchNorm, bnjax.linen.BatchRenorm):
+            with pytest.raises(Exception) as e:  # noqa: PT011 (compared below)
+                fn(cls())
+            errs.append((type(e.value), str(e.value)))
+        assert errs[0] == errs[1], errs
+        return errs[0]
+
+    t, msg = both(lambda m: m.init(key, jnp.ones((4, 3), jnp.int32), train=True))
+    assert t is TypeError and "floating-point" in msg
+    t, msg = both(lambda m: m.apply(v, jnp.ones((4, 2)), train=True, mutable=["batch_stats"]))
+    assert "shape (2,)" in msg
+    t, msg = both(lambda m: m.apply(v, ok, train=True, mask=jnp.ones((4, 2), bool),
+                                    mutable=["batch_stats"]))
+    assert "mask of shape (4, 2)" in msg
+    t, msg = both(lambda m: m.apply(v, ok[:1], train=True, mutable=["batch_stats"]))
+    assert "one element per feature" in msg
+
+
+def test_mask_equals_functional_core(rng):
+    """Masked training (one feature fully masked on the second step) equals the core;
+    the masked-out feature keeps its state and gets batch norm's (= eval) output."""
+    xs = _batches(rng, n=2)
+    mask = jnp.asarray(rng.random((8, 5)) < 0.6)
+    mask = mask.at[:, 2].set(False)
+    brn = bnjax.linen.BatchRenorm(momentum=MOM, r_max=1.5, d_max=0.5)
+    v = brn.init(jax.random.key(0), xs[0], train=False)
+    cfg, state = _cfg(r_max=1.5, d_max=0.5), F.init(5, _cfg(r_max=1.5, d_max=0.5))[1]
+    params = BNParams(v["params"]["scale"], v["params"]["bias"])
+    for x in xs:
+        y, upd = brn.apply(v, x, train=True, mask=mask, mutable=["batch_stats"])
+        y_ref, state = F.apply_train(params, state, x, cfg, mask=mask)
+        np.testing.assert_array_equal(y, y_ref)
+        _close(upd["batch_stats"]["mean"], state.mean)
+        _close(upd["batch_stats"]["var"], state.var)
+        assert float(upd["batch_stats"]["mean"][2]) == float(v["batch_stats"]["mean"][2])
+        v = {**v, **upd}
+
+
+def test_axis_name_under_vmap_equals_one_device(rng):
+    """Four simulated devices (vmap with axis_name), unequal valid counts and one device
+    without any valid example: outputs, state and gradients equal one device on the whole
+    batch with the same mask."""
+    x = _batches(rng, n=1, shape=(16, 5))[0]
+    mask = jnp.asarray(np.r_[np.ones(7), np.zeros(5), np.ones(1), np.zeros(3)].astype(bool))
+    mask = mask[:, None]
+    kw = {"momentum": MOM, "r_max": 1.5, "d_max": 0.5}
+    one, many = bnjax.linen.BatchRenorm(**kw), bnjax.linen.BatchRenorm(axis_name="dev", **kw)
+    v = one.init(jax.random.key(0), x, train=False)
+    v = {**v, "batch_stats": {**v["batch_stats"], "mean": jnp.full(5, 1.0),
+                               "var": jnp.full(5, 4.0), "steps": jnp.int32(3)}}
+    dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def loss(m, p, x, mask, dy):
+        y, upd = m.apply({**v, "params": p}, x, train=True, mask=mask, mutable=["batch_stats"])
+        return jnp.sum(y * dy), (y, upd)
+
+    g1, (y1, u1) = jax.jit(jax.grad(loss, (1, 2), has_aux=True), static_argnums=0)(
+        one, v["params"], x, mask, dy
+    )
+    split = lambda a: a.reshape((4, 4) + a.shape[1:])
+    per_device = jax.vmap(
+        jax.grad(loss, (1, 2), has_aux=True), in_axes=(None, None, 0, 0, 0), axis_name="dev"
+    )
+    gm, (ym, um) = jax.jit(per_device, static_argnums=0)(
+        many, v["params"], split(x), split(mask), split(dy)
+    )
+    _close(ym.reshape(x.shape), y1)
+    _close(gm[1].reshape(x.shape), g1[1])
+    for k in ("scale", "bias"):  # per-device contributions: their sum is the gradient
+        _close(gm[0][k].sum(0), g1[0][k], rtol=1e-4, atol=1e-4)
+    for k in ("mean", "var"):
+        for d in range(4):
+            _close(um["batch_stats"][k][d], u1["batch_stats"][k])
+    np.testing.assert_array_equal(um["batch_stats"]["steps"], [4] * 4)
