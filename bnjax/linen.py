@@ -18,7 +18,19 @@ Differences from flax (all improvements, none changes a checkpoint):
   ``batch_stats/count`` and ``batch_stats/batches``);
 * ``axis_name`` pools statistics exactly across devices with unequal counts;
 * a training call that reduces over one element per feature raises instead of
-  returning zeros.
+  returning zeros;
+* with a ``mask``, a feature without any valid element in the batch (after pooling
+  over ``axis_name``; per ghost batch with ``virtual_batch_size``) is normalized
+  with the running statistics, i.e. the inference map for that feature, and its
+  statistics are not updated (flax returns NaN for it and writes NaN into
+  ``batch_stats``).
+
+Complex inputs follow flax's rule: complex mean, real variance ``E|x - mu|^2``,
+output in the complex dtype, ``batch_stats/mean`` complex and ``batch_stats/var``
+real (float32 for complex64 inputs). flax creates the mean float32 and it turns
+complex64 at the first update; bnjax creates it complex at ``init`` on a complex
+input, so its type never changes (variables load either way). A real ``dtype``
+for a complex input is an error, as is Batch Renorm on complex inputs.
 
 Example::
 
@@ -135,7 +147,9 @@ class BatchNorm(nn.Module):
           train: bnjax's explicit switch, ``train = not use_running_average``.
             ``train=True`` needs ``mutable=["batch_stats"]`` (outside ``init``).
           mask: optional boolean array broadcastable to ``x``; only ``True``
-            elements enter the batch statistics.
+            elements enter the batch statistics. A feature with no ``True``
+            element is normalized with the running statistics (the inference
+            map) and keeps them.
 
         Returns:
           The normalized ``x``.
@@ -168,6 +182,11 @@ class BatchNorm(nn.Module):
         )
         renorm = cfg.renorm is not None  # BatchRenorm: the same layer plus a step counter
         fresh = F.init_state(fshape, jnp.float32)
+        if jnp.iscomplexobj(x):
+            # flax's convention for complex inputs: complex mean, real var. flax makes
+            # the mean float32 and it turns complex64 at the first update; bnjax makes
+            # it complex from the start, so its type never changes (jit/scan carries).
+            fresh = fresh._replace(mean=fresh.mean.astype(jnp.promote_types(x.dtype, jnp.float32)))
         if renorm:
             fresh = renorm_stats(fresh)
         names = stat_names(self.population, renorm=renorm)

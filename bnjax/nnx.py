@@ -19,6 +19,12 @@ Extra keyword arguments (defaults keep flax's behaviour):
 * ``virtual_batch_size``: ghost batch norm; ``grad``: ``"vjp"`` (the paper's
   backward pass), ``"jvp"`` or ``"autodiff"``.
 
+Complex inputs and masks behave as in :mod:`bnjax.linen` (complex mean, real
+variance; a fully masked feature is normalized with the running statistics). The
+float32 ``mean`` turns complex64 at the first complex training call, as
+``flax.linen.BatchNorm``'s does (``flax.nnx.BatchNorm`` keeps it float32 and so
+drops the imaginary part of the running mean).
+
 ``use_fast_variance`` and ``promote_dtype`` are accepted and ignored: the
 variance is always exact and statistics are always at least float32.
 
@@ -209,12 +215,21 @@ class BatchNorm(nnx.Module):
         return batch_stats({k: getattr(self, k)[...] for k in names}, renorm="steps" in names)
 
     def set_bn_state(self, state: F.BatchStats) -> None:
-        """Writes population statistics (``count``/``batches`` only if stored)."""
+        """Writes population statistics (``count``/``batches`` only if stored).
+
+        A complex ``mean`` (complex inputs) replaces a real stored one: the float32
+        mean turns complex64 at the first complex training call (flax.linen's
+        convention; ``flax.nnx.BatchNorm`` 0.12 instead casts it back to float32,
+        dropping its imaginary part).
+        """
         for k in self._stat_names():
             if k not in state._fields:  # a BatchStats given to a BatchRenorm: keep steps
                 continue
-            stored = getattr(self, k)
-            stored[...] = getattr(state, k).astype(stored[...].dtype)
+            stored, value = getattr(self, k), getattr(state, k)
+            if jnp.iscomplexobj(value) and not jnp.iscomplexobj(stored[...]):
+                stored.set_value(value)
+            else:
+                stored[...] = value.astype(stored[...].dtype)
 
     def __call__(
         self,
@@ -232,7 +247,9 @@ class BatchNorm(nnx.Module):
           train: bnjax's explicit switch, ``train = not use_running_average``;
             overrides the attribute, contradicting ``use_running_average`` is an error.
           mask: optional boolean array broadcastable to ``x``; only ``True``
-            elements enter the batch statistics.
+            elements enter the batch statistics. A feature with no ``True``
+            element is normalized with the running statistics (the inference
+            map) and keeps them.
 
         Returns:
           The normalized ``x`` (same shape). In training mode the population

@@ -235,7 +235,9 @@ def _zero_acc(recs):
     acc = {}
     for path, calls in recs.items():
         m, state = calls[0]
-        st = F.BatchStats(*(zeros(state.mean) for _ in range(4)))
+        real = zeros(state.var)  # count, batches, var: real also for complex inputs
+        mean = zeros(m.mean) if jnp.iscomplexobj(m.mean) else zeros(state.mean)
+        st = F.BatchStats(mean, real, real, real)
         acc[path] = (st, Moments(*(zeros(f) for f in m)), jax.tree.map(zeros, state))
     return acc
 
@@ -415,8 +417,10 @@ def recalibrate(
             key = tuple(path.split("/")) if path else ()
             for name in ("mean", "var", "count", "batches"):
                 if key + (name,) in stats:
-                    old = stats[key + (name,)]
-                    stats[key + (name,)] = getattr(st, name).astype(old.dtype)
+                    old, value = stats[key + (name,)], getattr(st, name)
+                    # a complex mean stays complex (flax's float32 init turns complex)
+                    keep = jnp.iscomplexobj(value) and not jnp.iscomplexobj(old)
+                    stats[key + (name,)] = value if keep else value.astype(old.dtype)
         out = dict(variables)
         out["batch_stats"] = traverse_util.unflatten_dict(stats)
         return out
