@@ -50,6 +50,12 @@ call); for ``steps < warmup_steps`` the layer is plain batch norm (``r = 1``,
 ``d = 0``, bit for bit), and ``r_max``/``d_max`` may be schedules of ``steps``
 (:func:`renorm_schedule` is the paper's). Details in :class:`RenormConfig`.
 
+Masks and complex inputs: see :func:`apply_train` (a feature without a valid
+element is normalized with the running statistics; complex inputs follow flax:
+complex mean, real variance ``E|x - mu|^2``). For complex inputs the custom
+rules use JAX's convention for complex cotangents (the pairing
+``Re(sum(ct * t))``): ``dx = gamma_inv dy + w (p + q conj(x - mean))``.
+
 ``jax.vmap`` without an ``axis_name``: each mapped slice is normalized with its
 own statistics and gets its own state (an ensemble of models). With
 ``cfg.axis_name`` bound by ``vmap``/``pmap``/``shard_map``, statistics (and the
@@ -137,7 +143,11 @@ class RenormConfig:
       ghost batch, from its own moments against the (shared) running statistics;
       the running statistics are updated with the whole batch, as for batch norm;
     * a feature with no valid element in the batch (masks) gets ``r = 1``,
-      ``d = 0``, i.e. exactly batch norm's output for it, and keeps its state;
+      ``d = 0`` and, as in batch norm, is normalized with the running statistics:
+      its output is the inference map ``gamma (x - mu) / sigma + beta`` (batch
+      norm's output for it, bit for bit) and it keeps its state;
+    * complex inputs raise ``TypeError`` (the clips of ``r`` and ``d`` are defined
+      for real statistics only);
     * a feature whose batch moments are not finite (a NaN or inf in the batch)
       keeps its stored statistics (``mean``, ``var``, ``count``, ``batches``):
       unlike batch norm, Batch Renorm's *training* output depends on the
@@ -319,11 +329,29 @@ def _broadcast_shape(shape, faxes):
 
 def _check_input(x: Array, what: str = "x") -> None:
     dt = jnp.result_type(x)
-    if not jnp.issubdtype(dt, jnp.floating):
+    if not (jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.complexfloating)):
         raise TypeError(
-            f"batch norm needs a floating-point {what}, got dtype {dt} (shape "
+            f"batch norm needs a floating-point or complex {what}, got dtype {dt} (shape "
             f"{tuple(jnp.shape(x))}); cast it first, e.g. x.astype(jnp.float32)"
         )
+
+
+def _is_complex(a: Array | None) -> bool:
+    return a is not None and jnp.issubdtype(jnp.result_type(a), jnp.complexfloating)
+
+
+def _as(a: Array, dtype) -> Array:
+    """``a`` cast to ``dtype``; a complex ``a`` cast to a real dtype keeps its real part
+    (explicitly: the transpose of a real-to-complex cast, without JAX's warning)."""
+    if _is_complex(a) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        a = jnp.real(a)
+    return a.astype(dtype)
+
+
+def _param_dtype(p: Array, dt, rdt):
+    """The compute dtype of a parameter: the real statistics dtype ``rdt`` (so a real
+    gamma scales a complex input with real products), ``dt`` for a complex parameter."""
+    return dt if _is_complex(p) else rdt
 
 
 def _check_features(x_shape, faxes, arr: Array | None, name: str) -> None:
@@ -377,7 +405,9 @@ def init(
         scale=jnp.ones(shape, pdt) if config.use_scale else None,
         bias=jnp.zeros(shape, pdt) if config.use_bias else None,
     )
-    state = init_state(shape, _stats.stats_dtype(pdt))
+    # real var/count (a complex param_dtype gives complex gamma/beta, float32 state;
+    # the mean turns complex at the first complex batch)
+    state = init_state(shape, _stats.real_dtype(_stats.stats_dtype(pdt)))
     if config.renorm is not None:
         state = _pop.renorm_stats(state)
     return params, state
@@ -398,43 +428,62 @@ class _Spec:
     out_dtype: Any
 
 
-def _forward(spec: _Spec, x, mask, scale, bias, ren=None):
+def _forward(spec: _Spec, x, mask, scale, bias, run=None, bounds=None):
     """Algorithm 1 on (possibly reshaped) ``x``. Returns (y, moments, mean, inv, rd).
 
-    ``ren`` is ``None`` (batch norm; ``rd`` is ``None``) or Batch Renorm's
-    ``(running mean, running var, r_max, d_max)``; then ``rd = (r, d)``.
+    ``run`` is ``None`` or the running ``(mean, var)`` (broadcast to ``x``'s rank),
+    passed with a mask or Batch Renorm. With a mask, a feature without a valid
+    element (pooled count 0) is normalized with them: ``mean``/``inv`` are then the
+    running ones (the inference map; see :func:`apply_train`). ``bounds`` is ``None``
+    (batch norm; ``rd`` is ``None``) or Batch Renorm's ``(r_max, d_max)``; then
+    ``rd = (r, d)``. The returned moments are the batch's in every case.
+
+    Complex ``x``: the statistics dtype ``dt`` is complex (mean, ``x - mean``, the
+    output), its real part ``rdt`` holds the variance and ``inv``.
     """
     dt = _stats.stats_dtype(x.dtype)
+    rdt = _stats.real_dtype(dt)  # dt itself for real inputs
     xf = x.astype(dt)
     m = _stats.moments(xf, spec.stat_axes, mask=mask, method=spec.method)
     m = _stats.all_reduce(m, spec.axis_name, spec.axis_index_groups)
     mean = m.mean
-    var_eps = m.var() + jnp.asarray(spec.epsilon, dt)
+    eps = jnp.asarray(spec.epsilon, rdt)
+    var_eps = m.var() + eps
+    if mask is not None and run is not None:
+        # Features without a valid element: the running statistics (inference map).
+        seen = m.count > 0
+        mu_run, var_run = (lax.stop_gradient(r) for r in run)
+        mean = jnp.where(seen, mean, mu_run.astype(dt))
+        var_eps = jnp.where(seen, var_eps, var_run.astype(rdt) + eps)
     inv = _stats.safe_rsqrt(var_eps)
-    if ren is None:
+    sdt = None if scale is None else _param_dtype(scale, dt, rdt)
+    bdt = None if bias is None else _param_dtype(bias, dt, rdt)
+    if bounds is None:
         rd = None
-        a = inv if scale is None else inv * scale.astype(dt)
-        b = None if bias is None else bias.astype(dt)
+        a = inv if scale is None else inv * scale.astype(sdt)
+        b = None if bias is None else bias.astype(bdt)
     else:
-        rd = _renorm_rd(spec, m, var_eps, ren)
+        rd = _renorm_rd(spec, m, var_eps, run, bounds)
         r, d = rd
         a, b = inv * r, d
         if scale is not None:
-            a, b = a * scale.astype(dt), b * scale.astype(dt)
+            a, b = a * scale.astype(sdt), b * scale.astype(sdt)
         if bias is not None:
-            b = b + bias.astype(dt)
+            b = b + bias.astype(bdt)
     y = _centred_affine(xf, a, b, mean, _centre(spec, xf, mask, 0))
     return y.astype(spec.out_dtype), m, mean, inv, rd
 
 
-def _renorm_rd(spec: _Spec, m: Moments, var_eps, ren):
+def _renorm_rd(spec: _Spec, m: Moments, var_eps, run, bounds):
     """Batch Renorm's per-feature ``(r, d)`` (gradient stopped), keepdims shape.
 
     ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma,
     -d_max, d_max)`` with the running ``mu``, ``sigma = sqrt(var + eps)``; a feature
-    without a valid element gets ``r = 1``, ``d = 0`` (batch norm's output).
+    without a valid element gets ``r = 1``, ``d = 0``: with its running statistics
+    as the normalizing ones (batch norm's rule for empty features), its output is
+    the inference map.
     """
-    mu, var, r_max, d_max = ren
+    (mu, var), (r_max, d_max) = run, bounds
     dt = m.mean.dtype
     inv_run = _stats.safe_rsqrt(var.astype(dt) + jnp.asarray(spec.epsilon, dt))
     r = jnp.clip(jnp.sqrt(var_eps) * inv_run, 1 / r_max, r_max)
@@ -483,13 +532,13 @@ def _psum(a, spec: _Spec):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _bn_vjp(spec, x, mask, scale, bias, ren):
-    y, m, _, _, _ = _forward(spec, x, mask, scale, bias, ren)
+def _bn_vjp(spec, x, mask, scale, bias, run, bounds):
+    y, m, _, _, _ = _forward(spec, x, mask, scale, bias, run, bounds)
     return y, m
 
 
-def _bn_vjp_fwd(spec, x, mask, scale, bias, ren):
-    y, m, mean, inv, rd = _forward(spec, x, mask, scale, bias, ren)
+def _bn_vjp_fwd(spec, x, mask, scale, bias, run, bounds):
+    y, m, mean, inv, rd = _forward(spec, x, mask, scale, bias, run, bounds)
     return (y, m), (x, mask, scale, bias, mean, inv, m.count, rd)
 
 
@@ -497,9 +546,13 @@ def _bn_vjp_bwd(spec, res, cts):
     x, mask, scale, bias, mean, inv, count, rd = res
     gy, gm = cts
     dt = mean.dtype
+    cplx = _is_complex(mean)
+    rdt = _stats.real_dtype(dt)  # dt for real inputs
     xf = x.astype(dt)
-    gyf = gy.astype(dt)
+    gyf = _as(gy, dt)  # (a complex output of a real input: its real part)
     # The two reductions of the fused backward (local), then one collective.
+    # Complex inputs (JAX's convention: the cotangent pairing is Re(sum(ct * t))):
+    # sum_dy and sum_dy_xhat are complex sums, the same expressions.
     sum_dy = jnp.sum(gyf, axis=spec.stat_axes, keepdims=True)
     k = _centre(spec, xf, mask, 1)
     if k is None:
@@ -516,13 +569,13 @@ def _bn_vjp_bwd(spec, res, cts):
     if scale is None:
         dscale = None
     elif rd is None:
-        dscale = _sum_to(sum_dy_xhat, scale.shape).astype(scale.dtype)
+        dscale = _as(_sum_to(sum_dy_xhat, scale.shape), scale.dtype)
     else:  # Batch Renorm: y = gamma (r xhat + d) + beta, r and d constant
         dscale = rd[0] * sum_dy_xhat + rd[1] * sum_dy
         dscale = _sum_to(dscale, scale.shape).astype(scale.dtype)
-    dbias = None if bias is None else _sum_to(sum_dy, bias.shape).astype(bias.dtype)
+    dbias = None if bias is None else _as(_sum_to(sum_dy, bias.shape), bias.dtype)
     gmean = None if gm is None else gm.mean.astype(dt)
-    gm2 = None if gm is None else gm.m2.astype(dt)
+    gm2 = None if gm is None else gm.m2.astype(rdt)
     if spec.axis_name is not None:
         # One all-reduce. The pooled moments feed every device, so their
         # cotangent is the sum of the per-device ones (all_gather's transpose);
@@ -536,69 +589,83 @@ def _bn_vjp_bwd(spec, res, cts):
         both = _psum(jnp.stack(rows), spec)
         sum_dy, sum_dy_xhat = both[0], both[1]
         if sum_gm:
-            gmean, gm2 = both[2], both[3]
-    gamma_inv = inv if scale is None else scale.astype(dt) * inv
+            gmean, gm2 = both[2], _as(both[3], rdt)
+    gamma_inv = inv if scale is None else scale.astype(_param_dtype(scale, dt, rdt)) * inv
     if rd is not None:  # Batch Renorm: batch norm's dx with gamma -> gamma r
         gamma_inv = gamma_inv * rd[0]
     n = jnp.where(count > 0, count, 1)
     # dx = gamma / (m sigma) * (m dy - sum(dy) - xhat sum(dy xhat)), masked elements
     # outside the statistics; plus the cotangents of the returned mean and M2. As
-    # dx = gamma_inv dy + w (p + q (x - mean)) with per-feature p, q:
+    # dx = gamma_inv dy + w (p + q (x - mean)) with per-feature p, q. Complex x:
+    # dx = gamma_inv dy + w (p + q conj(x - mean)) with a real
+    # q = -inv Re(gamma_inv sum(dy xhat)) / m (the variance is real: |x - mean|^2).
+    # A feature without a valid element (w = 0) gets the inference map's dx.
     p = -gamma_inv * sum_dy / n
-    q = -gamma_inv * inv * sum_dy_xhat / n
+    if cplx:
+        q = -inv * jnp.real(gamma_inv * sum_dy_xhat) / n
+    else:
+        q = -gamma_inv * inv * sum_dy_xhat / n
     if gm is not None:
         p = p + gmean / n
         q = q + 2 * gm2
-    corr = _centred_affine(xf, q, p, mean, _centre(spec, xf, mask, 0))
-    dx = gyf * gamma_inv + (corr if mask is None else mask.astype(dt) * corr)
-    return dx.astype(x.dtype), None, dscale, dbias, None
+    if cplx:
+        corr = jnp.conj(xf - mean) * q + p
+    else:
+        corr = _centred_affine(xf, q, p, mean, _centre(spec, xf, mask, 0))
+    dx = gyf * gamma_inv + (corr if mask is None else mask.astype(rdt) * corr)
+    return dx.astype(x.dtype), None, dscale, dbias, None, None
 
 
 _bn_vjp.defvjp(_bn_vjp_fwd, _bn_vjp_bwd)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _bn_jvp(spec, x, mask, scale, bias, ren):
-    y, m, _, _, _ = _forward(spec, x, mask, scale, bias, ren)
+def _bn_jvp(spec, x, mask, scale, bias, run, bounds):
+    y, m, _, _, _ = _forward(spec, x, mask, scale, bias, run, bounds)
     return y, m
 
 
 @_bn_jvp.defjvp
 def _bn_jvp_rule(spec, primals, tangents):
-    x, mask, scale, bias, ren = primals
-    tx, _, tscale, tbias, _ = tangents  # Batch Renorm's r, d: constants
-    y, m, mean, inv, rd = _forward(spec, x, mask, scale, bias, ren)
+    x, mask, scale, bias, run, bounds = primals
+    tx, _, tscale, tbias, _, _ = tangents  # running statistics, Batch Renorm's r, d: constants
+    y, m, mean, inv, rd = _forward(spec, x, mask, scale, bias, run, bounds)
     dt = mean.dtype
+    cplx = _is_complex(mean)
+    rdt = _stats.real_dtype(dt)
     n = jnp.where(m.count > 0, m.count, 1)
-    w = 1 if mask is None else mask.astype(dt)
+    w = 1 if mask is None else mask.astype(rdt)
     xc = x.astype(dt) - mean
     xhat = xc * inv
     txf = tx.astype(dt)
+    # d sigma2 = 2 mean(Re(conj(x - mean) dx)) (complex; the real case without conj/Re)
+    dvar_terms = w * jnp.real(jnp.conj(xc) * txf) if cplx else w * xc * txf
     sums = jnp.stack(
         [
             jnp.sum(w * txf, axis=spec.stat_axes, keepdims=True),
-            jnp.sum(w * xc * txf, axis=spec.stat_axes, keepdims=True),
+            jnp.sum(dvar_terms, axis=spec.stat_axes, keepdims=True).astype(dt),
         ]
     )
     sums = _psum(sums, spec)
     tmean = sums[0] / n
-    tm2 = 2 * sums[1]
-    txhat = inv * (txf - tmean - xhat * (inv * sums[1] / n))
+    s1 = _as(sums[1], rdt)
+    tm2 = 2 * s1
+    txhat = inv * (txf - tmean - xhat * (inv * s1 / n))
     if rd is not None:  # Batch Renorm: y = gamma (r xhat + d) + beta
         txhat = rd[0] * txhat
         xhat = rd[0] * xhat + rd[1]
-    ty = txhat if scale is None else txhat * scale.astype(dt)
+    ty = txhat if scale is None else txhat * scale.astype(_param_dtype(scale, dt, rdt))
     if tscale is not None and scale is not None:
-        ty = ty + xhat * tscale.astype(dt)
+        ty = ty + xhat * tscale.astype(_param_dtype(scale, dt, rdt))
     if tbias is not None and bias is not None:
-        ty = ty + tbias.astype(dt)
+        ty = ty + tbias.astype(_param_dtype(bias, dt, rdt))
     tmean, tm2 = _stats.match_varying(tmean, tm2, like=(m.mean,))
     tm = Moments(jnp.zeros_like(m.count), tmean.astype(m.mean.dtype), tm2.astype(m.m2.dtype))
     return (y, m), (ty.astype(y.dtype), tm)
 
 
-def _bn_autodiff(spec, x, mask, scale, bias, ren):
-    y, m, _, _, _ = _forward(spec, x, mask, scale, bias, ren)
+def _bn_autodiff(spec, x, mask, scale, bias, run, bounds):
+    y, m, _, _, _ = _forward(spec, x, mask, scale, bias, run, bounds)
     return y, m
 
 
@@ -610,7 +677,14 @@ _KERNELS = {"vjp": _bn_vjp, "jvp": _bn_jvp, "autodiff": _bn_autodiff}
 
 def _out_dtype(x, params: BNParams, config: BatchNormConfig):
     if config.dtype is not None:
-        return jnp.dtype(config.dtype)
+        dtype = jnp.dtype(config.dtype)
+        if _is_complex(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+            raise ValueError(
+                f"config.dtype={dtype} is real but would drop the imaginary part of the "
+                f"{jnp.result_type(x)} input x of shape {tuple(x.shape)}: use a complex "
+                "dtype (e.g. jnp.complex64) or dtype=None"
+            )
+        return dtype
     args = [x] + [p for p in params if p is not None]
     return jnp.result_type(*args)
 
@@ -626,6 +700,13 @@ def _prepare(params: BNParams, x: Array, config: BatchNormConfig, state: BatchSt
         )
     _check_features(x.shape, faxes, params.scale, "params.scale")
     _check_features(x.shape, faxes, params.bias, "params.bias")
+    for name, p in zip(("params.scale", "params.bias"), params, strict=True):
+        if _is_complex(p) and not _is_complex(x):
+            raise TypeError(
+                f"{name} is {p.dtype} but the input x (shape {tuple(x.shape)}) is real "
+                f"({x.dtype}): complex parameters need a complex x, e.g. "
+                "x.astype(jnp.complex64)"
+            )
     if state is not None:
         for name in state._fields:
             if name != "steps":
@@ -688,6 +769,19 @@ def apply_train(
       mask: optional boolean array broadcastable to ``x``: only ``True``
         elements enter the statistics (all elements are normalized).
 
+    Empty features (the rule): a feature with no valid element under ``mask``
+    (after pooling over ``axis_name``; per ghost batch with
+    ``virtual_batch_size``) is normalized with the running statistics, i.e. its
+    output is the inference map ``gamma (x - mean) / sqrt(var + eps) + beta`` of
+    :func:`apply_eval` (not ``x / sqrt(eps)``), its gradients are that map's (no
+    gradient reaches the running statistics), and its state is unchanged.
+
+    Complex ``x`` (complex64/complex128; flax's rule): complex mean, real variance
+    ``E|x - mu|^2``, statistics in complex64/float32 at least, output in the
+    complex dtype; ``new_state.mean`` is complex (a real stored mean turns
+    complex), ``new_state.var`` real. Real inputs trace the same program as
+    without complex support.
+
     Returns:
       ``(y, new_state)``: ``y`` has ``x``'s shape (dtype ``config.dtype`` or
       ``result_type(x, params)``); ``new_state`` has the population statistics
@@ -701,8 +795,10 @@ def apply_train(
     ``state.steps + 1``.
 
     Raises:
-      TypeError: integer input or non-boolean mask.
-      ValueError: mismatched feature shapes, bad axis, bad mask shape, a
+      TypeError: integer input, non-boolean mask, complex parameters with a real
+        input, or Batch Renorm on a complex input.
+      ValueError: mismatched feature shapes, bad axis, bad mask shape, a real
+        ``config.dtype`` for a complex input, a
         reduction of one element per feature, a virtual batch size that
         does not divide the batch, or (Batch Renorm) a state without a
         scalar integer ``steps`` counter.
@@ -710,6 +806,12 @@ def apply_train(
     x, faxes = _prepare(params, x, config, state)
     if config.renorm is not None:
         _check_steps(state)
+        if _is_complex(x):
+            raise TypeError(
+                f"Batch Renorm (config.renorm) is defined for real inputs only, got a "
+                f"{x.dtype} x of shape {tuple(x.shape)}: use batch norm (renorm=None) for "
+                "complex inputs"
+            )
     if mask is not None:
         mask = _stats.check_mask(mask, x.shape)
     red = tuple(i for i in range(x.ndim) if i not in faxes)
@@ -755,17 +857,20 @@ def apply_train(
     # shard_map(check_vma=True): replicated gamma/beta enter the kernel cast to
     # "varying", so their gradients come back summed over devices (JAX's rule).
     scale_k, bias_k = _stats.match_varying(scale_k, bias_k, like=(x_k,))
-    ren = None
-    if config.renorm is not None:  # Batch Renorm: the running statistics and the bounds
+    run = bounds = None
+    if mask is not None or config.renorm is not None:
+        # The running statistics: they normalize features without a valid element
+        # (masks) and give Batch Renorm's r and d.
         dt = _stats.stats_dtype(x.dtype)
-        ren = (
+        run = (
             _bcast(state.mean.astype(dt), shape, faxes),
-            _bcast(state.var.astype(dt), shape, faxes),
-            *config.renorm.bounds(state.steps, dt),
+            _bcast(state.var.astype(_stats.real_dtype(dt)), shape, faxes),
         )
         if vbs is not None:
-            ren = (ren[0][None], ren[1][None], ren[2], ren[3])
-    y, m = _KERNELS[config.grad](spec, x_k, mask_k, scale_k, bias_k, ren)
+            run = (run[0][None], run[1][None])
+    if config.renorm is not None:  # Batch Renorm: the bounds
+        bounds = config.renorm.bounds(state.steps, dt)
+    y, m = _KERNELS[config.grad](spec, x_k, mask_k, scale_k, bias_k, run, bounds)
     if vbs is not None:
         y = y.reshape(shape)
         m = _stats.merge_along(m, 0)
@@ -808,11 +913,15 @@ def inference_affine(
     """
     dt = _stats.stats_dtype(state.var.dtype)
     a = _stats.safe_rsqrt(state.var.astype(dt) + jnp.asarray(epsilon, dt))
+
+    def wide(v):  # dt, or its complex counterpart for a complex v (complex inputs)
+        return _stats.stats_dtype(jnp.promote_types(dt, v.dtype)) if _is_complex(v) else dt
+
     if params.scale is not None:
-        a = a * params.scale.astype(dt)
-    b = -state.mean.astype(dt) * a
+        a = a * params.scale.astype(wide(params.scale))
+    b = -state.mean.astype(wide(state.mean)) * a
     if params.bias is not None:
-        b = b + params.bias.astype(dt)
+        b = b + params.bias.astype(wide(params.bias))
     return a, b
 
 
@@ -829,10 +938,13 @@ def apply_eval(
     to the output dtype.
     """
     x, faxes = _prepare(params, x, config, state)
+    out_dtype = _out_dtype(x, params, config)
     a, b = inference_affine(params, state, config.epsilon)
     dt = a.dtype
+    if _is_complex(x) or _is_complex(b):  # complex: x - mean, gamma or beta complex
+        dt = jnp.promote_types(jnp.result_type(a, b), _stats.stats_dtype(x.dtype))
     y = x.astype(dt) * _bcast(a, x.shape, faxes) + _bcast(b, x.shape, faxes)
-    return y.astype(_out_dtype(x, params, config))
+    return y.astype(out_dtype)
 
 
 def apply(

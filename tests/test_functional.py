@@ -48,11 +48,13 @@ def faxes_of(ndim: int, axis) -> tuple[int, ...]:
     return tuple(sorted(a % ndim for a in axis))
 
 
-def ref_bn(xp, x, gamma, beta, axis, eps=EPS, mask=None):
+def ref_bn(xp, x, gamma, beta, axis, eps=EPS, mask=None, fallback=None):
     """Algorithm 1 (PAPER.md) in namespace ``xp``: returns (y, mu_B, sigma2_B, count).
 
     ``mu_B`` / ``sigma2_B`` are feature-shaped; with a mask only valid elements enter
-    them (all elements are normalized).
+    them (all elements are normalized). ``fallback = (mean, var)``: the running
+    statistics, which normalize a feature without any valid element (bnjax's rule for
+    empty features: the inference map for them).
     """
     faxes = faxes_of(x.ndim, axis)
     red = tuple(i for i in range(x.ndim) if i not in faxes)
@@ -63,14 +65,18 @@ def ref_bn(xp, x, gamma, beta, axis, eps=EPS, mask=None):
     m_safe = xp.maximum(m, 1.0)
     mu = xp.sum(w * x, axis=red, keepdims=True) / m_safe
     sigma2 = xp.sum(w * (x - mu) ** 2, axis=red, keepdims=True) / m_safe
-    xhat = (x - mu) / xp.sqrt(sigma2 + eps)
+    mu_n, s2_n = mu, sigma2
+    if fallback is not None:
+        mu_n = xp.where(m > 0, mu, xp.reshape(fallback[0], bshape))
+        s2_n = xp.where(m > 0, sigma2, xp.reshape(fallback[1], bshape))
+    xhat = (x - mu_n) / xp.sqrt(s2_n + eps)
     y = xp.reshape(gamma, bshape) * xhat + xp.reshape(beta, bshape)
     return y, xp.reshape(mu, fshape), xp.reshape(sigma2, fshape), xp.reshape(m, fshape)
 
 
 def ref_train(xp, x, gamma, beta, mean0, var0, axis, eps=EPS, mask=None, momentum=MOMENTUM):
     """Algorithm 1 plus the flax-convention EMA of the (biased) batch statistics."""
-    y, mu, s2, m = ref_bn(xp, x, gamma, beta, axis, eps, mask)
+    y, mu, s2, m = ref_bn(xp, x, gamma, beta, axis, eps, mask, fallback=(mean0, var0))
     seen = m > 0
     mean = xp.where(seen, momentum * mean0 + (1 - momentum) * mu, mean0)
     var = xp.where(seen, momentum * var0 + (1 - momentum) * s2, var0)
@@ -158,14 +164,8 @@ class AlgorithmOneTest(chex.TestCase):
         step = self.variant(lambda p, s, x, m: F.apply_train(p, s, x, cfg, mask=m))
         y, new = step(params, state, jnp.asarray(x), jnp.asarray(mask))
         ry, rmean, rvar = ref_train(np, *map(f64, (x, gamma, beta, mean0, var0)), axis, mask=mask)
-        # The empty feature's output is (x - 0) / sqrt(eps): large but finite; compare
-        # the others tightly.
-        assert np.isfinite(np.asarray(y)).all()
-        flat = np.moveaxis(np.asarray(y), faxes_of(len(shape), axis), range(-len(gamma.shape), 0))
-        rflat = np.moveaxis(ry, faxes_of(len(shape), axis), range(-len(gamma.shape), 0))
-        flat = flat.reshape(-1, gamma.size)[:, 1:]
-        rflat = rflat.reshape(-1, gamma.size)[:, 1:]
-        np.testing.assert_allclose(flat, rflat, rtol=1e-4, atol=2e-5)
+        # The empty feature (the first) is normalized with the running statistics.
+        np.testing.assert_allclose(np.asarray(y), ry, rtol=1e-4, atol=2e-5)
         np.testing.assert_allclose(np.asarray(new.mean), rmean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(new.var), rvar, rtol=1e-5, atol=1e-6)
         first = (0,) * gamma.ndim
@@ -183,7 +183,114 @@ def test_all_masked_batch_leaves_state_unchanged(rng):
     for a, b, c in zip(before, state, new, strict=True):
         np.testing.assert_array_equal(np.asarray(b), a)  # the input state is untouched
         np.testing.assert_array_equal(np.asarray(c), a)  # and so is the new one
-    assert np.isfinite(np.asarray(y)).all()
+    # no feature has data: the whole output is the inference map of the running statistics
+    np.testing.assert_allclose(np.asarray(y), eval_map(x, gamma, beta, mean0, var0),
+                               rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- empty features
+
+
+def eval_map(x, gamma, beta, mean, var, eps=EPS):
+    """Algorithm 2 per feature (last axis), float64 NumPy."""
+    return f64(gamma) * (f64(x) - f64(mean)) / np.sqrt(f64(var) + eps) + f64(beta)
+
+
+@pytest.mark.parametrize("grad", ["vjp", "jvp", "autodiff"])
+def test_empty_feature_uses_running_statistics(grad, rng):
+    """The rule for a feature without a valid element: its output is the inference map
+    of the running statistics (never x / sqrt(eps)), its gradients are that map's, its
+    state is unchanged; the other features are untouched by the rule."""
+    x, gamma, beta, mean0, var0 = make_inputs(rng, (10, 4), -1)
+    var0[1] = 1e-4  # nothing special: the running variance of the empty feature is used
+    params, state = bn_setup(gamma, beta, mean0, var0)
+    mask = np.ones((10, 4), bool)
+    mask[:, 1] = False  # feature 1: no valid element
+    mask[3:, 2] = False  # feature 2: three
+    w = jnp.asarray(rng.standard_normal((10, 4)), jnp.float32)
+    cfg = BatchNormConfig(grad=grad)
+
+    def loss(x, gamma, beta):
+        y, new = F.apply_train(BNParams(gamma, beta), state, x, cfg, mask=jnp.asarray(mask))
+        return jnp.sum(w * y), (y, new)
+
+    (_, (y, new)), (gx, gg, gb) = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
+        jnp.asarray(x), params.scale, params.bias
+    )
+    ry = ref_bn(np, f64(x), f64(gamma), f64(beta), -1, mask=mask)[0]
+    want = eval_map(x[:, 1], gamma[1], beta[1], mean0[1], var0[1])
+    np.testing.assert_allclose(np.asarray(y[:, 1]), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y)[:, [0, 2, 3]], ry[:, [0, 2, 3]], rtol=1e-4,
+                               atol=2e-5)
+    assert float(new.mean[1]) == float(mean0[1]) and float(new.var[1]) == float(var0[1])
+    assert float(new.count[1]) == 0 and float(new.mean[2]) != float(mean0[2])
+    # gradients of the inference map for feature 1: dx = gamma w / sigma, dgamma = sum w xhat
+    inv = 1 / np.sqrt(f64(var0[1]) + EPS)
+    wf = f64(w[:, 1])
+    np.testing.assert_allclose(np.asarray(gx[:, 1]), f64(gamma[1]) * inv * wf, rtol=1e-5)
+    xhat = (f64(x[:, 1]) - f64(mean0[1])) * inv
+    np.testing.assert_allclose(float(gg[1]), np.sum(wf * xhat), rtol=1e-4)
+    np.testing.assert_allclose(float(gb[1]), np.sum(wf), rtol=1e-5, atol=1e-6)
+    assert all(np.isfinite(np.asarray(a)).all() for a in (gx, gg, gb))
+
+
+def test_empty_feature_in_one_ghost_batch(rng):
+    """virtual_batch_size: a ghost batch without a valid element for a feature uses the
+    running statistics for it; the other ghost batches (and the state) their own data."""
+    x, gamma, beta, mean0, var0 = make_inputs(rng, (12, 3), -1)
+    params, state = bn_setup(gamma, beta, mean0, var0)
+    mask = np.ones((12, 3), bool)
+    mask[4:8, 0] = False  # ghost batch 1 has no valid element for feature 0
+    mask[9, 2] = False
+    cfg = BatchNormConfig(virtual_batch_size=4)
+    y, new = F.apply_train(params, state, jnp.asarray(x), cfg, mask=jnp.asarray(mask))
+    for g in range(3):
+        rows = slice(4 * g, 4 * g + 4)
+        ry = ref_bn(np, f64(x[rows]), f64(gamma), f64(beta), -1, mask=mask[rows],
+                    fallback=(f64(mean0), f64(var0)))[0]
+        np.testing.assert_allclose(np.asarray(y[rows]), ry, rtol=1e-4, atol=2e-5)
+    want = eval_map(x[4:8, 0], gamma[0], beta[0], mean0[0], var0[0])
+    np.testing.assert_allclose(np.asarray(y[4:8, 0]), want, rtol=1e-5, atol=1e-5)
+    _, rmean, rvar = ref_train(np, *map(f64, (x, gamma, beta, mean0, var0)), -1, mask=mask)
+    np.testing.assert_allclose(np.asarray(new.mean), rmean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new.var), rvar, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", ["vjp", "jvp"])
+def test_empty_feature_with_axis_name(grad, rng):
+    """Over a vmap axis a feature empty on one device but not on another is not empty
+    (the pooled statistics normalize it on both); one empty everywhere gets the running
+    statistics. Outputs, state and gradients equal one unsharded batch with that mask."""
+    x, gamma, beta, mean0, var0 = make_inputs(rng, (12, 3), -1)
+    params, state = bn_setup(gamma, beta, mean0, var0)
+    mask = np.ones((12, 3), bool)
+    mask[:6, 0] = False  # feature 0: empty on device 0 only
+    mask[:, 1] = False  # feature 1: empty on both devices
+    w = jnp.asarray(rng.standard_normal((12, 3)), jnp.float32)
+
+    def sharded(x, params):
+        cfg = BatchNormConfig(axis_name="d", grad=grad)
+        y, new = jax.vmap(lambda x, m: F.apply_train(params, state, x, cfg, mask=m),
+                          axis_name="d")(x.reshape(2, 6, 3), jnp.asarray(mask).reshape(2, 6, 3))
+        return y.reshape(12, 3), jax.tree.map(lambda a: a[0], new)
+
+    def whole(x, params):
+        return F.apply_train(params, state, x, BatchNormConfig(grad=grad), mask=jnp.asarray(mask))
+
+    (y, new), (yw, neww) = sharded(jnp.asarray(x), params), whole(jnp.asarray(x), params)
+    ry = ref_train(np, *map(f64, (x, gamma, beta, mean0, var0)), -1, mask=mask)[0]
+    np.testing.assert_allclose(np.asarray(y), ry, rtol=1e-4, atol=2e-5)
+    want = eval_map(x[:, 1], gamma[1], beta[1], mean0[1], var0[1])
+    np.testing.assert_allclose(np.asarray(y[:, 1]), want, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close((y, new), (yw, neww), rtol=1e-5, atol=1e-6)
+
+    def loss(fn):
+        return lambda x, p: jnp.sum(w * jnp.sin(fn(x, p)[0]))
+
+    gs = jax.jit(jax.grad(loss(sharded), argnums=(0, 1)))(jnp.asarray(x), params)
+    gw = jax.jit(jax.grad(loss(whole), argnums=(0, 1)))(jnp.asarray(x), params)
+    chex.assert_trees_all_close(gs, gw, rtol=1e-4, atol=1e-5)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(gs))
 
 
 def test_mask_broadcasting_equals_full_mask(rng):
@@ -303,17 +410,9 @@ def _loss_fns(shape, axis, mask, cfg, use_state: bool):
     mean0 = jnp.asarray(rng.standard_normal(fshape), jnp.float32)
     var0 = jnp.asarray(rng.uniform(0.5, 2, fshape), jnp.float32)
     k = 1.0 if use_state else 0.0
-    # A fully masked feature is normalized by 1/sqrt(eps): its outputs are ~300x larger and
-    # sin() of them is ill-conditioned in float32, so it enters the loss linearly only.
-    faxes = faxes_of(len(shape), axis)
-    bshape = tuple(s if i in faxes else 1 for i, s in enumerate(shape))
-    fw = np.ones(fshape, np.float32)
-    if mask is not None:
-        fw[(0,) * len(fshape)] = 0
-    fw = jnp.asarray(fw.reshape(bshape))
 
     def loss(y, mean, var):
-        nonlin = jnp.sum(fw * jnp.sin(y))
+        nonlin = jnp.sum(jnp.sin(y))
         return jnp.sum(w * y) + nonlin + k * (jnp.sum(cm * mean) + jnp.sum(cv * var))
 
     def bnjax_loss(x, gamma, beta):
@@ -852,7 +951,7 @@ def test_error_feature_mismatch():
 def test_error_non_float_input(dtype):
     params, state = _setup(10)
     x = jnp.ones((4, 10), dtype)
-    msg = rf"floating-point x, got dtype {jnp.dtype(dtype)}.*\(4, 10\)"
+    msg = rf"floating-point or complex x, got dtype {jnp.dtype(dtype)}.*\(4, 10\)"
     with pytest.raises(TypeError, match=msg):
         F.apply_train(params, state, x)
     with pytest.raises(TypeError, match="floating-point"):

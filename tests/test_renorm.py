@@ -454,7 +454,7 @@ def test_bad_inputs_as_batch_norm():
     params, state = F.init(10, cfg)
     with pytest.raises(ValueError, match=r"shape \(1, 10\).*one element per feature"):
         F.apply_train(params, state, jnp.ones((1, 10)), cfg)
-    with pytest.raises(TypeError, match=r"floating-point x, got dtype int32"):
+    with pytest.raises(TypeError, match=r"floating-point or complex x, got dtype int32"):
         F.apply_train(params, state, jnp.ones((4, 10), jnp.int32), cfg)
     with pytest.raises(ValueError, match=r"params.scale has shape \(10,\).*\(4, 7\)"):
         F.apply_train(params, state, jnp.ones((4, 7)), cfg)
