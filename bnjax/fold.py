@@ -179,7 +179,7 @@ def fold_linear(
         # Complex inputs: the batch-norm mean, so b, is complex; a real kernel stays
         # real (a is real), its new bias is complex.
         ct = jnp.promote_types(ct, b.dtype if bias is None else jnp.result_type(b, bias))
-        if not jnp.iscomplexobj(out_dt):
+        if not jnp.issubdtype(out_dt, jnp.complexfloating):
             if dtype is not None:
                 raise ValueError(
                     f"dtype={jnp.dtype(dtype)} is real but the folded bias is complex "
