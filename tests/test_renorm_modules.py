@@ -51,8 +51,15 @@ RENORM_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("opts", RENORM_OPTIONS, ids=["clipped", "unclipped", "schedule"])
-@pytest.mark.parametrize("axis,shape", [(-1, (8, 5)), (1, (4, 5, 3))], ids=["dense", "nchw"])
+@pytest.mark.parametrize(
+    "opts,axis,shape",
+    [
+        (RENORM_OPTIONS[0], -1, (8, 5)),
+        (RENORM_OPTIONS[1], -1, (8, 5)),
+        (RENORM_OPTIONS[2], 1, (4, 5, 3)),
+    ],
+    ids=["clipped-dense", "unclipped-dense", "schedule-nchw"],
+)
 def test_linen_equals_functional_core(opts, axis, shape, rng):
     """Three training steps: outputs, gradients (x, scale, bias) and the state, step by
     step, equal the functional core's with the same RenormConfig; steps counts 1, 2, 3."""
@@ -71,8 +78,9 @@ def test_linen_equals_functional_core(opts, axis, shape, rng):
     @jax.jit
     def lin(p, bs, x, dy):
         def loss(p, x):
-            y, upd = m.apply({"params": p, "batch_stats": bs}, x, train=True,
-                             mutable=["batch_stats"])
+            y, upd = m.apply(
+                {"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"]
+            )
             return jnp.sum(y * dy), (y, upd)
 
         return jax.grad(loss, (0, 1), has_aux=True)(p, x)
@@ -198,8 +206,11 @@ def test_flax_batch_norm_checkpoint_loads(rng):
     y_flax, _ = flax_bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
     _close(y, y_flax, rtol=1e-4, atol=1e-4)
     cfg = _cfg(r_max=1.5, d_max=0.5, warmup_steps=1)
-    state = bnjax.renorm_stats(bnjax.BatchStats(*(v["batch_stats"][k] for k in ("mean", "var")),
-                                                 jnp.zeros(5), jnp.zeros(5)))
+    state = bnjax.renorm_stats(
+        bnjax.BatchStats(
+            *(v["batch_stats"][k] for k in ("mean", "var")), jnp.zeros(5), jnp.zeros(5)
+        )
+    )
     y_ref, _ = F.apply_train(BNParams(v["params"]["scale"], v["params"]["bias"]), state, x, cfg)
     np.testing.assert_array_equal(y, y_ref)
     # Resuming at step k: add steps yourself.
@@ -225,8 +236,9 @@ def test_extra_entries_are_ignored_and_passed_through(rng):
         np.testing.assert_array_equal(upd_e["batch_stats"][k], upd["batch_stats"][k])
     for k, a in extra.items():
         np.testing.assert_array_equal(upd_e["batch_stats"][k], a)
-    np.testing.assert_array_equal(brn.apply(v_extra, xs[1], train=False),
-                                  brn.apply(v, xs[1], train=False))
+    np.testing.assert_array_equal(
+        brn.apply(v_extra, xs[1], train=False), brn.apply(v, xs[1], train=False)
+    )
 
 
 def test_bad_steps_and_bad_bounds_raise(rng):
@@ -239,8 +251,11 @@ def test_bad_steps_and_bad_bounds_raise(rng):
     bad = {**v, "batch_stats": {**v["batch_stats"], "steps": jnp.zeros(2, jnp.int32)}}
     with pytest.raises(ValueError, match="batch_stats/steps.*integer scalar"):
         brn.apply(bad, x, train=True, mutable=["batch_stats"])
-    for kw, what in [({"r_max": 0.5}, "r_max=0.5"), ({"d_max": -1.0}, "d_max=-1"),
-                     ({"warmup_steps": -2}, "warmup_steps=-2")]:
+    for kw, what in [
+        ({"r_max": 0.5}, "r_max=0.5"),
+        ({"d_max": -1.0}, "d_max=-1"),
+        ({"warmup_steps": -2}, "warmup_steps=-2"),
+    ]:
         with pytest.raises(ValueError, match=what):
             bnjax.linen.BatchRenorm(**kw).init(jax.random.key(0), x, train=False)
         with pytest.raises(ValueError, match=what):
@@ -267,8 +282,9 @@ def test_bad_inputs_raise_as_batch_norm():
     assert t is TypeError and "floating-point" in msg
     t, msg = both(lambda m: m.apply(v, jnp.ones((4, 2)), train=True, mutable=["batch_stats"]))
     assert "shape (2,)" in msg
-    t, msg = both(lambda m: m.apply(v, ok, train=True, mask=jnp.ones((4, 2), bool),
-                                    mutable=["batch_stats"]))
+    t, msg = both(
+        lambda m: m.apply(v, ok, train=True, mask=jnp.ones((4, 2), bool), mutable=["batch_stats"])
+    )
     assert "mask of shape (4, 2)" in msg
     t, msg = both(lambda m: m.apply(v, ok[:1], train=True, mutable=["batch_stats"]))
     assert "one element per feature" in msg
@@ -304,8 +320,15 @@ def test_axis_name_under_vmap_equals_one_device(rng):
     kw = {"momentum": MOM, "r_max": 1.5, "d_max": 0.5}
     one, many = bnjax.linen.BatchRenorm(**kw), bnjax.linen.BatchRenorm(axis_name="dev", **kw)
     v = one.init(jax.random.key(0), x, train=False)
-    v = {**v, "batch_stats": {**v["batch_stats"], "mean": jnp.full(5, 1.0),
-                               "var": jnp.full(5, 4.0), "steps": jnp.int32(3)}}
+    v = {
+        **v,
+        "batch_stats": {
+            **v["batch_stats"],
+            "mean": jnp.full(5, 1.0),
+            "var": jnp.full(5, 4.0),
+            "steps": jnp.int32(3),
+        },
+    }
     dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
 
     def loss(m, p, x, mask, dy):
@@ -330,3 +353,262 @@ def test_axis_name_under_vmap_equals_one_device(rng):
         for d in range(4):
             _close(um["batch_stats"][k][d], u1["batch_stats"][k])
     np.testing.assert_array_equal(um["batch_stats"]["steps"], [4] * 4)
+
+
+# --------------------------------------------------------------------------- nnx
+
+
+def _nnx_like(linen_vars, **kw):
+    m = bnjax.nnx.BatchRenorm(5, momentum=MOM, rngs=nnx.Rngs(0), **kw)
+    m.scale[...] = linen_vars["params"]["scale"]
+    m.bias[...] = linen_vars["params"]["bias"]
+    return m
+
+
+def test_nnx_equals_linen(rng):
+    """Three training steps (warm-up, schedule): outputs, parameter gradients and the
+    state of the NNX module equal the linen module's; steps is an int32 BatchStat."""
+    xs = _batches(rng)
+    kw = {"r_max": optax.linear_schedule(1.0, 2.0, 2), "d_max": 0.7, "warmup_steps": 1}
+    lin = bnjax.linen.BatchRenorm(momentum=MOM, **kw)
+    v = lin.init(jax.random.key(0), xs[0], train=False)
+    v = {
+        **v,
+        "params": {
+            "scale": 1 + 0.3 * jnp.asarray(rng.standard_normal(5), jnp.float32),
+            "bias": jnp.asarray(rng.standard_normal(5), jnp.float32),
+        },
+    }
+    m = _nnx_like(v, **kw)
+    assert isinstance(m.steps, nnx.BatchStat) and m.steps[...].dtype == jnp.int32
+
+    @jax.jit
+    def lin_step(v, x, dy):
+        def loss(p):
+            y, upd = lin.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(y * dy), (y, upd)
+
+        return jax.grad(loss, has_aux=True)(v["params"])
+
+    @nnx.jit
+    def nnx_step(m, x, dy):
+        return nnx.grad(lambda m: (jnp.sum(m(x) * dy), m(x)), has_aux=True)(m)
+
+    for k, x in enumerate(xs):
+        dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+        g_lin, (y_lin, upd) = lin_step(v, x, dy)
+        if k == 0:  # the gradient once (m(x) runs twice inside: redo the state after)
+            g_nnx, _ = nnx_step(m, x, dy)
+            _close(g_nnx["scale"][...], g_lin["scale"])
+            _close(g_nnx["bias"][...], g_lin["bias"])
+            m.mean[...], m.var[...] = v["batch_stats"]["mean"], v["batch_stats"]["var"]
+            m.steps[...] = v["batch_stats"]["steps"]
+        y_nnx = m(x)
+        _close(y_nnx, y_lin)
+        for name in ("mean", "var"):
+            _close(getattr(m, name)[...], upd["batch_stats"][name])
+        assert int(m.steps[...]) == int(upd["batch_stats"]["steps"]) == k + 1
+        v = {**v, **upd}
+    # eval: Algorithm 2, steps unchanged; .eval(), nnx.view and train=False agree
+    y_eval = lin.apply(v, xs[0], train=False)
+    np.testing.assert_array_equal(m(xs[0], train=False), y_eval)
+    np.testing.assert_array_equal(nnx.view(m, use_running_average=True)(xs[0]), y_eval)
+    m.eval()
+    np.testing.assert_array_equal(m(xs[0]), y_eval)
+    assert int(m.steps[...]) == 3
+
+
+def test_nnx_jit_and_flax_nnx_state_loads(rng):
+    """Under nnx.jit steps advances once per training call; the state of a
+    flax.nnx.BatchNorm loads with nnx.update (steps kept) and evaluates as flax does."""
+    xs = _batches(rng)
+    m = bnjax.nnx.BatchRenorm(5, momentum=MOM, rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def step(m, x):
+        return m(x)
+
+    for x in xs:
+        step(m, x)
+    assert int(m.steps[...]) == 3
+    fb = nnx.BatchNorm(5, momentum=MOM, rngs=nnx.Rngs(1))
+    for x in xs[::-1]:
+        fb(x)
+    nnx.update(m, nnx.state(fb))
+    assert int(m.steps[...]) == 3
+    fb.eval()
+    m.eval()
+    _close(m(xs[0]), fb(xs[0]), rtol=1e-5, atol=1e-5)
+    _close(m.mean[...], fb.mean[...], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+class _Net(nn.Module):
+    """Dense -> norm -> relu -> Dense -> norm (or Dense with bias and no norm: folded)."""
+
+    norm: type | None = bnjax.linen.BatchRenorm
+    kw: tuple = ()
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for width in (6, 4):
+            x = nn.Dense(width, use_bias=self.norm is None)(x)
+            if self.norm is not None:
+                x = self.norm(**dict(self.kw))(x, train=train)
+            if width == 6:
+                x = nn.relu(x)
+        return x
+
+
+RN_KW = (("momentum", MOM), ("r_max", 1.5), ("d_max", 0.5))
+
+
+def _trained_net(rng, kw=RN_KW, steps=3):
+    xs = _batches(rng, n=4, shape=(8, 5))
+    net = _Net(kw=kw)
+    v = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(xs[0])
+    step = jax.jit(lambda v, x: {**v, **net.apply(v, x, train=True, mutable=["batch_stats"])[1]})
+    for x in xs[:steps]:
+        v = step(v, x)
+    return net, v, xs
+
+
+def _f64_within(xs):
+    """PreciseBN's reference: mean of batch means, pooled unbiased within-batch variance."""
+    xs = [np.asarray(x, np.float64) for x in xs]
+    mean = np.mean([x.mean(0) for x in xs], 0)
+    var = np.sum([((x - x.mean(0)) ** 2).sum(0) for x in xs], 0) / sum(len(x) - 1 for x in xs)
+    return mean, var
+
+
+def test_recalibrate_linen_train_mode_vs_float64_and_steps_kept(rng):
+    """mode="train": layer 1 sees Dense_0's output, layer 2 the *Batch Renorm training*
+    output of layer 1 (the functional core, at the stored steps) through relu and Dense_1;
+    the new mean/var equal float64 NumPy; steps (and params) are untouched."""
+    net, v, xs = _trained_net(rng)
+    new = bnjax.recalibrate.recalibrate(net, v, xs, train=False)
+    p, bs = v["params"], v["batch_stats"]
+    h1 = [x @ p["Dense_0"]["kernel"] for x in xs]
+    ref1 = _f64_within(h1)
+    cfg = _cfg(r_max=1.5, d_max=0.5)
+    st = bnjax.RenormStats(
+        bs["BatchRenorm_0"]["mean"],
+        bs["BatchRenorm_0"]["var"],
+        jnp.zeros(6),
+        jnp.zeros(6),
+        bs["BatchRenorm_0"]["steps"],
+    )
+    bnp = BNParams(p["BatchRenorm_0"]["scale"], p["BatchRenorm_0"]["bias"])
+    brn = jax.jit(lambda h: F.apply_train(bnp, st, h, cfg)[0])
+    h2 = [jax.nn.relu(brn(h)) @ p["Dense_1"]["kernel"] for h in h1]
+    ref2 = _f64_within(h2)
+    for layer, (mean, var) in (("BatchRenorm_0", ref1), ("BatchRenorm_1", ref2)):
+        _close(new["batch_stats"][layer]["mean"], mean, rtol=1e-4, atol=1e-4)
+        _close(new["batch_stats"][layer]["var"], var, rtol=1e-4, atol=1e-4)
+        assert int(new["batch_stats"][layer]["steps"]) == 3
+        assert new["batch_stats"][layer]["steps"].dtype == jnp.int32
+    assert new["params"] is v["params"]
+    # Positive control: the renorm training map differs from BN's here, so layer 2's
+    # statistics would differ had the tracer run plain batch norm.
+    bn = jax.jit(lambda h: F.apply_train(bnp, st.batch_stats, h, BatchNormConfig())[0])
+    h2_bn = [jax.nn.relu(bn(h)) @ p["Dense_1"]["kernel"] for h in h1]
+    assert np.max(np.abs(_f64_within(h2_bn)[0] - ref2[0])) > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "single_pass"])
+def test_recalibrate_eval_modes_equal_batch_norm_and_nnx(mode, rng):
+    """Eval upstream: a Batch Renorm net recalibrates exactly as the same net with batch
+    norm on the same variables (the inference maps are the same); recalibrate_nnx on an
+    NNX copy gives the same statistics; steps are kept in both."""
+    net, v, xs = _trained_net(rng)
+    new = bnjax.recalibrate.recalibrate(net, v, xs, mode=mode, train=False)
+    bn_net = _Net(norm=bnjax.linen.BatchNorm, kw=(("momentum", MOM),))
+    rename = lambda t: {
+        k.replace("BatchRenorm", "BatchNorm"): (
+            {n: a for n, a in s.items() if n != "steps"} if isinstance(s, dict) else s
+        )
+        for k, s in t.items()
+    }
+    v_bn = {"params": rename(v["params"]), "batch_stats": rename(v["batch_stats"])}
+    new_bn = bnjax.recalibrate.recalibrate(bn_net, v_bn, xs, mode=mode, train=False)
+    for i in range(2):
+        for k in ("mean", "var"):
+            np.testing.assert_array_equal(
+                new["batch_stats"][f"BatchRenorm_{i}"][k],
+                new_bn["batch_stats"][f"BatchNorm_{i}"][k],
+            )
+        assert int(new["batch_stats"][f"BatchRenorm_{i}"]["steps"]) == 3
+
+    class NNet(nnx.Module):
+        def __init__(self):
+            self.d0 = nnx.Linear(5, 6, use_bias=False, rngs=nnx.Rngs(0))
+            self.n0 = bnjax.nnx.BatchRenorm(6, momentum=MOM, r_max=1.5, d_max=0.5)
+            self.d1 = nnx.Linear(6, 4, use_bias=False, rngs=nnx.Rngs(0))
+            self.n1 = bnjax.nnx.BatchRenorm(4, momentum=MOM, r_max=1.5, d_max=0.5)
+
+        def __call__(self, x):
+            return self.n1(self.d1(nnx.relu(self.n0(self.d0(x)))))
+
+    mod = NNet()
+    for i in range(2):
+        getattr(mod, f"d{i}").kernel[...] = v["params"][f"Dense_{i}"]["kernel"]
+        n = getattr(mod, f"n{i}")
+        for k in ("scale", "bias"):
+            getattr(n, k)[...] = v["params"][f"BatchRenorm_{i}"][k]
+        for k in ("mean", "var", "steps"):
+            getattr(n, k)[...] = v["batch_stats"][f"BatchRenorm_{i}"][k]
+    bnjax.recalibrate_nnx(mod, xs, mode=mode)
+    for i in range(2):
+        n = getattr(mod, f"n{i}")
+        for k in ("mean", "var"):
+            _close(getattr(n, k)[...], new["batch_stats"][f"BatchRenorm_{i}"][k])
+        assert int(n.steps[...]) == 3
+
+
+def test_fold_batch_renorm(rng):
+    """find_pairs sees both Dense -> BatchRenorm pairs; the folded net (Dense with bias,
+    no norm) computes the eval output; the layers' batch_stats (steps too) are dropped."""
+    net, v, xs = _trained_net(rng)
+    pairs = bnjax.find_pairs(net, v, xs[0], train=False)
+    assert [(p.linear, p.bn) for p in pairs] == [
+        ("Dense_0", "BatchRenorm_0"),
+        ("Dense_1", "BatchRenorm_1"),
+    ]
+    folded = bnjax.fold.fold(v, pairs)
+    assert "batch_stats" not in folded
+    y = _Net(norm=None).apply(folded, xs[3], train=False)
+    _close(y, net.apply(v, xs[3], train=False), rtol=1e-4, atol=1e-4)
+
+
+def test_consistency_of_batch_renorm(rng):
+    """consistency measures a Batch Renorm layer with its own training map: the output
+    gap is max |y_renorm_train - y_eval| (the functional core); with unclipped bounds it
+    is ~0 (the point of Batch Renorm; with clipped bounds it is not). The variables
+    (steps) are not changed."""
+    net, v, xs = _trained_net(rng, kw=(("momentum", MOM), ("r_max", 1e3), ("d_max", 1e3)))
+    before = jax.tree.map(np.asarray, v)
+    rep = bnjax.consistency(net, v, xs, train=False)
+    assert sorted(rep) == ["BatchRenorm_0", "BatchRenorm_1"]
+    assert rep["BatchRenorm_0"].output_gap < 1e-4 and rep["BatchRenorm_1"].output_gap < 1e-4
+    jax.tree.map(np.testing.assert_array_equal, v, before)
+    net_c, v_c, _ = _trained_net(rng)  # clipped bounds: the gap is the core's
+    rep_c = bnjax.consistency(net_c, v_c, xs[:1], train=False)
+    p, bs = v_c["params"], v_c["batch_stats"]
+    h = xs[0] @ p["Dense_0"]["kernel"]
+    st = bnjax.renorm_stats(
+        bnjax.BatchStats(
+            bs["BatchRenorm_0"]["mean"], bs["BatchRenorm_0"]["var"], jnp.zeros(6), jnp.zeros(6)
+        ),
+        bs["BatchRenorm_0"]["steps"],
+    )
+    bnp = BNParams(p["BatchRenorm_0"]["scale"], p["BatchRenorm_0"]["bias"])
+    gap = jnp.max(
+        jnp.abs(
+            F.apply_train(bnp, st, h, _cfg(r_max=1.5, d_max=0.5))[0]
+            - F.apply_eval(bnp, st, h, BatchNormConfig())
+        )
+    )
+    _close(rep_c["BatchRenorm_0"].output_gap, gap, rtol=1e-5, atol=1e-6)
+    assert rep_c["BatchRenorm_0"].output_gap > 1e-2
