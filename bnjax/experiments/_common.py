@@ -434,6 +434,7 @@ def train_side_by_side(
     resume: bool,
     progress: bool,
     desc: str,
+    parallel: bool = True,
 ) -> tuple[dict[str, training.Run], training.FitResult]:
     """Trains ``nets`` (name -> ``(model, optimizer)``) side by side (:func:`bnjax.training.fit`).
 
@@ -447,7 +448,8 @@ def train_side_by_side(
     ``config.num_steps``, checkpointing to ``workdir/checkpoints`` every
     ``config.checkpoint_every`` steps (0: only at the end). ``batch_indices``
     (name -> data order, see ``make_train_loop``; missing or ``None``: shuffled
-    epochs) gives a net another data order.
+    epochs) gives a net another data order. ``parallel``: one thread per net
+    (:func:`bnjax.training.fit`), else one net after another.
 
     Returns:
       The :class:`bnjax.training.Run` of every net (its ``evaluate`` can be
@@ -481,6 +483,7 @@ def train_side_by_side(
         resume=resume,
         progress=progress,
         desc=desc,
+        parallel=parallel,
     )
     return runs, result
 
