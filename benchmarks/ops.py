@@ -222,6 +222,24 @@ def _bnjax_linen(case: Case, x, dy) -> Impl:
     return _linen("bnjax.linen", bnjax.linen.BatchNorm, case, x, dy)
 
 
+def _bnjax_renorm(case: Case, x, dy) -> Impl:
+    """Batch Renorm (``RenormConfig(r_max=3, d_max=5)``, no warm-up: ``r``, ``d`` live)
+    in the same kernel as the ``bnjax`` row; the state is a ``RenormStats``."""
+    import bnjax.functional as F
+
+    return _bnjax(case, x, dy, name="bnjax renorm", renorm=F.RenormConfig(3.0, 5.0))
+
+
+def _bnjax_linen_renorm(case: Case, x, dy) -> Impl:
+    import bnjax.linen
+
+    return _linen("bnjax.linen renorm", bnjax.linen.BatchRenorm, case, x, dy)
+
+
+# Batch Renorm rows -> the batch-norm row they are compared with, round by round.
+RENORM_PAIRS = {"bnjax renorm": "bnjax", "bnjax.linen renorm": "bnjax.linen"}
+
+
 def _flax_linen(case: Case, x, dy) -> Impl:
     import flax.linen as nn
 
@@ -395,6 +413,8 @@ BUILDERS: dict[str, tuple[Callable[[Case, Any, Any], Impl | None], str]] = {
         "bnjax",
     ),
     "bnjax.linen": (_bnjax_linen, "bnjax"),
+    "bnjax renorm": (_bnjax_renorm, "bnjax"),
+    "bnjax.linen renorm": (_bnjax_linen_renorm, "bnjax"),
     "flax.linen": (_flax_linen, "flax"),
     "flax.linen exact": (_flax_linen_exact, "flax"),
     "flax.nnx": (_flax_nnx, "flax"),
@@ -502,6 +522,7 @@ class Cell:
     spread: float  # interquartile range / median
     ratio: float | None  # median over rounds of t / t(flax.linen) in the same round
     floor: float | None  # median / floor
+    ratio_bn: float | None = None  # Batch Renorm rows: the same ratio to their BN row
 
 
 def summarize(impls: list[Impl], res: Result) -> tuple[dict[tuple[str, str], Cell], dict]:
@@ -516,8 +537,10 @@ def summarize(impls: list[Impl], res: Result) -> tuple[dict[tuple[str, str], Cel
             base = res.times.get((BASELINE, mode))
             ratio = None if base is None else float(np.median(t / np.asarray(base)))
             q25, med, q75 = np.percentile(t, [25, 50, 75])
+            bn = res.times.get((RENORM_PAIRS.get(impl.name), mode))
+            ratio_bn = None if bn is None else float(np.median(t / np.asarray(bn)))
             cells[(impl.name, mode)] = Cell(
-                float(med), float((q75 - q25) / med), ratio, float(med / floors[mode])
+                float(med), float((q75 - q25) / med), ratio, float(med / floors[mode]), ratio_bn
             )
     return cells, {
         "read_s": float(np.median(t_read)),
@@ -615,7 +638,9 @@ def render(
         "`copy + read` (forward: 2 reads + 1 write), `copy + 4 read` (forward+backward: "
         "5 reads + 1 write). `flax.linen` is `flax.linen.BatchNorm()` (fast, inexact "
         "variance E[x²]-E[x]²); `flax.linen exact` sets `use_fast_variance=False`. "
-        "`bnjax` is the functional core, `bnjax.linen` its flax module. Training modes "
+        "`bnjax` is the functional core, `bnjax.linen` its flax module; the `renorm` rows "
+        "are Batch Renorm (r_max 3, d_max 5, no warm-up) in the same kernel and module. "
+        "Training modes "
         "update the running statistics; forward+backward returns the gradients w.r.t. x, "
         "scale and bias (not y).",
         "",
@@ -637,6 +662,26 @@ def render(
                 ratio = "" if c.ratio is None else f" · **{c.ratio:.2f}×**"
                 row.append(f"{_fmt_t(c.median)} ±{100 * c.spread:.0f}%{ratio} · {c.floor:.2f} F")
             out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    pairs = [(r, b) for r, b in RENORM_PAIRS.items() if r in present and b in present]
+    if pairs:
+        out += [
+            "## Batch Renorm / batch norm",
+            "",
+            "Median over rounds of the time of a Batch Renorm row over its batch-norm row "
+            "in the same round (target: forward+backward <= 1.1x, eval 1.0x).",
+            "",
+        ]
+        heads = ["shape", "rows"] + [MODE_TITLES[m] for m in MODES]
+        out += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+        for case, _impls, cells, _ in results:
+            for r, b in pairs:
+                row = [case.label, f"`{r}` / `{b}`"]
+                for m in MODES:
+                    c = cells.get((r, m))
+                    ok = c is not None and c.ratio_bn is not None
+                    row.append(f"{c.ratio_bn:.2f}×" if ok else "—")
+                out.append("| " + " | ".join(row) + " |")
         out.append("")
     out += ["## Compiled temporary memory (XLA `memory_analysis().temp_size_in_bytes`)", ""]
     heads = ["shape", "mode"] + [f"`{n}`" for n in present if n != "torch"]

@@ -51,7 +51,14 @@ def test_smoke_run_writes_tables(ops, tmp_path):
     assert "Compiled temporary memory" in text
     assert "jax " in text and "machine:" in text and "date:" in text
     rows = [line for line in text.splitlines() if line.startswith("| NC 60x100 |")]
+    renorm = [r for r in rows if "renorm` / `" in r]  # the Batch Renorm / batch norm table
+    rows = [r for r in rows if r not in renorm]
     assert len(rows) == 3 + 3  # one per mode in the timing tables, three in the memory table
+    assert "## Batch Renorm / batch norm" in text
+    assert len(renorm) == len(ops.RENORM_PAIRS)  # one per (renorm, batch norm) pair
+    for row in renorm:  # three positive ratios
+        ratios = [float(c.strip().rstrip("×")) for c in row.strip("| ").split(" | ")[2:]]
+        assert len(ratios) == 3 and min(ratios) > 0, row
     header = next(line for line in text.splitlines() if line.startswith("| shape | floor"))
     for name in ("bnjax", "flax.linen", "flax.nnx"):
         assert f"`{name}`" in header
