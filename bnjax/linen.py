@@ -229,10 +229,11 @@ class BatchRenorm(BatchNorm):
         schedule, e.g. from :func:`bnjax.renorm_schedule`), default 3.
       d_max: a float ``>= 0`` or a schedule, default 5.
       warmup_steps: plain batch norm while ``steps < warmup_steps`` (default 0).
-      (all of :class:`BatchNorm`'s attributes, with the same defaults; the paper
-      and CrossQ use a faster moving average than batch norm, e.g.
-      ``momentum=0.9``; ``use_fast_variance``/``force_float32_reductions`` are
-      accepted and ignored as there.)
+
+    And all of :class:`BatchNorm`'s attributes, with the same defaults (the paper
+    and CrossQ use a faster moving average than batch norm, e.g.
+    ``momentum=0.9``; ``use_fast_variance``/``force_float32_reductions`` are
+    accepted and ignored as there).
 
     Variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var}`` exactly as
     :class:`BatchNorm` and ``flax.linen.BatchNorm`` (plus ``count``/``batches``
