@@ -517,6 +517,30 @@ def test_recalibrate_linen_train_mode_vs_float64_and_steps_kept(rng):
     assert np.max(np.abs(_f64_within(h2_bn)[0] - ref2[0])) > 1e-2
 
 
+def test_recalibrate_variables_without_steps_count_from_zero(rng):
+    """Variables without ``steps`` (a batch-norm checkpoint in a Batch Renorm net):
+    recalibration runs the training map at steps = 0 (here: in the warm-up, plain batch
+    norm) and adds no ``steps`` entry; at steps = 5 (past the warm-up) it differs."""
+    net, v, xs = _trained_net(rng, kw=RN_KW + (("warmup_steps", 1),), steps=2)
+    strip = lambda v, **extra: {
+        **v,
+        "batch_stats": {
+            k: {**{n: a for n, a in s.items() if n != "steps"}, **extra}
+            for k, s in v["batch_stats"].items()
+        },
+    }
+    new = bnjax.recalibrate.recalibrate(net, strip(v), xs, train=False)
+    assert all("steps" not in s for s in new["batch_stats"].values())
+    at = lambda k: bnjax.recalibrate.recalibrate(net, strip(v, steps=jnp.int32(k)), xs, train=False)
+    ref0, ref5 = at(0), at(5)
+    for k in ("mean", "var"):
+        np.testing.assert_array_equal(
+            new["batch_stats"]["BatchRenorm_1"][k], ref0["batch_stats"]["BatchRenorm_1"][k]
+        )
+    gap = new["batch_stats"]["BatchRenorm_1"]["mean"] - ref5["batch_stats"]["BatchRenorm_1"]["mean"]
+    assert np.max(np.abs(gap)) > 1e-3
+
+
 @pytest.mark.parametrize("mode", ["layerwise", "single_pass"])
 def test_recalibrate_eval_modes_equal_batch_norm_and_nnx(mode, rng):
     """Eval upstream: a Batch Renorm net recalibrates exactly as the same net with batch
