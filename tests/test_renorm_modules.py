@@ -138,6 +138,9 @@ def test_eval_is_batch_norm_eval_exactly(rng):
     no_steps = {**v, "batch_stats": {k: a for k, a in v["batch_stats"].items() if k != "steps"}}
     np.testing.assert_array_equal(y, bnjax.linen.BatchNorm().apply(no_steps, x, train=False))
     np.testing.assert_array_equal(y, brn.apply(no_steps, x, train=False))
+    # the same program, not just the same numbers (so the same speed)
+    jaxpr = lambda m: str(jax.make_jaxpr(lambda v, x: m.apply(v, x, train=False))(no_steps, x))
+    assert jaxpr(brn) == jaxpr(bnjax.linen.BatchNorm())
     y_flax = nn.BatchNorm(use_running_average=True).apply(no_steps, x)
     _close(y, y_flax, rtol=1e-5, atol=1e-5)
     # ... and the same through use_running_average (attribute or argument)
