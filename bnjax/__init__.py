@@ -7,6 +7,11 @@ paper's gradient) -> :mod:`bnjax.fold` -> :mod:`bnjax.linen` / :mod:`bnjax.nnx`
 -> :mod:`bnjax.training`, :mod:`bnjax.parallel` (need the ``examples`` extra) ->
 :mod:`bnjax.experiments`.
 
+Batch Renormalization (Ioffe 2017) is an option of the same kernel
+(:class:`~bnjax.RenormConfig`, :func:`~bnjax.renorm_schedule`,
+:class:`~bnjax.RenormStats`) with the modules ``bnjax.linen.BatchRenorm`` and
+``bnjax.nnx.BatchRenorm`` (in their submodules, as ``BatchNorm`` is).
+
 The submodules ``fold`` and ``recalibrate`` stay modules (``bnjax.fold.fold``,
 ``bnjax.recalibrate.recalibrate``); their other public functions are re-exported here.
 """
