@@ -279,7 +279,10 @@ def _layout(x: Array, config: WhiteningConfig) -> tuple[int, int, int, int]:
             f"batch whitening needs an input with a batch and a feature axis, got shape "
             f"{tuple(x.shape)}"
         )
-    (faxis,) = _stats.canonicalize_axes(x.ndim, config.axis, name="axis")
+    try:
+        (faxis,) = _stats.canonicalize_axes(x.ndim, config.axis, name="axis")
+    except ValueError as e:
+        raise ValueError(f"{e} (batch whitening input of shape {tuple(x.shape)})") from None
     d = x.shape[faxis]
     g, size = config.groups(d)
     return faxis, d, g, size
