@@ -360,6 +360,49 @@ def _equinox(case: Case, x, dy) -> Impl | None:
     )
 
 
+def _whitening(case: Case, x, dy, *, method: str, group_size: int) -> Impl | None:
+    """bnjax.whitening (DBN / IterNorm) with groups of ``group_size``; ``None`` (skipped)
+    where that does not divide the features. ``allow_singular``: a timing, whatever the
+    batch (the cost does not depend on it)."""
+    from bnjax import whitening as W
+
+    if case.features % group_size:
+        return None
+    cfg = W.WhiteningConfig(
+        group_size=group_size, method=method, axis=case.axis, momentum=MOMENTUM, epsilon=EPS,
+        allow_singular=True,
+    )
+    params, state = W.init(case.features, cfg)
+
+    def fwd(params, state, x):
+        return W.apply_train(params, state, x, cfg)
+
+    def fwdbwd(params, state, x, dy):
+        return _vjp_grads(lambda x, p: W.apply_train(p, state, x, cfg), x, params, dy)
+
+    def ev(params, state, x):
+        return W.apply_eval(params, state, x, cfg)
+
+    return _jax_impl(
+        f"bnjax whitening {method} G={group_size}",
+        {
+            "train_fwd": (fwd, (params, state, x)),
+            "train_fwdbwd": (fwdbwd, (params, state, x, dy)),
+            "eval": (ev, (params, state, x)),
+        },
+    )
+
+
+WHITENING_ROWS = {
+    f"bnjax whitening {m} G={g}": (
+        lambda c, x, dy, m=m, g=g: _whitening(c, x, dy, method=m, group_size=g),
+        "bnjax",
+    )
+    for g in (16, 64, 256)
+    for m in ("zca", "iternorm")
+}
+
+
 def _torch(case: Case, x, dy) -> Impl:
     import torch
 
@@ -421,6 +464,7 @@ BUILDERS: dict[str, tuple[Callable[[Case, Any, Any], Impl | None], str]] = {
     "haiku": (_haiku, "haiku"),
     "equinox": (_equinox, "equinox"),
     "torch": (_torch, "torch"),
+    **WHITENING_ROWS,  # opt-in (--impls), not in the default run: not batch norm
 }
 
 
@@ -762,6 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip = {f"bnjax {resolve_method('auto')}"}  # the row that plain `bnjax` already is
         if jax.default_backend() != "cpu":
             skip.add("torch")  # a CPU build: not comparable with an accelerator
+        skip |= set(WHITENING_ROWS)
         args.impls = ",".join(n for n in BUILDERS if n not in skip)
     names = available([n.strip() for n in args.impls.split(",") if n.strip()])
     if BASELINE not in names:
