@@ -26,6 +26,17 @@ sending heartbeats and the others abort within about ``heartbeat_timeout``
 seconds ("The following tasks are unhealthy (stopped sending heartbeats)").
 These aborts come from JAX's runtime (a fatal error, not a Python exception);
 :func:`launch_local` reports them as :class:`ProcessGroupError`.
+
+Start-up under load: XLA's gloo CPU collectives create the communicator of a
+device group at the first collective over it and give the processes a fixed
+30 s (not configurable in jax 0.10) to meet there; a process that arrives later
+fails with ``Gloo context initialization failed: DEADLINE_EXCEEDED:
+GetKeyValue() timed out with key: cpu:gloo/...``. On a loaded machine the
+processes can reach their first training step more than 30 s apart (one
+compiles slower). :func:`initialize` therefore opens the communicator of all
+devices at once, with the processes lined up by a coordination-service barrier
+(``initialization_timeout``); later collectives over the same devices reuse it
+and wait for a slow process without that limit.
 """
 
 from __future__ import annotations
@@ -78,6 +89,7 @@ def initialize(
     initialization_timeout: int = 300,
     heartbeat_timeout: int = 100,
     cpu_collectives: str = "gloo",
+    warm_up: bool = True,
     verbose: bool = True,
 ) -> bool:
     """Joins the multi-process runtime if this is a multi-process run; returns whether it is.
@@ -106,6 +118,9 @@ def initialize(
         declared dead and the others end.
       cpu_collectives: the CPU collectives implementation
         (``jax_cpu_collectives_implementation``: ``"gloo"`` or ``"mpi"``).
+      warm_up: with gloo on CPU, open the all-device communicator now, every
+        process at a barrier (see the module docstring): a loaded machine then
+        cannot fail the first training step on gloo's fixed 30 s rendezvous.
       verbose: print one line to stderr before and after joining.
 
     Raises:
@@ -147,6 +162,8 @@ def initialize(
         initialization_timeout=initialization_timeout,
         heartbeat_timeout_seconds=heartbeat_timeout,
     )
+    if warm_up and cpu_collectives == "gloo" and jax.default_backend() == "cpu":
+        _warm_up_collectives(initialization_timeout)
     if verbose:
         print(
             f"bnjax: process {jax.process_index()} of {jax.process_count()} joined: "
@@ -155,6 +172,28 @@ def initialize(
             flush=True,
         )
     return True
+
+
+def _warm_up_collectives(timeout_s: int) -> None:
+    """Runs one all-device sum with every process lined up first (see the module docstring).
+
+    Compiled first, then a coordination-service barrier (``timeout_s``, the
+    start-up timeout: a process that never arrives fails here, as at joining),
+    then run: the processes reach gloo's rendezvous within milliseconds.
+    """
+    import numpy as np
+    from jax._src import distributed as _jd
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((jax.device_count(),), ("all",))
+    ones = np.ones((jax.local_device_count(),), np.float32)
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("all")), ones)
+    total = jax.jit(jax.numpy.sum, out_shardings=NamedSharding(mesh, P())).lower(x).compile()
+    _jd.global_state.client.wait_at_barrier("bnjax_gloo_warm_up", timeout_s * 1000)
+    got = float(total(x).addressable_data(0))
+    if got != jax.device_count():  # pragma: no cover - a broken runtime
+        raise RuntimeError(f"all-device warm-up sum gave {got}, expected {jax.device_count()}")
 
 
 def is_main_process() -> bool:

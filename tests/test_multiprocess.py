@@ -43,6 +43,9 @@ from bnjax.models import MLP
 ROOT = Path(__file__).resolve().parents[1]
 DATA = os.environ.get("BNJAX_DATA_DIR")
 TOL = 1e-6
+# Bounds for a hang only (a run takes ~25 s alone, 90-120 s on a loaded 2-core machine);
+# generous, so that load never fails a healthy run.
+RUN_TIMEOUT = 480
 needs_data = pytest.mark.skipif(
     not DATA or not Path(DATA).is_dir(), reason="BNJAX_DATA_DIR is not set or does not exist"
 )
@@ -57,7 +60,7 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _cli(workdir: Path, num_steps: int, *extra: str, init_timeout: int = 60) -> list[str]:
+def _cli(workdir: Path, num_steps: int, *extra: str, init_timeout: int = 180) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -95,7 +98,7 @@ def test_two_processes_train_like_one_process_and_resume(tmp_path):
     def reference():  # 1 process x 4 devices, uninterrupted
         try:
             results["ref"] = distributed.launch_local(
-                _cli(one, 40, "--noprogress"), 1, env=_env(4), timeout=240
+                _cli(one, 40, "--noprogress"), 1, env=_env(4), timeout=RUN_TIMEOUT
             )
         except Exception as e:  # noqa: BLE001 - re-raised below
             results["ref"] = e
@@ -103,9 +106,11 @@ def test_two_processes_train_like_one_process_and_resume(tmp_path):
     t0 = time.perf_counter()
     thread = threading.Thread(target=reference)
     thread.start()
-    first = distributed.launch_local(_cli(two, 20), 2, env=_env(2), timeout=240)
+    first = distributed.launch_local(_cli(two, 20), 2, env=_env(2), timeout=RUN_TIMEOUT)
     t1 = time.perf_counter()
-    resumed = distributed.launch_local(_cli(two, 40, "--resume"), 2, env=_env(2), timeout=240)
+    resumed = distributed.launch_local(
+        _cli(two, 40, "--resume"), 2, env=_env(2), timeout=RUN_TIMEOUT
+    )
     t2 = time.perf_counter()
     thread.join()
     if isinstance(results["ref"], Exception):
@@ -178,6 +183,10 @@ def test_dead_process_ends_the_run_within_the_heartbeat_timeout():
         except distributed.ProcessGroupError as e:
             res = e.result  # type: ignore[attr-defined]
             assert "dying at" in res.stdout[1]
+            # initialize() opened the all-device gloo communicator (warm-up), not the
+            # first collective after it (gloo's fixed 30 s rendezvous, see bnjax.distributed)
+            for out in res.stdout:
+                assert -1 < out.find("[Gloo] Rank") < out.find("initialized"), out
             died = float(res.stdout[1].split("dying at")[1].split()[0])
             assert res.returncodes[0] not in (0, -9)  # ended by JAX's runtime, not the watchdog
             assert "stopped sending heartbeats" in res.stderr[0]
@@ -185,6 +194,17 @@ def test_dead_process_ends_the_run_within_the_heartbeat_timeout():
             assert res.seconds < 120
             print(f"\nprocess 0 ended {time.time() - died:.1f} s after process 1 died (at most)")
             raise
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_first_collective_waits_for_a_late_process():
+    """Process 1 reaches the first collective 40 s after process 0 (a loaded machine):
+    the run completes (without initialize's warm-up: 'Gloo context initialization
+    failed: DEADLINE_EXCEEDED', gloo's fixed 30 s)."""
+    argv = [sys.executable, str(ROOT / "tests" / "_multiprocess_impl.py"), "100", "40"]
+    res = distributed.launch_local(argv, 2, env=_env(2), grace=5, timeout=240)
+    assert all("collective 24.0" in out for out in res.stdout), res.stdout
 
 
 # --------------------------------------------------------------------------- in one process
@@ -247,7 +267,7 @@ def test_two_process_resume_is_bit_identical(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     for workdir, steps, extra in ((whole, 40, ()), (parts, 20, ()), (parts, 40, ("--resume",))):
         argv = _cli(workdir, steps, "--noprogress", *extra)
-        distributed.launch_local(argv, 2, env=_env(2), timeout=300)
+        distributed.launch_local(argv, 2, env=_env(2), timeout=RUN_TIMEOUT)
     from bnjax.experiments import data_parallel as dp
 
     config = ml_collections.ConfigDict(json.loads((whole / "config.json").read_text()))

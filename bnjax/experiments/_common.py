@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -350,7 +351,12 @@ def write_json(path: Path, obj: Any) -> None:
             return str(o)
         raise TypeError(f"not JSON serializable: {type(o)}")
 
-    path.write_text(json.dumps(obj, indent=1, default=default, allow_nan=True) + "\n")
+    # Atomically (a temporary file renamed over ``path``): another process of a
+    # multi-process run may read ``path`` meanwhile (``--resume`` reads config.json
+    # while process 0 rewrites it) and must never see a half-written file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=default, allow_nan=True) + "\n")
+    os.replace(tmp, path)
 
 
 def write_csv(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
