@@ -9,6 +9,8 @@ for the NNX one, and float64 NumPy for the PreciseBN statistics. Tiny shapes.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -468,11 +470,19 @@ class _Net(nn.Module):
 RN_KW = (("momentum", MOM), ("r_max", 1.5), ("d_max", 0.5))
 
 
+@functools.cache
+def _net_fns(kw):
+    """The net and its jitted init and training step, compiled once per ``kw``."""
+    net = _Net(kw=kw)
+    init = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))
+    step = jax.jit(lambda v, x: {**v, **net.apply(v, x, train=True, mutable=["batch_stats"])[1]})
+    return net, init, step
+
+
 def _trained_net(rng, kw=RN_KW, steps=3):
     xs = _batches(rng, n=4, shape=(8, 5))
-    net = _Net(kw=kw)
-    v = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(xs[0])
-    step = jax.jit(lambda v, x: {**v, **net.apply(v, x, train=True, mutable=["batch_stats"])[1]})
+    net, init, step = _net_fns(kw)
+    v = init(xs[0])
     for x in xs[:steps]:
         v = step(v, x)
     return net, v, xs
