@@ -116,6 +116,16 @@ def test_plot_leaves_matplotlib_global_state_alone(tmp_path, monkeypatch):
     assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
 
 
+def test_line_style_pairs_each_sec421_variant_with_its_original():
+    styles = {n: lt.line_style(n) for n in lt.VARIANTS}
+    for n in lt.ORIGINAL:
+        assert styles[n][0] is not None, n
+        if f"{n}_421" in styles:  # same color as the original, another line style
+            assert styles[f"{n}_421"][0] == styles[n][0]
+            assert styles[f"{n}_421"][1] != styles[n][1]
+    assert styles["bn_x30_421_warmup"][1] not in (styles["bn_x30"][1], styles["bn_x30_421"][1])
+
+
 def test_help_lists_the_config_fields(capsys):
     with pytest.raises(SystemExit) as e:
         lt.main(["--help"])

@@ -100,6 +100,7 @@ __all__ = [
     "results_markdown",
     "side_by_side_markdown",
     "settings_text",
+    "line_style",
     "plot",
     "run",
     "main",
@@ -522,6 +523,17 @@ def _setting(config: ml_collections.ConfigDict) -> str:
     )
 
 
+def line_style(name: str) -> tuple[str | None, str]:
+    """``(color, linestyle)`` of variant ``name`` in the plot: a ``*_421`` (or beyond-the-paper)
+    variant without its own color takes its original's, and the line style tells the settings
+    apart: original ``"-"`` (no BN: ``"--"``), Sec. 4.2.1 ``":"``, beyond the paper ``"-."``."""
+    v = VARIANTS[name]
+    base = name.split("_421")[0]
+    color = COLORS.get(name, COLORS.get(base))
+    ls = {"original": "-" if v.use_bn else "--", "sec421": ":", "beyond": "-."}[v.group]
+    return color, ls
+
+
 def plot(history: list[dict], summary: dict[str, Any], config, path: Path) -> None:
     """Writes ``lr_tolerance.png``: (a) test accuracy, (b) training loss, against steps."""
     fig, axes = _common.new_figure(2, figsize=(14, 5))
@@ -535,8 +547,7 @@ def plot(history: list[dict], summary: dict[str, Any], config, path: Path) -> No
             label += ", diverged"
         elif summary["variants"][name]["at_chance"]:
             label += ", at chance"
-        ls = "--" if not VARIANTS[name].use_bn else "-"
-        c = COLORS.get(name)
+        c, ls = line_style(name)
         axes[0].plot(steps, acc.mean(1), color=c, ls=ls, lw=1.6, label=label)
         axes[0].fill_between(steps, acc.min(1), acc.max(1), color=c, alpha=0.2, lw=0)
         finite = np.where(np.isfinite(loss), loss, np.nan)
