@@ -558,7 +558,8 @@ def test_recalibrate_variables_without_steps_count_from_zero(rng):
 def test_recalibrate_eval_modes_equal_batch_norm_and_nnx(mode, rng):
     """Eval upstream: a Batch Renorm net recalibrates exactly as the same net with batch
     norm on the same variables (the inference maps are the same); recalibrate_nnx on an
-    NNX copy gives the same statistics; steps are kept in both."""
+    NNX copy gives the same statistics; steps are kept in both; consistency_nnx of the
+    NNX copy equals consistency of the linen net."""
     net, v, xs = _trained_net(rng)
     new = bnjax.recalibrate.recalibrate(net, v, xs, mode=mode, train=False)
     bn_net = _Net(norm=bnjax.linen.BatchNorm, kw=(("momentum", MOM),))
@@ -602,6 +603,13 @@ def test_recalibrate_eval_modes_equal_batch_norm_and_nnx(mode, rng):
         for k in ("mean", "var"):
             _close(getattr(n, k)[...], new["batch_stats"][f"BatchRenorm_{i}"][k])
         assert int(n.steps[...]) == 3
+    if mode == "single_pass":  # consistency_nnx measures the NNX layers as linen's
+        rep_nnx = bnjax.consistency_nnx(mod, xs[:2])
+        rep = bnjax.consistency(net, new, xs[:2], train=False)
+        for i in range(2):
+            a, b = rep_nnx[f"n{i}"], rep[f"BatchRenorm_{i}"]
+            _close(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+            assert int(getattr(mod, f"n{i}").steps[...]) == 3
 
 
 def test_fold_batch_renorm(rng):
