@@ -366,6 +366,7 @@ def summarize(history: list[dict], config) -> dict[str, Any]:
         steps, acc = _common.series(history, net, "accuracy")
         if steps.size == 0:
             continue
+        loss = _common.series(history, net, "loss")[1]
         mean, std = _common.mean_std(acc[-1])
         s = {
             "final_step": int(steps[-1]),
@@ -373,7 +374,7 @@ def summarize(history: list[dict], config) -> dict[str, Any]:
             "final_accuracy_mean": mean,
             "final_accuracy_std": std,
             "max_accuracy_mean": float(acc.max(0).mean()),
-            "nan": bool(np.isnan(acc).any()),
+            "nan": bool(np.isnan(acc).any() or np.isnan(loss).any()),  # e.g. a diverged net
             "steps_to": {},
         }
         for thr in config.thresholds:
@@ -420,6 +421,8 @@ def results_markdown(config, summary, cost, singular, seconds) -> str:
         label = {"none": "no normalization", "bn": "BN"}.get(kind, f"{kind} G={size}")
         if kind in ("zca", "iternorm") and size and config.batch_size <= size:
             label += " (singular: eps only)"
+        if s.get("nan"):
+            label += ", NaN loss"
         cells = [f"{name} ({label})",
                  f"{s['final_accuracy_mean']:.4f} ± {s['final_accuracy_std']:.4f}",
                  f"{s['max_accuracy_mean']:.4f}"]
