@@ -639,18 +639,18 @@ def _bn_jvp_rule(spec, primals, tangents):
     xhat = xc * inv
     txf = tx.astype(dt)
     # d sigma2 = 2 mean(Re(conj(x - mean) dx)) (complex; the real case without conj/Re)
+    s0 = jnp.sum(w * txf, axis=spec.stat_axes, keepdims=True)
     dvar_terms = w * jnp.real(jnp.conj(xc) * txf) if cplx else w * xc * txf
-    sums = jnp.stack(
-        [
-            jnp.sum(w * txf, axis=spec.stat_axes, keepdims=True),
-            jnp.sum(dvar_terms, axis=spec.stat_axes, keepdims=True).astype(dt),
-        ]
-    )
+    sums = jnp.stack([s0, jnp.sum(dvar_terms, axis=spec.stat_axes, keepdims=True).astype(dt)])
     sums = _psum(sums, spec)
     tmean = sums[0] / n
-    s1 = _as(sums[1], rdt)
-    tm2 = 2 * s1
-    txhat = inv * (txf - tmean - xhat * (inv * s1 / n))
+    if cplx:  # the variance's tangent is real
+        s1 = jnp.real(sums[1])
+        tm2 = 2 * s1
+        txhat = inv * (txf - tmean - xhat * (inv * s1 / n))
+    else:  # (the real program as written before complex support, op for op)
+        tm2 = 2 * sums[1]
+        txhat = inv * (txf - tmean - xhat * (inv * sums[1] / n))
     if rd is not None:  # Batch Renorm: y = gamma (r xhat + d) + beta
         txhat = rd[0] * txhat
         xhat = rd[0] * xhat + rd[1]
