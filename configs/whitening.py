@@ -1,4 +1,4 @@
-"""Whitening vs BN (issue 11): convergence, cost, singularity; the defaults (3,000 steps).
+"""Whitening vs BN (issue 11): convergence, cost, singularity; the defaults (5,000 steps).
 
     bnjax-whitening --config configs/whitening.py [--config.<field>=<value> ...]
     bnjax-whitening --config configs/whitening.py --config.num_steps=50000   # the full schedule

@@ -101,11 +101,13 @@ def get_config() -> ml_collections.ConfigDict:
     """The default configuration: bnjax-figure1's MLP and schedule, six nets.
 
     The schedule is ``bnjax-figure1``'s (MNIST, sigmoid 784-100-100-100-10,
-    SGD lr 1, N(0, 1) init, batch 60, 3 seeds) cut to ``num_steps = 3,000``
-    (not 50,000): six nets times three seeds, three eigendecompositions per
-    step for the full-ZCA net, did not fit the shared 2-core machine's budget
-    (docs/whitening/results.md); pass ``--config.num_steps=50000`` for the full
+    SGD lr 1, N(0, 1) init, batch 60, 3 seeds) cut to ``num_steps = 5,000``
+    (not 50,000): six nets times three seeds did not fit the shared 2-core
+    machine's budget (docs/whitening/results.md: ~21 min of training there with
+    ``OPENBLAS_NUM_THREADS=1``); pass ``--config.num_steps=50000`` for the full
     schedule. The thresholds include lower accuracies, which a short run reaches.
+    On a CPU run with ``OPENBLAS_NUM_THREADS=1``: jaxlib's ``eigh`` calls scipy's
+    OpenBLAS, whose threads cost 10-18x more CPU on a busy machine.
     """
     c = ml_collections.ConfigDict()
     c.dataset = "mnist"
@@ -116,7 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.learning_rate = 1.0
     c.momentum = 0.0
     c.batch_size = 60
-    c.num_steps = 3_000
+    c.num_steps = 5_000
     c.num_seeds = 3
     c.seed = 0
     c.eval_every = 250
