@@ -77,6 +77,26 @@ __all__ = ["BatchNorm", "BatchRenorm", "BatchWhitening"]
 Array = jax.Array
 
 
+
+def _use_running_average(
+    module: nn.Module, use_running_average: bool | None, train: bool | None
+) -> bool:
+    """The mode of a linen layer: its attribute and the call's ``use_running_average`` merged
+    (flax's rule), or bnjax's ``train=`` switch; an error naming the class if neither is set."""
+    use_ra = None
+    if module.use_running_average is not None or use_running_average is not None:
+        use_ra = nn.merge_param(
+            "use_running_average", module.use_running_average, use_running_average
+        )
+    name = type(module).__name__
+    return resolve_use_running_average(
+        use_ra,
+        train,
+        missing=f"{name} needs train=... (or use_running_average=...) as an attribute or "
+        "a call argument",
+        hint=" (train = not use_running_average)",
+    )
+
 class BatchNorm(nn.Module):
     """Batch normalization (Ioffe & Szegedy 2015) as a ``flax.linen`` module.
 
@@ -154,18 +174,7 @@ class BatchNorm(nn.Module):
         Returns:
           The normalized ``x``.
         """
-        use_ra = None
-        if self.use_running_average is not None or use_running_average is not None:
-            use_ra = nn.merge_param(
-                "use_running_average", self.use_running_average, use_running_average
-            )
-        use_ra = resolve_use_running_average(
-            use_ra,
-            train,
-            missing="BatchNorm needs train=... (or use_running_average=...) as an attribute or "
-            "a call argument",
-            hint=" (train = not use_running_average)",
-        )
+        use_ra = _use_running_average(self, use_running_average, train)
         x = jnp.asarray(x)
         F._check_input(x)
         initializing = self.is_initializing()
@@ -347,18 +356,7 @@ class BatchWhitening(nn.Module):
           mask: optional boolean array broadcastable to ``x`` with size 1 on the
             feature axis; only ``True`` examples enter the statistics.
         """
-        use_ra = None
-        if self.use_running_average is not None or use_running_average is not None:
-            use_ra = nn.merge_param(
-                "use_running_average", self.use_running_average, use_running_average
-            )
-        use_ra = resolve_use_running_average(
-            use_ra,
-            train,
-            missing="BatchWhitening needs train=... (or use_running_average=...) as an "
-            "attribute or a call argument",
-            hint=" (train = not use_running_average)",
-        )
+        use_ra = _use_running_average(self, use_running_average, train)
         x = jnp.asarray(x)
         W._check_input(x)
         initializing = self.is_initializing()
