@@ -158,20 +158,19 @@ def _vjp_grads(apply: Callable, x, params, dy):
 # --------------------------------------------------------------------------- implementations
 
 
-def _bnjax(case: Case, x, dy, *, name: str = "bnjax", **kw) -> Impl:
-    import bnjax.functional as F
-
-    cfg = F.BatchNormConfig(axis=case.axis, momentum=MOMENTUM, epsilon=EPS, **kw)
-    params, state = F.init(case.features, cfg)
+def _functional(name: str, module, cfg, features: int, x, dy) -> Impl:
+    """The train forward, forward+backward and eval rows of a functional-core layer
+    (``module`` is :mod:`bnjax.functional` or :mod:`bnjax.whitening`, with its ``cfg``)."""
+    params, state = module.init(features, cfg)
 
     def fwd(params, state, x):
-        return F.apply_train(params, state, x, cfg)
+        return module.apply_train(params, state, x, cfg)
 
     def fwdbwd(params, state, x, dy):
-        return _vjp_grads(lambda x, p: F.apply_train(p, state, x, cfg), x, params, dy)
+        return _vjp_grads(lambda x, p: module.apply_train(p, state, x, cfg), x, params, dy)
 
     def ev(params, state, x):
-        return F.apply_eval(params, state, x, cfg)
+        return module.apply_eval(params, state, x, cfg)
 
     return _jax_impl(
         name,
@@ -181,6 +180,13 @@ def _bnjax(case: Case, x, dy, *, name: str = "bnjax", **kw) -> Impl:
             "eval": (ev, (params, state, x)),
         },
     )
+
+
+def _bnjax(case: Case, x, dy, *, name: str = "bnjax", **kw) -> Impl:
+    import bnjax.functional as F
+
+    cfg = F.BatchNormConfig(axis=case.axis, momentum=MOMENTUM, epsilon=EPS, **kw)
+    return _functional(name, F, cfg, case.features, x, dy)
 
 
 def _linen(name: str, module_cls, case: Case, x, dy, **kw) -> Impl:
@@ -372,25 +378,7 @@ def _whitening(case: Case, x, dy, *, method: str, group_size: int) -> Impl | Non
         group_size=group_size, method=method, axis=case.axis, momentum=MOMENTUM, epsilon=EPS,
         allow_singular=True,
     )
-    params, state = W.init(case.features, cfg)
-
-    def fwd(params, state, x):
-        return W.apply_train(params, state, x, cfg)
-
-    def fwdbwd(params, state, x, dy):
-        return _vjp_grads(lambda x, p: W.apply_train(p, state, x, cfg), x, params, dy)
-
-    def ev(params, state, x):
-        return W.apply_eval(params, state, x, cfg)
-
-    return _jax_impl(
-        f"bnjax whitening {method} G={group_size}",
-        {
-            "train_fwd": (fwd, (params, state, x)),
-            "train_fwdbwd": (fwdbwd, (params, state, x, dy)),
-            "eval": (ev, (params, state, x)),
-        },
-    )
+    return _functional(f"bnjax whitening {method} G={group_size}", W, cfg, case.features, x, dy)
 
 
 WHITENING_ROWS = {
