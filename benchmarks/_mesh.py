@@ -1,6 +1,6 @@
 """Shared by ``benchmarks/multidevice_step.py`` and ``tests/_multidevice_impl.py``.
 
-A 1-D device mesh and the small BN MLP that :mod:`bnjax.parallel`'s train step is
+A 1-D device mesh and the small BN MLP that :mod:`bnjax.training.parallel`'s train step is
 timed (benchmark) and checked (tests) on. Import it only after ``XLA_FLAGS`` is
 set (it imports JAX). ``benchmarks/`` is not a package: the benchmark finds this
 module on its own folder's path; the tests' subprocess puts ``benchmarks/`` on

@@ -7,7 +7,7 @@ shuffled NumPy permutation per epoch (the pattern of the flax examples).
 
 1. **Steps/s** of one SGD step (batch 60) of the paper's MNIST MLP
    (784-100-100-100-10, sigmoid, BN before each nonlinearity) and of a small
-   NHWC convnet (:class:`bnjax.models.ConvNet`: two 3x3 conv blocks of 32 and 64
+   NHWC convnet (:class:`bnjax.experiments.models.ConvNet`: two 3x3 conv blocks of 32 and 64
    channels with BN and max-pooling, a 128-unit dense layer). Rows: the
    idiomatic loop with ``flax.linen.BatchNorm`` (the baseline), the same loop
    with ``bnjax.linen.BatchNorm`` swapped in (isolates the layer), and
@@ -51,7 +51,7 @@ import ops  # noqa: E402  (the sibling benchmark: machine/version info, section 
 
 import bnjax.linen  # noqa: E402
 from bnjax import training  # noqa: E402
-from bnjax.models import MLP, ConvNet  # noqa: E402
+from bnjax.experiments.models import MLP, ConvNet  # noqa: E402
 
 __all__ = ["IdiomaticMLP", "IdiomaticConvNet", "main"]
 
@@ -85,7 +85,7 @@ class IdiomaticMLP(nn.Module):
 
 
 class IdiomaticConvNet(nn.Module):
-    """:class:`bnjax.models.ConvNet`'s architecture written the plain flax way."""
+    """:class:`bnjax.experiments.models.ConvNet`'s architecture written the plain flax way."""
 
     bn: Any = nn.BatchNorm
 
@@ -178,9 +178,9 @@ def _bnjax_loop(model, tx, x, y, seeds: int, steps_per_call: int | None = None):
         model, tx, batch_size=BATCH, over_seeds=seeds > 1, steps_per_call=steps_per_call
     )
     if seeds > 1:
-        state = training.init_states(model, tx, list(range(seeds)), x[:1])
+        state = training.create_train_states(model, tx, list(range(seeds)), x[:1])
     else:
-        state = training.init_state(model, tx, jax.random.PRNGKey(0), x[:1])
+        state = training.create_train_state(model, tx, jax.random.PRNGKey(0), x[:1])
     xd, yd = jax.device_put(x), jax.device_put(y)
     return loop, state, xd, yd
 
@@ -265,7 +265,7 @@ def figure1_job(
     def make_runs():
         return {
             net: training.Run(
-                state=training.init_states(m, tx, list(range(seeds)), tx_[:1]),
+                state=training.create_train_states(m, tx, list(range(seeds)), tx_[:1]),
                 train_loop=loops[net][0],
                 evaluate=loops[net][1],
             )
@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--fig1-steps must be a multiple of --eval-every")
     out_path = args.out or ("-" if args.smoke else "docs/benchmarks.md")
 
-    from bnjax.data import load_dataset
+    from bnjax.experiments.data import load_dataset
 
     t0, load0 = time.perf_counter(), ops._loadavg()
     ds = load_dataset("mnist", data_dir=args.data_dir, flatten=False)

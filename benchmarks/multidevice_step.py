@@ -5,7 +5,7 @@ before each hidden sigmoid, plain SGD, softmax cross-entropy. Three variants of
 the same step, timed side by side in one process (interleaved rounds, medians):
 
 * ``jit``: the ordinary single-device step (``axis_name=None``);
-* ``mesh1``: :func:`bnjax.parallel.data_parallel` on a 1-device mesh;
+* ``mesh1``: :func:`bnjax.training.parallel.data_parallel` on a 1-device mesh;
 * ``meshN``: the same on an N-device mesh (batch split N ways).
 
 On a CPU, ``--devices N`` simulates N devices with
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import optax
 
-    from bnjax import parallel
+    from bnjax import training
+    from bnjax.training import parallel
 
     # 784-100-100-100-10: three hidden layers, BN momentum 0.99, N(0, 1) head weights.
     MLP = functools.partial(_mesh.MLP, layers=3, head_init=nn.initializers.normal(1.0))
@@ -66,16 +67,18 @@ def main(argv: list[str] | None = None) -> None:
     xs = jnp.asarray(rng.uniform(0, 1, (n_batches, args.batch, 784)).astype(np.float32))
     ys = jnp.asarray(rng.integers(0, 10, (n_batches, args.batch)).astype(np.int32))
     tx = optax.sgd(args.lr)
-    s0 = parallel.create_train_state(MLP(None), tx, jax.random.key(0), xs[0, :2])
+    key = jax.random.key(0)
+    s0 = training.state_from_variables(MLP(None).init(key, xs[0, :2], train=False), tx, key)
 
     steps = {
-        "jit": jax.jit(parallel.make_train_step(MLP(None), tx, axis_name=None)),
+        "jit": jax.jit(training.make_train_step(MLP(None), tx)),
         "mesh1": parallel.data_parallel(
-            parallel.make_train_step(MLP(), tx),
+            training.make_train_step(MLP(), tx, axis_name="data"),
             _mesh.mesh1d(1, "data"),
         ),
         f"mesh{args.devices}": parallel.data_parallel(
-            parallel.make_train_step(MLP(), tx), _mesh.mesh1d(args.devices, "data")
+            training.make_train_step(MLP(), tx, axis_name="data"),
+            _mesh.mesh1d(args.devices, "data"),
         ),
     }
     states = {}

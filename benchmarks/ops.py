@@ -789,9 +789,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _clock = CLOCKS[args.clock]
     cases = parse_shapes(shapes)
     if args.impls is None:
-        from bnjax.stats import resolve_method
+        from bnjax.stats import resolve_algorithm
 
-        skip = {f"bnjax {resolve_method('auto')}"}  # the row that plain `bnjax` already is
+        skip = {f"bnjax {resolve_algorithm('auto')}"}  # the row that plain `bnjax` already is
         if jax.default_backend() != "cpu":
             skip.add("torch")  # a CPU build: not comparable with an accelerator
         skip |= set(WHITENING_ROWS)

@@ -10,7 +10,7 @@ statistics do not influence training):
   weights that kept changing (a stale estimate, shown as a warning);
 * ``average (last K)``: ``population="average"`` reset K steps before the end;
 
-then, with the final weights frozen, PreciseBN (:func:`bnjax.recalibrate.recalibrate`)
+then, with the final weights frozen, PreciseBN (:func:`bnjax.recalibrate`)
 over ``--calib-batches`` training batches of 60 in its three modes (``single_pass``
 once from the stale all-steps average, once from the EMA: it inherits the
 upstream statistics it starts from). Reported:
@@ -36,11 +36,11 @@ import optax
 from flax import traverse_util
 
 import bnjax.linen as bl
-from bnjax.data import load_dataset
 from bnjax.diagnostics import consistency, format_table
-from bnjax.fold import find_pairs, fold
+from bnjax.experiments.data import load_dataset
+from bnjax.folding import find_pairs, fold
 from bnjax.population import BatchStats, reset_population
-from bnjax.recalibrate import recalibrate
+from bnjax.recalibration import recalibrate
 
 
 class MLP(nn.Module):

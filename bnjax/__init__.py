@@ -1,27 +1,31 @@
 """bnjax: Batch Normalization (Ioffe & Szegedy, 2015) for JAX and Flax.
 
-The data path, bottom up: :mod:`bnjax.stats` (moments) -> :mod:`bnjax.population`
-(EMA / the paper's average) -> :mod:`bnjax.functional` (Algorithms 1 and 2, the
-paper's gradient) -> :mod:`bnjax.fold` -> :mod:`bnjax.linen` / :mod:`bnjax.nnx`
-(Flax drop-ins) -> :mod:`bnjax.recalibrate` (PreciseBN), :mod:`bnjax.diagnostics`
--> :mod:`bnjax.training`, :mod:`bnjax.parallel` (need the ``examples`` extra) ->
-:mod:`bnjax.experiments`.
+The library's data path, bottom up (each module imports only from those before it):
+:mod:`bnjax.stats` (moments) -> :mod:`bnjax.population` (EMA / the paper's
+average) -> :mod:`bnjax.functional` (Algorithms 1 and 2, the paper's gradient;
+Batch Renorm as an option) and :mod:`bnjax.whitening` (DBN / IterNorm) ->
+:mod:`bnjax.linen` / :mod:`bnjax.nnx` (Flax drop-ins) -> :mod:`bnjax.folding`,
+:mod:`bnjax.recalibration` (PreciseBN), :mod:`bnjax.diagnostics` ->
+:mod:`bnjax.training` (compiled train / eval steps and loops, checkpoints, data
+parallel on N devices and N processes).
+
+The lab (data, reference models, training-dynamics probes, the paper's
+experiments) is :mod:`bnjax.experiments`; it uses only this package's public
+names, and ``import bnjax`` loads none of it (nor :mod:`bnjax.training`).
 
 Batch Renormalization (Ioffe 2017) is an option of the same kernel
 (:class:`~bnjax.RenormConfig`, :func:`~bnjax.renorm_schedule`,
 :class:`~bnjax.RenormStats`) with the modules ``bnjax.linen.BatchRenorm`` and
-``bnjax.nnx.BatchRenorm`` (in their submodules, as ``BatchNorm`` is).
-
-The submodules ``fold`` and ``recalibrate`` stay modules (``bnjax.fold.fold``,
-``bnjax.recalibrate.recalibrate``); their other public functions are re-exported here.
+``bnjax.nnx.BatchRenorm``.
 """
 
-from bnjax import diagnostics, dynamics, fold, linen, nnx, recalibrate, whitening
+from bnjax import diagnostics, folding, linen, nnx, recalibration, stats, whitening
 from bnjax.diagnostics import consistency, consistency_nnx, format_table
-from bnjax.fold import affine, find_pairs, fold_linear, fold_sequential
+from bnjax.folding import affine, find_pairs, fold, fold_linear, fold_sequential
 from bnjax.functional import (
     BatchNormConfig,
     BNParams,
+    Kernel,
     RenormConfig,
     apply,
     apply_eval,
@@ -29,21 +33,31 @@ from bnjax.functional import (
     batch_moments,
     inference_affine,
     init,
-    init_state,
     renorm_schedule,
 )
-from bnjax.population import BatchStats, RenormStats, renorm_stats, reset_population
-from bnjax.recalibrate import recalibrate_nnx
+from bnjax.population import (
+    BatchStats,
+    RenormStats,
+    init_stats,
+    renorm_stats,
+    reset_population,
+)
+from bnjax.recalibration import recalibrate, recalibrate_nnx
 from bnjax.stats import Moments, merge, moments
 from bnjax.whitening import WhiteningConfig, WhiteningStats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchNormConfig",
     "BNParams",
+    "BatchNormConfig",
     "BatchStats",
+    "Kernel",
     "Moments",
+    "RenormConfig",
+    "RenormStats",
+    "WhiteningConfig",
+    "WhiteningStats",
     "affine",
     "apply",
     "apply_eval",
@@ -52,27 +66,25 @@ __all__ = [
     "consistency",
     "consistency_nnx",
     "diagnostics",
-    "dynamics",
     "find_pairs",
     "fold",
     "fold_linear",
     "fold_sequential",
+    "folding",
     "format_table",
     "inference_affine",
     "init",
-    "init_state",
+    "init_stats",
     "linen",
     "merge",
     "moments",
     "nnx",
     "recalibrate",
     "recalibrate_nnx",
-    "reset_population",
-    "RenormConfig",
-    "RenormStats",
+    "recalibration",
     "renorm_schedule",
     "renorm_stats",
+    "reset_population",
+    "stats",
     "whitening",
-    "WhiteningConfig",
-    "WhiteningStats",
 ]

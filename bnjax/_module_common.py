@@ -1,13 +1,20 @@
-"""What :mod:`bnjax.linen` and :mod:`bnjax.nnx` share: the train/eval switch and
-the mapping between a module's attributes and variables and the functional
-:class:`~bnjax.BatchNormConfig` / :class:`~bnjax.BatchStats`.
+"""The one seam between the functional layers and the Flax modules (private).
 
-Private: the two modules (and :mod:`bnjax.recalibrate`) are its only users.
+Every bnjax layer (BatchNorm, BatchRenorm, BatchWhitening, and those to come)
+is described once by a :class:`Layer`: how to build its functional config from
+a module's attributes, which statistics it stores, how to build its fresh
+state and read a stored one. :mod:`bnjax.linen` and :mod:`bnjax.nnx` each have
+one call path (resolve the train/eval switch, read the parameters and the
+statistics, call the layer's kernel, write the statistics back) driven by that
+description, so a layer is a few lines in each. :mod:`bnjax.recalibration`,
+:mod:`bnjax.diagnostics` and :mod:`bnjax.folding` read modules through it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -15,7 +22,8 @@ import jax.numpy as jnp
 
 from bnjax import functional as F
 from bnjax import whitening as W
-from bnjax.population import RenormStats, renorm_stats
+from bnjax._checks import check_input
+from bnjax.population import BatchStats, RenormStats, init_stats, renorm_stats
 
 Array = jax.Array
 
@@ -28,7 +36,7 @@ def resolve_use_running_average(
     missing: str,
     hint: str = "",
 ) -> Any:
-    """The ``use_running_average`` that one call of a batch-norm module runs with.
+    """The ``use_running_average`` that one call of a layer runs with.
 
     Args:
       use_running_average: the value given for this call, or ``None``.
@@ -61,43 +69,26 @@ def resolve_use_running_average(
     return use_running_average
 
 
-def config_of(module: Any, *, local: bool = False, **options: Any) -> F.BatchNormConfig:
-    """The functional config of a flax-style batch-norm module.
+def config_from(module: Any, config_type: type, *, local: bool = False, **extra: Any) -> Any:
+    """``config_type`` (a frozen config dataclass) from the module's attributes of the same
+    names, plus ``extra`` fields; ``local=True`` leaves out ``axis_name`` and
+    ``axis_index_groups`` (statistics of this device only, e.g. at ``init``).
 
-    Reads the attributes that ``flax.linen.BatchNorm``, ``flax.nnx.BatchNorm`` and
-    bnjax's modules share (``axis``, ``epsilon``, ``momentum``, ``use_scale``,
-    ``use_bias``, ``dtype``, ``param_dtype``, ``axis_name``, ``axis_index_groups``);
-    ``options`` are further :class:`~bnjax.BatchNormConfig` fields (bnjax's
-    ``population``, ``virtual_batch_size``, ``grad``). ``local=True`` leaves out
-    ``axis_name`` and ``axis_index_groups`` (statistics of this device only).
+    Works for bnjax's modules and for ``flax.linen.BatchNorm`` / ``flax.nnx.BatchNorm``,
+    whose shared attributes (``axis``, ``epsilon``, ``momentum``, ``use_scale``, ...)
+    have the config's names. The config validates the values.
     """
-    axis = module.axis if isinstance(module.axis, int) else tuple(module.axis)
-    return F.BatchNormConfig(
-        axis=axis,
-        epsilon=module.epsilon,
-        momentum=module.momentum,
-        use_scale=module.use_scale,
-        use_bias=module.use_bias,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        axis_name=None if local else module.axis_name,
-        axis_index_groups=None if local else module.axis_index_groups,
-        **options,
-    )
+    names = {f.name for f in dataclasses.fields(config_type)} - set(extra)
+    values = {n: getattr(module, n) for n in names if hasattr(module, n)}
+    if isinstance(values.get("axis"), list):
+        values["axis"] = tuple(values["axis"])
+    if local:
+        values.update(axis_name=None, axis_index_groups=None)
+    return config_type(**values, **extra)
 
 
-def stat_names(population: str, renorm: bool = False) -> tuple[str, ...]:
-    """The statistics a module stores: ``mean``, ``var``, with
-    ``population="average"`` also ``count`` and ``batches``, and with Batch
-    Renorm (``renorm=True``) the step counter ``steps``."""
-    names = ("mean", "var") + (("count", "batches") if population == "average" else ())
-    return names + (("steps",) if renorm else ())
-
-
-def batch_stats(
-    stored: Mapping[str, Array], renorm: bool = False
-) -> F.BatchStats | RenormStats:
-    """The stored statistics ``{name: array}`` as a :class:`~bnjax.BatchStats`.
+def batch_stats(stored: Mapping[str, Array], renorm: bool = False) -> BatchStats | RenormStats:
+    """Stored batch-norm statistics ``{name: array}`` as a :class:`~bnjax.BatchStats`.
 
     ``mean`` and ``var`` must be present; ``count`` and ``batches`` that are not
     stored (``population="ema"``, or flax variables) are zeros like ``mean``.
@@ -106,11 +97,8 @@ def batch_stats(
     ``steps`` that is not an integer scalar is a ``ValueError``.
     """
     zeros = jnp.zeros_like(stored["mean"])
-    st = F.BatchStats(
-        stored["mean"],
-        stored["var"],
-        stored.get("count", zeros),
-        stored.get("batches", zeros),
+    st = BatchStats(
+        stored["mean"], stored["var"], stored.get("count", zeros), stored.get("batches", zeros)
     )
     if not renorm:
         return st
@@ -120,43 +108,110 @@ def batch_stats(
         raise ValueError(f"batch_stats/steps: {e}") from None
 
 
-def renorm_config_of(module: Any) -> F.RenormConfig:
-    """The :class:`~bnjax.RenormConfig` of a ``BatchRenorm`` module (linen or NNX):
-    its ``r_max``, ``d_max`` and ``warmup_steps`` (validated there)."""
-    return F.RenormConfig(
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """What the Flax modules need to know about one kind of layer.
+
+    Attributes:
+      config: ``(module, local) -> config``: the functional config a module runs
+        (``local=True``: without ``axis_name``, as at ``init``).
+      stat_names: ``config -> names`` of the stored statistics (``batch_stats``).
+      eval_stats: the statistics inference reads; the others may be missing
+        from a checkpoint (their fresh values are used).
+      feature_shape: ``(x, config) -> shape`` of ``scale`` / ``bias`` for input ``x``
+        (validates the input's layout).
+      fresh: ``(feature_shape, config, dtype) -> state``: fresh statistics for
+        inputs of ``dtype`` (``None``: real float32).
+      state: ``(stored, fresh) -> state``: stored statistics ``{name: array}``
+        as the functional state.
+      degenerate: ``(x, feature_shape, config) -> bool``: the batch is too small
+        for batch statistics (``init`` on it evaluates instead).
+      check_input: ``x -> None``, raising on a bad dtype.
+      intercepted: calls go through :func:`bnjax.nnx.intercept` (batch norm).
+    """
+
+    config: Callable[[Any, bool], Any]
+    stat_names: Callable[[Any], tuple[str, ...]]
+    eval_stats: tuple[str, ...]
+    feature_shape: Callable[[Array, Any], tuple[int, ...]]
+    fresh: Callable[[tuple[int, ...], Any, Any], Any]
+    state: Callable[[Mapping[str, Array], Any], Any]
+    degenerate: Callable[[Array, tuple[int, ...], Any], bool]
+    check_input: Callable[[Array], None]
+    intercepted: bool = False
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+def _bn_stat_names(cfg: F.BatchNormConfig) -> tuple[str, ...]:
+    """``mean``, ``var``; with ``population="average"`` also ``count`` and ``batches``;
+    with Batch Renorm the step counter ``steps``."""
+    names = ("mean", "var") + (("count", "batches") if cfg.population == "average" else ())
+    return names + (("steps",) if cfg.renorm is not None else ())
+
+
+def _bn_fresh(fshape, cfg: F.BatchNormConfig, dtype) -> BatchStats | RenormStats:
+    fresh = init_stats(fshape, jnp.float32)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+        # flax's convention for complex inputs: complex mean, real var. flax makes
+        # the mean float32 and it turns complex64 at the first update; bnjax makes
+        # it complex from the start, so its type never changes (jit/scan carries).
+        fresh = fresh._replace(mean=fresh.mean.astype(jnp.promote_types(dtype, jnp.float32)))
+    return fresh if cfg.renorm is None else renorm_stats(fresh)
+
+
+def _bn_feature_shape(x: Array, cfg: F.BatchNormConfig) -> tuple[int, ...]:
+    return tuple(x.shape[a] for a in F.feature_axes(x.ndim, cfg.axis))
+
+
+def _bn_config(module: Any, local: bool) -> F.BatchNormConfig:
+    return config_from(module, F.BatchNormConfig, local=local)
+
+
+def _renorm_config(module: Any, local: bool) -> F.BatchNormConfig:
+    renorm = F.RenormConfig(
         r_max=module.r_max, d_max=module.d_max, warmup_steps=module.warmup_steps
     )
+    return config_from(module, F.BatchNormConfig, local=local, renorm=renorm)
 
 
-def whitening_config_of(module: Any, *, local: bool = False) -> W.WhiteningConfig:
-    """The functional :class:`~bnjax.whitening.WhiteningConfig` of a ``BatchWhitening``
-    module (linen or NNX); ``local=True`` leaves out ``axis_name`` and ``axis_index_groups``."""
-    return W.WhiteningConfig(
-        group_size=module.group_size,
-        method=module.method,
-        iterations=module.iterations,
-        axis=module.axis,
-        epsilon=module.epsilon,
-        momentum=module.momentum,
-        use_scale=module.use_scale,
-        use_bias=module.use_bias,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        population=module.population,
-        axis_name=None if local else module.axis_name,
-        axis_index_groups=None if local else module.axis_index_groups,
-        allow_singular=module.allow_singular,
-    )
+BATCH_NORM = Layer(
+    config=_bn_config,
+    stat_names=_bn_stat_names,
+    eval_stats=("mean", "var"),
+    feature_shape=_bn_feature_shape,
+    fresh=_bn_fresh,
+    state=lambda stored, fresh: batch_stats(stored, renorm=isinstance(fresh, RenormStats)),
+    degenerate=lambda x, fshape, cfg: x.size == math.prod(fshape),
+    check_input=check_input,
+    intercepted=True,
+)
+BATCH_RENORM = dataclasses.replace(BATCH_NORM, config=_renorm_config)
 
 
-def whitening_stat_names(population: str) -> tuple[str, ...]:
-    """What a ``BatchWhitening`` module stores: ``mean`` and ``whitening`` (the
-    inference map), and with ``population="average"`` also ``cov``, ``count`` and
-    ``batches`` (the exact running average)."""
-    return ("mean", "whitening") + (("cov", "count", "batches") if population == "average" else ())
+# --------------------------------------------------------------------------- whitening
 
 
-def whitening_stats(stored: Mapping[str, Array], fresh: W.WhiteningStats) -> W.WhiteningStats:
-    """The stored statistics ``{name: array}`` as :class:`~bnjax.whitening.WhiteningStats`,
-    the fields not stored taken from ``fresh`` (:func:`bnjax.whitening.init_state`)."""
-    return fresh._replace(**stored)
+def _whitening_stat_names(cfg: W.WhiteningConfig) -> tuple[str, ...]:
+    """``mean`` and ``whitening`` (the inference map), and with ``population="average"``
+    also ``cov``, ``count`` and ``batches`` (the exact running average)."""
+    extra = ("cov", "count", "batches") if cfg.population == "average" else ()
+    return ("mean", "whitening") + extra
+
+
+def _whitening_degenerate(x: Array, fshape, cfg: W.WhiteningConfig) -> bool:
+    (d,) = fshape
+    return x.size // d <= cfg.groups(d)[1]
+
+
+BATCH_WHITENING = Layer(
+    config=lambda module, local: config_from(module, W.WhiteningConfig, local=local),
+    stat_names=_whitening_stat_names,
+    eval_stats=("mean", "whitening"),
+    feature_shape=lambda x, cfg: (W.feature_layout(x, cfg)[1],),
+    fresh=lambda fshape, cfg, dtype: W.init_stats(fshape[0], cfg),
+    state=lambda stored, fresh: fresh._replace(**stored),
+    degenerate=_whitening_degenerate,
+    check_input=lambda x: check_input(x, "batch whitening", complex_ok=False),
+)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bnjax import functional as F
-from bnjax import recalibrate as _rc
+from bnjax._capture import as_args, compiled
 
 __all__ = ["LayerConsistency", "consistency", "consistency_nnx", "format_table"]
 
@@ -82,10 +82,10 @@ def _record_gap(x, mask, cfg, params, state, upstream):
 def _collect(kind, model, kwargs, carry, batches, upstream: str) -> dict[str, LayerConsistency]:
     if upstream not in ("eval", "train"):
         raise ValueError(f"upstream must be 'eval' or 'train', got {upstream!r}")
-    _, step = _rc.compiled(kind, model, kwargs, upstream, _record_gap)
+    _, step = compiled(kind, model, kwargs, upstream, _record_gap)
     rows: dict[str, list] = {}
     for batch in batches:
-        for path, recs in step(carry, _rc._as_args(batch)).items():
+        for path, recs in step(carry, as_args(batch)).items():
             rows.setdefault(path, []).extend(recs)
     if not rows:
         raise ValueError("batches is empty (or the model called no batch-norm layer)")

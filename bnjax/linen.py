@@ -47,10 +47,8 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -60,16 +58,13 @@ from flax.linen import initializers
 from bnjax import functional as F
 from bnjax import whitening as W
 from bnjax._module_common import (
-    batch_stats,
-    config_of,
-    renorm_config_of,
+    BATCH_NORM,
+    BATCH_RENORM,
+    BATCH_WHITENING,
+    Layer,
     resolve_use_running_average,
-    stat_names,
-    whitening_config_of,
-    whitening_stat_names,
-    whitening_stats,
 )
-from bnjax.population import renorm_stats
+from bnjax.population import Population
 
 __all__ = ["BatchNorm", "BatchRenorm", "BatchWhitening"]
 
@@ -77,27 +72,100 @@ __all__ = ["BatchNorm", "BatchRenorm", "BatchWhitening"]
 Array = jax.Array
 
 
+class _Layer(nn.Module):
+    """The one call path of bnjax's linen layers, driven by the class's ``_layer``
+    description (:mod:`bnjax._module_common`): resolve the switch, create or read
+    ``params`` and ``batch_stats``, run the functional kernel, write the statistics."""
 
-def _use_running_average(
-    module: nn.Module, use_running_average: bool | None, train: bool | None
-) -> bool:
-    """The mode of a linen layer: its attribute and the call's ``use_running_average`` merged
-    (flax's rule), or bnjax's ``train=`` switch; an error naming the class if neither is set."""
-    use_ra = None
-    if module.use_running_average is not None or use_running_average is not None:
-        use_ra = nn.merge_param(
-            "use_running_average", module.use_running_average, use_running_average
+    _layer: ClassVar[Layer]
+
+    def config(self, *, initializing: bool = False) -> Any:
+        """The functional config this module runs (``initializing``: without ``axis_name``)."""
+        return self._layer.config(self, initializing)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        train: bool | None = None,
+        mask: Array | None = None,
+    ) -> Array:
+        """Normalizes ``x``.
+
+        Args:
+          x: floating input, features on ``axis``.
+          use_running_average: flax's switch (giving it both here and as an
+            attribute is an error, as in flax).
+          train: bnjax's explicit switch, ``train = not use_running_average``.
+            ``train=True`` needs ``mutable=["batch_stats"]`` (outside ``init``).
+          mask: optional boolean array broadcastable to ``x``; only ``True``
+            elements enter the batch statistics. A feature with no ``True``
+            element is normalized with the running statistics (the inference
+            map) and keeps them.
+
+        Returns:
+          The normalized ``x``, of ``x``'s shape.
+        """
+        use_ra = self._use_running_average(use_running_average, train)
+        layer = self._layer
+        x = jnp.asarray(x)
+        layer.check_input(x)
+        initializing = self.is_initializing()
+        cfg = self.config(initializing=initializing)
+        fshape = layer.feature_shape(x, cfg)
+        params = F.BNParams(
+            scale=self.param("scale", self.scale_init, fshape, self.param_dtype)
+            if self.use_scale
+            else None,
+            bias=self.param("bias", self.bias_init, fshape, self.param_dtype)
+            if self.use_bias
+            else None,
         )
-    name = type(module).__name__
-    return resolve_use_running_average(
-        use_ra,
-        train,
-        missing=f"{name} needs train=... (or use_running_average=...) as an attribute or "
-        "a call argument",
-        hint=" (train = not use_running_average)",
-    )
+        fresh = layer.fresh(fshape, cfg, x.dtype)
+        names = layer.stat_names(cfg)
+        if use_ra and not initializing:
+            # Inference reads only what it needs: variables from flax.linen.BatchNorm (no
+            # count/batches/steps) evaluate unchanged under population="average" or
+            # as BatchRenorm.
+            names = tuple(
+                k for k in names if k in layer.eval_stats or self.has_variable("batch_stats", k)
+            )
+        variables = {
+            k: self.variable("batch_stats", k, lambda k=k: getattr(fresh, k)) for k in names
+        }
+        state = layer.state({k: v.value for k, v in variables.items()}, fresh)
+        kernel = cfg.kernel()
+        if use_ra or (initializing and layer.degenerate(x, fshape, cfg)):
+            # Inference; or init on a batch whose statistics are undefined (flax
+            # returns zeros there; init does not update them anyway).
+            return kernel.apply_eval(params, state, x, cfg)
+        y, new_state = kernel.apply_train(params, state, x, cfg, mask=mask)
+        if not initializing:
+            for k, v in variables.items():
+                v.value = getattr(new_state, k)
+        return y
 
-class BatchNorm(nn.Module):
+    def _use_running_average(self, use_running_average: bool | None, train: bool | None) -> bool:
+        """The attribute and the call's ``use_running_average`` merged (flax's rule), or
+        bnjax's ``train=``; an error naming the class if neither is set."""
+        use_ra = None
+        if self.use_running_average is not None or use_running_average is not None:
+            use_ra = nn.merge_param(
+                "use_running_average", self.use_running_average, use_running_average
+            )
+        name = type(self).__name__
+        return resolve_use_running_average(
+            use_ra,
+            train,
+            missing=f"{name} needs train=... (or use_running_average=...) as an attribute or "
+            "a call argument",
+            hint=" (train = not use_running_average)",
+        )
+
+
+class BatchNorm(_Layer):
     """Batch normalization (Ioffe & Szegedy 2015) as a ``flax.linen`` module.
 
     Attributes:
@@ -135,90 +203,11 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
-    population: str = "ema"
+    population: Population = "ema"
     virtual_batch_size: int | None = None
-    grad: str = "vjp"
+    grad: F.Grad = "vjp"
 
-    def config(self, *, initializing: bool = False) -> F.BatchNormConfig:
-        """The functional :class:`~bnjax.BatchNormConfig` this module runs."""
-        return config_of(
-            self,
-            local=initializing,
-            population=self.population,
-            virtual_batch_size=self.virtual_batch_size,
-            grad=self.grad,
-        )
-
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        use_running_average: bool | None = None,
-        *,
-        train: bool | None = None,
-        mask: Array | None = None,
-    ) -> Array:
-        """Normalizes ``x``.
-
-        Args:
-          x: floating input, features on ``axis``.
-          use_running_average: flax's switch (overrides nothing: giving it both
-            here and as an attribute is an error, as in flax).
-          train: bnjax's explicit switch, ``train = not use_running_average``.
-            ``train=True`` needs ``mutable=["batch_stats"]`` (outside ``init``).
-          mask: optional boolean array broadcastable to ``x``; only ``True``
-            elements enter the batch statistics. A feature with no ``True``
-            element is normalized with the running statistics (the inference
-            map) and keeps them.
-
-        Returns:
-          The normalized ``x``.
-        """
-        use_ra = _use_running_average(self, use_running_average, train)
-        x = jnp.asarray(x)
-        F._check_input(x)
-        initializing = self.is_initializing()
-        cfg = self.config(initializing=initializing)
-        faxes = F.feature_axes(x.ndim, cfg.axis)
-        fshape = tuple(x.shape[a] for a in faxes)
-        params = F.BNParams(
-            scale=self.param("scale", self.scale_init, fshape, self.param_dtype)
-            if self.use_scale
-            else None,
-            bias=self.param("bias", self.bias_init, fshape, self.param_dtype)
-            if self.use_bias
-            else None,
-        )
-        renorm = cfg.renorm is not None  # BatchRenorm: the same layer plus a step counter
-        fresh = F.init_state(fshape, jnp.float32)
-        if jnp.iscomplexobj(x):
-            # flax's convention for complex inputs: complex mean, real var. flax makes
-            # the mean float32 and it turns complex64 at the first update; bnjax makes
-            # it complex from the start, so its type never changes (jit/scan carries).
-            fresh = fresh._replace(mean=fresh.mean.astype(jnp.promote_types(x.dtype, jnp.float32)))
-        if renorm:
-            fresh = renorm_stats(fresh)
-        names = stat_names(self.population, renorm=renorm)
-        if use_ra and not initializing:
-            # Inference reads mean and var only: variables from flax.linen.BatchNorm (no
-            # count/batches/steps) evaluate unchanged under population="average" or
-            # as BatchRenorm.
-            names = tuple(
-                k for k in names if k in ("mean", "var") or self.has_variable("batch_stats", k)
-            )
-        variables = {
-            k: self.variable("batch_stats", k, lambda k=k: getattr(fresh, k)) for k in names
-        }
-        state = batch_stats({k: v.value for k, v in variables.items()}, renorm=renorm)
-        if use_ra or (initializing and x.size == math.prod(fshape)):
-            # Inference; or init on a one-example batch, whose batch statistics are
-            # undefined (flax returns zeros there; init does not update them anyway).
-            return F.apply_eval(params, state, x, cfg)
-        y, new_state = F.apply_train(params, state, x, cfg, mask=mask)
-        if not initializing:
-            for k, v in variables.items():
-                v.value = getattr(new_state, k)
-        return y
+    _layer: ClassVar[Layer] = BATCH_NORM
 
 
 class BatchRenorm(BatchNorm):
@@ -283,15 +272,10 @@ class BatchRenorm(BatchNorm):
     d_max: float | Callable[[Array], Array] = 5.0
     warmup_steps: int = 0
 
-    def config(self, *, initializing: bool = False) -> F.BatchNormConfig:
-        """The functional :class:`~bnjax.BatchNormConfig` this module runs
-        (with ``renorm`` set); raises ``ValueError`` for a bad ``r_max``,
-        ``d_max`` or ``warmup_steps``."""
-        cfg = BatchNorm.config(self, initializing=initializing)
-        return dataclasses.replace(cfg, renorm=renorm_config_of(self))
+    _layer: ClassVar[Layer] = BATCH_RENORM
 
 
-class BatchWhitening(nn.Module):
+class BatchWhitening(_Layer):
     """Batch whitening (Decorrelated BN / IterNorm) as a ``flax.linen`` module.
 
     Groups of ``group_size`` contiguous features are whitened jointly over the
@@ -319,7 +303,7 @@ class BatchWhitening(nn.Module):
 
     use_running_average: bool | None = None
     group_size: int | None = None
-    method: str = "zca"
+    method: W.Method = "zca"
     iterations: int = 5
     axis: int = -1
     momentum: float = 0.99
@@ -332,56 +316,7 @@ class BatchWhitening(nn.Module):
     scale_init: Callable = initializers.ones
     axis_name: str | None = None
     axis_index_groups: Any = None
-    population: str = "ema"
+    population: Population = "ema"
     allow_singular: bool = False
 
-    def config(self, *, initializing: bool = False) -> W.WhiteningConfig:
-        """The functional :class:`~bnjax.whitening.WhiteningConfig` this module runs."""
-        return whitening_config_of(self, local=initializing)
-
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        use_running_average: bool | None = None,
-        *,
-        train: bool | None = None,
-        mask: Array | None = None,
-    ) -> Array:
-        """Whitens ``x`` (batch statistics in training, ``W_pop`` at inference).
-
-        Args:
-          x: floating input, features on ``axis``.
-          use_running_average, train: the switches of :class:`BatchNorm`.
-          mask: optional boolean array broadcastable to ``x`` with size 1 on the
-            feature axis; only ``True`` examples enter the statistics.
-        """
-        use_ra = _use_running_average(self, use_running_average, train)
-        x = jnp.asarray(x)
-        W._check_input(x)
-        initializing = self.is_initializing()
-        cfg = self.config(initializing=initializing)
-        faxis, d, _, size = W._layout(x, cfg)
-        params = F.BNParams(
-            scale=self.param("scale", self.scale_init, (d,), self.param_dtype)
-            if self.use_scale
-            else None,
-            bias=self.param("bias", self.bias_init, (d,), self.param_dtype)
-            if self.use_bias
-            else None,
-        )
-        fresh = W.init_state(d, cfg)
-        variables = {
-            k: self.variable("batch_stats", k, lambda k=k: getattr(fresh, k))
-            for k in whitening_stat_names(self.population)
-        }
-        state = whitening_stats({k: v.value for k, v in variables.items()}, fresh)
-        if use_ra or (initializing and x.size // d <= size):
-            # Inference; or init on a batch too small for a covariance (init does not
-            # update the statistics anyway).
-            return W.apply_eval(params, state, x, cfg)
-        y, new_state = W.apply_train(params, state, x, cfg, mask=mask)
-        if not initializing:
-            for k, v in variables.items():
-                v.value = getattr(new_state, k)
-        return y
+    _layer: ClassVar[Layer] = BATCH_WHITENING

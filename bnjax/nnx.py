@@ -42,10 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -55,16 +54,13 @@ from flax.nnx.nn import initializers
 from bnjax import functional as F
 from bnjax import whitening as W
 from bnjax._module_common import (
-    batch_stats,
-    config_of,
-    renorm_config_of,
+    BATCH_NORM,
+    BATCH_RENORM,
+    BATCH_WHITENING,
+    Layer,
     resolve_use_running_average,
-    stat_names,
-    whitening_config_of,
-    whitening_stat_names,
-    whitening_stats,
 )
-from bnjax.population import renorm_stats
+from bnjax.population import Population
 
 __all__ = ["BatchNorm", "BatchRenorm", "BatchWhitening", "intercept"]
 
@@ -84,7 +80,7 @@ def intercept(fn: Callable[[BatchNorm, Array, Array | None, bool], Array]) -> It
     """Routes every :class:`BatchNorm` call through ``fn`` inside the ``with`` block.
 
     The NNX counterpart of :func:`flax.linen.intercept_methods`, used by
-    :mod:`bnjax.recalibrate` and :mod:`bnjax.diagnostics` to capture each layer's
+    :mod:`bnjax.recalibration` and :mod:`bnjax.diagnostics` to capture each layer's
     input. ``fn(module, x, mask, use_running_average)`` returns the layer's output
     and must not mutate the module (it runs at trace time under ``jit``).
     """
@@ -95,7 +91,145 @@ def intercept(fn: Callable[[BatchNorm, Array, Array | None, bool], Array]) -> It
         _INTERCEPTOR.reset(token)
 
 
-class BatchNorm(nnx.Module):
+class _Layer(nnx.Module):
+    """The one call path of bnjax's NNX layers, driven by the class's ``_layer``
+    description (:mod:`bnjax._module_common`)."""
+
+    _layer: ClassVar[Layer]
+
+    def _setup(
+        self,
+        num_features: int | Sequence[int],
+        attributes: Mapping[str, Any],
+        *,
+        rngs: nnx.Rngs | None,
+        inits: tuple[tuple[Callable, Mapping[str, Any]], tuple[Callable, Mapping[str, Any]]],
+    ) -> None:
+        """Sets the attributes, then the statistics and the parameters (flax's order of
+        ``rngs.params()`` draws: scale, then bias)."""
+        self.num_features = num_features
+        for name, value in attributes.items():
+            setattr(self, name, value)
+        cfg = self.config()  # validates the options early, with the functional core's messages
+        fshape = self._feature_shape()
+        fresh = self._layer.fresh(fshape, cfg, None)
+        for name in self._layer.stat_names(cfg):
+            setattr(self, name, nnx.BatchStat(getattr(fresh, name)))
+
+        def param(used: bool, init: Callable, metadata: Mapping[str, Any]) -> Any:
+            if not used:
+                return nnx.data(None)
+            key = rngs.params() if rngs is not None else jax.random.key(0)
+            return nnx.Param(init(key, fshape, cfg.param_dtype), **metadata)
+
+        (scale_init, scale_meta), (bias_init, bias_meta) = inits
+        self.scale = param(cfg.use_scale, scale_init, scale_meta)
+        self.bias = param(cfg.use_bias, bias_init, bias_meta)
+
+    def _feature_shape(self) -> tuple[int, ...]:
+        n = self.num_features
+        return (n,) if isinstance(n, int) else tuple(n)
+
+    def config(self) -> Any:
+        """The functional config this module runs (:class:`~bnjax.BatchNormConfig`,
+        or :class:`~bnjax.whitening.WhiteningConfig` for :class:`BatchWhitening`)."""
+        return self._layer.config(self, False)
+
+    def bn_params(self) -> F.BNParams:
+        """The current ``(scale, bias)`` as a :class:`~bnjax.BNParams`."""
+        return F.BNParams(
+            scale=None if self.scale is None else self.scale[...],
+            bias=None if self.bias is None else self.bias[...],
+        )
+
+    def bn_state(self) -> Any:
+        """The current statistics as the functional state: a :class:`~bnjax.BatchStats`
+        (:class:`~bnjax.RenormStats` for :class:`BatchRenorm`,
+        :class:`~bnjax.whitening.WhiteningStats` for :class:`BatchWhitening`).
+
+        Statistics that are not stored (``count``/``batches`` in ``"ema"`` mode) are
+        returned as their fresh values (zeros).
+        """
+        cfg = self.config()
+        stored = {k: getattr(self, k)[...] for k in self._layer.stat_names(cfg)}
+        return self._layer.state(stored, self._layer.fresh(self._feature_shape(), cfg, None))
+
+    def set_bn_state(self, state: Any) -> None:
+        """Writes the stored statistics from a functional state (fields it lacks are kept).
+
+        A complex ``mean`` (complex inputs) replaces a real stored one: the float32
+        mean turns complex64 at the first complex training call (flax.linen's
+        convention; ``flax.nnx.BatchNorm`` 0.12 instead casts it back to float32,
+        dropping its imaginary part).
+        """
+        for k in self._layer.stat_names(self.config()):
+            if k not in state._fields:  # a BatchStats given to a BatchRenorm: keep steps
+                continue
+            stored, value = getattr(self, k), getattr(state, k)
+            if jnp.iscomplexobj(value) and not jnp.iscomplexobj(stored[...]):
+                stored.set_value(value)
+            else:
+                stored[...] = value.astype(stored[...].dtype)
+
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        train: bool | None = None,
+        mask: Array | None = None,
+    ) -> Array:
+        """Normalizes ``x``.
+
+        Args:
+          x: floating input, features on ``axis``, e.g. ``(N, C)`` or NHWC.
+          use_running_average: overrides the attribute for this call (flax's rule).
+          train: bnjax's explicit switch, ``train = not use_running_average``;
+            overrides the attribute, contradicting ``use_running_average`` is an error.
+          mask: optional boolean array broadcastable to ``x``; only ``True``
+            elements enter the batch statistics. A feature with no ``True``
+            element is normalized with the running statistics (the inference
+            map) and keeps them.
+
+        Returns:
+          The normalized ``x`` (same shape). In training mode the population
+          statistics are updated in place (with ``stop_gradient``).
+        """
+        name = type(self).__name__
+        use_running_average = resolve_use_running_average(
+            use_running_average,
+            train,
+            default=self.use_running_average,
+            missing=f"{name} needs use_running_average: pass it to the constructor or the "
+            "call, or use model.train() / model.eval() / nnx.view(model, use_running_average=...)",
+        )
+        x = jnp.asarray(x)
+        hook = _INTERCEPTOR.get() if self._layer.intercepted else None
+        if hook is not None:
+            return hook(self, x, mask, bool(use_running_average))
+        cfg = self.config()
+        kernel = cfg.kernel()
+        params, state = self.bn_params(), self.bn_state()
+        if use_running_average:
+            return kernel.apply_eval(params, state, x, cfg)
+        y, new_state = kernel.apply_train(params, state, x, cfg, mask=mask)
+        self.set_bn_state(jax.lax.stop_gradient(new_state))
+        return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Sets the mode; used by :func:`flax.nnx.view`
+        (``nnx.view(model, use_running_average=True)``).
+
+        Args:
+          use_running_average: if True, normalize with the population statistics
+            (inference); if False, with batch statistics (training). ``None``
+            keeps the current mode.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class BatchNorm(_Layer):
     """Batch normalization (Ioffe & Szegedy 2015) as a ``flax.nnx`` module.
 
     Args:
@@ -148,136 +282,34 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs | None = None,
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-        population: str = "ema",
+        population: Population = "ema",
         virtual_batch_size: int | None = None,
-        grad: str = "vjp",
+        grad: F.Grad = "vjp",
     ):
-        fshape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-        self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.axis = tuple(axis) if not isinstance(axis, int) else axis
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
-        self.population = population
-        self.virtual_batch_size = virtual_batch_size
-        self.grad = grad
-        cfg = self.config()  # validates the options early, with the functional core's messages
-
-        fresh = F.init_state(fshape, jnp.float32)
-        if cfg.renorm is not None:  # BatchRenorm: plus the int32 step counter
-            fresh = renorm_stats(fresh)
-        for name in self._stat_names():  # mean, var (, count, batches) (, steps)
-            setattr(self, name, nnx.BatchStat(getattr(fresh, name)))
-
-        def param(used: bool, init: Callable, metadata: Mapping[str, Any]) -> Any:
-            if not used:
-                return nnx.data(None)
-            key = rngs.params() if rngs is not None else jax.random.key(0)
-            return nnx.Param(init(key, fshape, param_dtype), **metadata)
-
-        self.scale = param(use_scale, scale_init, scale_metadata)
-        self.bias = param(use_bias, bias_init, bias_metadata)
-
-    def config(self) -> F.BatchNormConfig:
-        """The functional :class:`~bnjax.BatchNormConfig` this module runs."""
-        return config_of(
-            self,
-            population=self.population,
-            virtual_batch_size=self.virtual_batch_size,
-            grad=self.grad,
+        self._setup(
+            num_features,
+            dict(
+                use_running_average=use_running_average,
+                axis=tuple(axis) if not isinstance(axis, int) else axis,
+                momentum=momentum,
+                epsilon=epsilon,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                use_bias=use_bias,
+                use_scale=use_scale,
+                axis_name=axis_name,
+                axis_index_groups=axis_index_groups,
+                use_fast_variance=use_fast_variance,
+                promote_dtype=promote_dtype,
+                population=population,
+                virtual_batch_size=virtual_batch_size,
+                grad=grad,
+            ),
+            rngs=rngs,
+            inits=((scale_init, scale_metadata), (bias_init, bias_metadata)),
         )
 
-    def _stat_names(self) -> tuple[str, ...]:
-        return stat_names(self.population, renorm=self.config().renorm is not None)
-
-    def bn_params(self) -> F.BNParams:
-        """The current ``(scale, bias)`` as a :class:`~bnjax.BNParams`."""
-        return F.BNParams(
-            scale=None if self.scale is None else self.scale[...],
-            bias=None if self.bias is None else self.bias[...],
-        )
-
-    def bn_state(self) -> F.BatchStats:
-        """The current population statistics as a :class:`~bnjax.BatchStats`
-        (:class:`~bnjax.RenormStats` for :class:`BatchRenorm`).
-
-        In ``"ema"`` mode ``count``/``batches`` are not stored and are returned as zeros.
-        """
-        names = self._stat_names()
-        return batch_stats({k: getattr(self, k)[...] for k in names}, renorm="steps" in names)
-
-    def set_bn_state(self, state: F.BatchStats) -> None:
-        """Writes population statistics (``count``/``batches`` only if stored).
-
-        A complex ``mean`` (complex inputs) replaces a real stored one: the float32
-        mean turns complex64 at the first complex training call (flax.linen's
-        convention; ``flax.nnx.BatchNorm`` 0.12 instead casts it back to float32,
-        dropping its imaginary part).
-        """
-        for k in self._stat_names():
-            if k not in state._fields:  # a BatchStats given to a BatchRenorm: keep steps
-                continue
-            stored, value = getattr(self, k), getattr(state, k)
-            if jnp.iscomplexobj(value) and not jnp.iscomplexobj(stored[...]):
-                stored.set_value(value)
-            else:
-                stored[...] = value.astype(stored[...].dtype)
-
-    def __call__(
-        self,
-        x: Array,
-        use_running_average: bool | None = None,
-        *,
-        train: bool | None = None,
-        mask: Array | None = None,
-    ) -> Array:
-        """Normalizes ``x``.
-
-        Args:
-          x: floating input, features on ``axis``, e.g. ``(N, C)`` or NHWC.
-          use_running_average: overrides the attribute for this call (flax's rule).
-          train: bnjax's explicit switch, ``train = not use_running_average``;
-            overrides the attribute, contradicting ``use_running_average`` is an error.
-          mask: optional boolean array broadcastable to ``x``; only ``True``
-            elements enter the batch statistics. A feature with no ``True``
-            element is normalized with the running statistics (the inference
-            map) and keeps them.
-
-        Returns:
-          The normalized ``x`` (same shape). In training mode the population
-          statistics are updated in place (with ``stop_gradient``).
-        """
-        use_running_average = resolve_use_running_average(
-            use_running_average,
-            train,
-            default=self.use_running_average,
-            missing="BatchNorm needs use_running_average: pass it to the constructor or the "
-            "call, or use model.train() / model.eval() / nnx.view(model, use_running_average=...)",
-        )
-        x = jnp.asarray(x)
-        hook = _INTERCEPTOR.get()
-        if hook is not None:
-            return hook(self, x, mask, bool(use_running_average))
-        cfg = self.config()
-        params, state = self.bn_params(), self.bn_state()
-        if use_running_average:
-            return F.apply_eval(params, state, x, cfg)
-        y, new_state = F.apply_train(params, state, x, cfg, mask=mask)
-        self.set_bn_state(jax.lax.stop_gradient(new_state))
-        return y
-
-    def set_view(self, use_running_average: bool | None = None) -> None:
-        """Used by :func:`flax.nnx.view` (``nnx.view(model, use_running_average=True)``)."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
+    _layer: ClassVar[Layer] = BATCH_NORM
 
 
 class BatchRenorm(BatchNorm):
@@ -331,12 +363,10 @@ class BatchRenorm(BatchNorm):
         self.warmup_steps = warmup_steps
         super().__init__(num_features, **kwargs)
 
-    def config(self) -> F.BatchNormConfig:
-        """The functional :class:`~bnjax.BatchNormConfig` this module runs (with ``renorm``)."""
-        return dataclasses.replace(super().config(), renorm=renorm_config_of(self))
+    _layer: ClassVar[Layer] = BATCH_RENORM
 
 
-class BatchWhitening(nnx.Module):
+class BatchWhitening(_Layer):
     """Batch whitening (Decorrelated BN / IterNorm) as a ``flax.nnx`` module.
 
     Numerics in :mod:`bnjax.whitening`; the same options as
@@ -372,7 +402,7 @@ class BatchWhitening(nnx.Module):
         num_features: int,
         *,
         group_size: int | None = None,
-        method: str = "zca",
+        method: W.Method = "zca",
         iterations: int = 5,
         use_running_average: bool | None = False,
         axis: int = -1,
@@ -386,88 +416,31 @@ class BatchWhitening(nnx.Module):
         scale_init: Callable = _ONES,
         axis_name: str | None = None,
         axis_index_groups: Any = None,
-        population: str = "ema",
+        population: Population = "ema",
         allow_singular: bool = False,
         rngs: nnx.Rngs | None = None,
     ):
-        self.num_features = num_features
-        self.group_size = group_size
-        self.method = method
-        self.iterations = iterations
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.population = population
-        self.allow_singular = allow_singular
-        fresh = W.init_state(num_features, self.config())  # validates the options
-        for name in whitening_stat_names(population):
-            setattr(self, name, nnx.BatchStat(getattr(fresh, name)))
-
-        def param(used: bool, init: Callable) -> Any:
-            if not used:
-                return nnx.data(None)
-            key = rngs.params() if rngs is not None else jax.random.key(0)
-            return nnx.Param(init(key, (num_features,), param_dtype))
-
-        self.scale = param(use_scale, scale_init)
-        self.bias = param(use_bias, bias_init)
-
-    def config(self) -> W.WhiteningConfig:
-        """The functional :class:`~bnjax.whitening.WhiteningConfig` this module runs."""
-        return whitening_config_of(self)
-
-    def bn_params(self) -> F.BNParams:
-        """The current ``(scale, bias)`` as a :class:`~bnjax.BNParams`."""
-        return F.BNParams(
-            scale=None if self.scale is None else self.scale[...],
-            bias=None if self.bias is None else self.bias[...],
+        self._setup(
+            num_features,
+            dict(
+                group_size=group_size,
+                method=method,
+                iterations=iterations,
+                use_running_average=use_running_average,
+                axis=axis,
+                momentum=momentum,
+                epsilon=epsilon,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                use_bias=use_bias,
+                use_scale=use_scale,
+                axis_name=axis_name,
+                axis_index_groups=axis_index_groups,
+                population=population,
+                allow_singular=allow_singular,
+            ),
+            rngs=rngs,
+            inits=((scale_init, {}), (bias_init, {})),
         )
 
-    def whitening_state(self) -> W.WhiteningStats:
-        """The population statistics as :class:`~bnjax.whitening.WhiteningStats`
-        (fields not stored are fresh values)."""
-        fresh = W.init_state(self.num_features, self.config())
-        names = whitening_stat_names(self.population)
-        return whitening_stats({k: getattr(self, k)[...] for k in names}, fresh)
-
-    def set_whitening_state(self, state: W.WhiteningStats) -> None:
-        """Writes the stored population statistics."""
-        for k in whitening_stat_names(self.population):
-            stored = getattr(self, k)
-            stored[...] = getattr(state, k).astype(stored[...].dtype)
-
-    def __call__(
-        self,
-        x: Array,
-        use_running_average: bool | None = None,
-        *,
-        train: bool | None = None,
-        mask: Array | None = None,
-    ) -> Array:
-        """Whitens ``x``; in training mode the statistics are updated in place."""
-        use_running_average = resolve_use_running_average(
-            use_running_average,
-            train,
-            default=self.use_running_average,
-            missing="BatchWhitening needs use_running_average: pass it to the constructor or "
-            "the call, or use model.train() / model.eval()",
-        )
-        cfg = self.config()
-        params, state = self.bn_params(), self.whitening_state()
-        if use_running_average:
-            return W.apply_eval(params, state, x, cfg)
-        y, new_state = W.apply_train(params, state, x, cfg, mask=mask)
-        self.set_whitening_state(jax.lax.stop_gradient(new_state))
-        return y
-
-    def set_view(self, use_running_average: bool | None = None) -> None:
-        """Used by :func:`flax.nnx.view`."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
+    _layer: ClassVar[Layer] = BATCH_WHITENING

@@ -10,7 +10,7 @@ statistics dtype of the input):
 * ``batches``: number of batches (with at least one valid element) seen since
   the last reset.
 
-Two estimators (the static option ``population=``):
+Two estimators (the static option ``population=``, :data:`Population`):
 
 ``"ema"`` (the default; what flax, haiku, Keras and PyTorch do)
     ``mean <- momentum * mean + (1 - momentum) * mu_B`` and the same for ``var``
@@ -31,7 +31,7 @@ A batch with no valid element for a feature leaves that feature's state as it
 was (no NaN, nothing lost).
 
 Complex inputs: ``mean`` is complex and ``var`` real (``E|x - mu|^2``), flax's
-convention. A real (float32) ``mean``, as made by :func:`bnjax.init_state` and by
+convention. A real (float32) ``mean``, as made by :func:`init_stats` and by
 ``flax.linen.BatchNorm``, turns complex at the first complex batch;
 ``bnjax.linen.BatchNorm`` creates it complex from the start when it is
 initialized on a complex input (so its type never changes inside a ``jit`` loop).
@@ -48,7 +48,8 @@ that reads ``mean``/``var``/``count``/``batches`` (:func:`update`,
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -57,16 +58,19 @@ from bnjax.stats import Moments
 
 __all__ = [
     "BatchStats",
+    "POPULATIONS",
+    "Population",
     "RenormStats",
-    "POPULATION_ESTIMATORS",
-    "update",
-    "reset_population",
+    "init_stats",
     "renorm_stats",
+    "reset_population",
+    "update",
 ]
 
 Array = jax.Array
 
-POPULATION_ESTIMATORS = ("ema", "average")
+Population = Literal["ema", "average"]
+POPULATIONS: tuple[str, ...] = get_args(Population)
 
 
 class BatchStats(NamedTuple):
@@ -100,6 +104,17 @@ class RenormStats(NamedTuple):
         return BatchStats(self.mean, self.var, self.count, self.batches)
 
 
+def init_stats(feature_shape: int | Sequence[int], dtype=jnp.float32) -> BatchStats:
+    """Fresh population statistics: mean 0, var 1, count 0 (flax's initial values)."""
+    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+    return BatchStats(
+        mean=jnp.zeros(shape, dtype),
+        var=jnp.ones(shape, dtype),
+        count=jnp.zeros(shape, dtype),
+        batches=jnp.zeros(shape, dtype),
+    )
+
+
 def renorm_stats(state: BatchStats | RenormStats, steps: int | Array = 0) -> RenormStats:
     """``state`` with a step counter (int32 scalar ``steps``), e.g. to start Batch
     Renormalization from the statistics of a trained batch-norm layer.
@@ -114,13 +129,15 @@ def renorm_stats(state: BatchStats | RenormStats, steps: int | Array = 0) -> Ren
     return RenormStats(state.mean, state.var, state.count, state.batches, steps.astype(jnp.int32))
 
 
-def update(state: BatchStats, batch: Moments, *, estimator: str, momentum: float) -> BatchStats:
+def update(
+    state: BatchStats, batch: Moments, *, population: Population, momentum: float
+) -> BatchStats:
     """Folds one batch's moments (feature-shaped) into the population statistics.
 
     Args:
       state: the current :class:`BatchStats`.
       batch: the batch's :class:`~bnjax.stats.Moments`, with the state's shape.
-      estimator: ``"ema"`` or ``"average"`` (see the module docstring).
+      population: ``"ema"`` or ``"average"`` (see the module docstring).
       momentum: the EMA momentum (ignored by ``"average"``).
 
     Returns:
@@ -132,10 +149,10 @@ def update(state: BatchStats, batch: Moments, *, estimator: str, momentum: float
     seen = n > 0
     count = state.count + n
     batches = state.batches + seen.astype(state.batches.dtype)
-    if estimator == "ema":
+    if population == "ema":
         mean = momentum * state.mean + (1 - momentum) * batch.mean
         var = momentum * state.var + (1 - momentum) * batch.var()
-    elif estimator == "average":
+    elif population == "average":
         safe_count = jnp.where(count > 0, count, 1)
         mean = state.mean + (batch.mean - state.mean) * (n / safe_count)
         dof_old = state.count - state.batches
@@ -144,7 +161,7 @@ def update(state: BatchStats, batch: Moments, *, estimator: str, momentum: float
         var = jnp.where(dof > 0, var, state.var)
     else:
         raise ValueError(
-            f"population must be one of {POPULATION_ESTIMATORS}, got {estimator!r}"
+            f"population must be one of {POPULATIONS}, got {population!r}"
         )
     mean_dtype = state.mean.dtype
     if jnp.iscomplexobj(batch.mean) and not jnp.iscomplexobj(state.mean):

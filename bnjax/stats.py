@@ -13,60 +13,54 @@ Numerics:
 * Accumulation is in at least float32 (bf16/fp16 inputs get float32 moments;
   float64 inputs stay float64).
 * The variance is never computed as ``E[x^2] - E[x]^2``. Two exact methods:
-  ``method="two_pass"`` takes the mean first and then ``sum((x - mean)^2)``;
-  ``method="shifted"`` accumulates ``sum(x - a)`` and ``sum((x - b)^2)`` around
+  ``algorithm="two_pass"`` takes the mean first and then ``sum((x - mean)^2)``;
+  ``algorithm="shifted"`` accumulates ``sum(x - a)`` and ``sum((x - b)^2)`` around
   per-feature shifts ``a``, ``b`` taken from the data itself (the max and min of
   the first two elements of each feature), so both sums are of order ``std``
   rather than ``|mean|`` and the cancellation is harmless; its two reductions are
   independent (one pass over ``x`` on GPU/TPU, where XLA fuses them). The default
-  ``method="auto"`` is ``"two_pass"`` on CPU and ``"shifted"`` elsewhere: on
+  ``algorithm="auto"`` is ``"two_pass"`` on CPU and ``"shifted"`` elsewhere: on
   XLA:CPU a plain ``sum(x)`` runs at about twice the speed of a reduction with a
   fused subtraction, so the two-pass form (one plain, one centred reduction) is
   the faster one there (benchmarks/ops.py, docs/benchmarks.md).
   With a mask the shift element may be an invalid (padding) value, so masked
-  inputs always use the two-pass form.
+  inputs always use the two-pass form. (``BatchNormConfig.stats_method`` picks
+  the algorithm for a layer.)
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-try:  # Varying -> Invariant all-gather (shard_map with check_vma=True); not public API.
-    from jax._src.lax.parallel import all_gather_invariant as _all_gather_invariant
-except ImportError:  # pragma: no cover - older/newer JAX: fall back to lax.all_gather
-    _all_gather_invariant = None
+from bnjax._checks import canonicalize_axes, check_mask
+from bnjax._numerics import abs2, head, real_dtype, stats_dtype
+from bnjax._sharding import all_gather_invariant, explicitly_sharded, varying_axes
 
 __all__ = [
+    "ALGORITHMS",
+    "Algorithm",
     "CoMoments",
     "Moments",
+    "all_reduce",
     "all_reduce_comoments",
     "comoments",
-    "merge_comoments_along",
-    "moments",
     "merge",
     "merge_along",
-    "all_reduce",
-    "stats_dtype",
-    "canonicalize_axes",
-    "check_mask",
-    "varying_axes",
-    "match_varying",
-    "data_point",
-    "resolve_method",
-    "safe_rsqrt",
-    "METHODS",
-    "abs2",
-    "real_dtype",
+    "merge_comoments_along",
+    "moments",
+    "resolve_algorithm",
 ]
 
 Array = jax.Array
 AxisName = str | tuple[str, ...] | None
+Algorithm = Literal["auto", "two_pass", "shifted"]
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 
 
 class Moments(NamedTuple):
@@ -93,61 +87,6 @@ class Moments(NamedTuple):
         return jnp.where(denom > 0, self.m2 / jnp.where(denom > 0, denom, 1), 0)
 
 
-def safe_rsqrt(v: Array) -> Array:
-    """``1 / sqrt(v)`` where ``v > 0``, else 0 (with finite gradients).
-
-    With ``epsilon = 0`` a constant feature has ``var + epsilon = 0``; its centred
-    values are exactly 0, so a zero inverse scale gives the limit ``y = beta``
-    (and zero gradient through the scale) instead of ``0 * inf = NaN``.
-    """
-    pos = v > 0
-    return jnp.where(pos, lax.rsqrt(jnp.where(pos, v, 1)), 0)
-
-
-def stats_dtype(dtype) -> jnp.dtype:
-    """The accumulation dtype for inputs of ``dtype``: at least float32.
-
-    Complex inputs keep a complex dtype (complex64 at least; complex128 stays).
-    """
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def real_dtype(dtype) -> jnp.dtype:
-    """The real dtype of ``dtype``: float32 for complex64, unchanged for a real float."""
-    return jnp.finfo(dtype).dtype
-
-
-def abs2(d: Array) -> Array:
-    """``|d|^2``, real: ``d * d`` for real ``d``; ``re(d)^2 + im(d)^2`` for complex ``d``."""
-    if jnp.iscomplexobj(d):
-        return lax.square(lax.real(d)) + lax.square(lax.imag(d))
-    return d * d
-
-
-def canonicalize_axes(
-    ndim: int, axes: int | Sequence[int], *, name: str = "axis"
-) -> tuple[int, ...]:
-    """Normalizes ``axes`` to a sorted tuple of non-negative ints.
-
-    Raises:
-      ValueError: naming ``name``, if an axis is out of range for ``ndim`` or repeated.
-    """
-    if isinstance(axes, int):
-        axes = (axes,)
-    out = []
-    for a in axes:
-        if not isinstance(a, int):
-            raise TypeError(f"{name} must be an int or a tuple of ints, got {axes!r}")
-        if not -ndim <= a < ndim:
-            raise ValueError(
-                f"{name}={tuple(axes)!r} is out of range for an input of rank {ndim}"
-            )
-        out.append(a % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name}={tuple(axes)!r} repeats an axis")
-    return tuple(sorted(out))
-
-
 def _reduce_sum(x: Array, axes: tuple[int, ...]) -> Array:
     return jnp.sum(x, axis=axes, keepdims=True)
 
@@ -157,7 +96,7 @@ def moments(
     reduction_axes: int | Sequence[int],
     *,
     mask: Array | None = None,
-    method: str = "auto",
+    algorithm: Algorithm = "auto",
 ) -> Moments:
     """Count, mean and centred M2 of ``x`` over ``reduction_axes`` (keepdims shape).
 
@@ -166,7 +105,7 @@ def moments(
       reduction_axes: the axes to reduce (for batch norm: all but the feature axes).
       mask: optional boolean array broadcastable to ``x``; ``False`` marks elements
         that must not contribute.
-      method: ``"auto"`` (default: ``"two_pass"`` on CPU, else ``"shifted"``),
+      algorithm: ``"auto"`` (default: ``"two_pass"`` on CPU, else ``"shifted"``),
         ``"two_pass"`` or ``"shifted"`` (see the module docstring).
 
     An input with no element to reduce gives ``count = mean = m2 = 0``, like a
@@ -183,7 +122,7 @@ def moments(
       ((1, 8), (1, 8))
     """
     axes = canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes")
-    method = resolve_method(method)
+    algorithm = resolve_algorithm(algorithm)
     dt = stats_dtype(x.dtype)
     rdt = real_dtype(dt)  # count and M2 (dt itself for real inputs)
     xf = x.astype(dt)
@@ -194,7 +133,7 @@ def moments(
             zero = jnp.zeros(kshape, rdt)
             return Moments(zero, jnp.zeros(kshape, dt), zero)
         count = jnp.full(kshape, n, rdt)
-        if method == "shifted":
+        if algorithm == "shifted":
             # complex: a, b are data values too (max/min order lexicographically)
             a, b = _shifts(xf, axes)
             s1 = _reduce_sum(xf - a, axes)
@@ -219,33 +158,17 @@ def moments(
     return Moments(count, mean, _reduce_sum(abs2(d), axes))
 
 
-METHODS = ("auto", "two_pass", "shifted")
-
-
-def resolve_method(method: str) -> str:
-    """``"two_pass"`` or ``"shifted"`` for ``method`` (``"auto"``: by JAX's default backend).
+def resolve_algorithm(algorithm: Algorithm) -> Literal["two_pass", "shifted"]:
+    """``"two_pass"`` or ``"shifted"`` for ``algorithm`` (``"auto"``: by JAX's default backend).
 
     Raises:
-      ValueError: for an unknown method.
+      ValueError: for an unknown algorithm.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "auto":
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "auto":
         return "two_pass" if jax.default_backend() == "cpu" else "shifted"
-    return method
-
-
-def _head(xf: Array, axes: tuple[int, ...], start: int, width: int) -> Array:
-    """Elements ``start .. start + width - 1`` of each feature along the longest reduced
-    axis (element 0 of the other reduced axes), keepdims shape, gradient stopped."""
-    long_axis = max(axes, key=lambda i: xf.shape[i])
-    idx = tuple(
-        slice(None) if i not in axes
-        else slice(start, start + width) if i == long_axis
-        else slice(0, 1)
-        for i in range(xf.ndim)
-    )
-    return lax.stop_gradient(xf[idx])
+    return algorithm
 
 
 def _shifts(xf: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
@@ -259,55 +182,13 @@ def _shifts(xf: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     shift ``k`` makes it materialize ``x - k`` or the broadcast ``k`` (an extra
     write and read of a whole input). The values are unchanged by this; only speed.
     """
-    if _explicitly_sharded(xf, axes):
+    if explicitly_sharded(xf, axes):
         # Explicit sharding (jax.make_mesh's default axis type) forbids slicing a
         # sharded axis; shift by the (exact) per-feature mean instead: one more pass.
         k = lax.stop_gradient(jnp.mean(xf, axis=axes, keepdims=True))
         return k, k
-    head = _head(xf, axes, 0, 2)
-    return jnp.max(head, axis=axes, keepdims=True), jnp.min(head, axis=axes, keepdims=True)
-
-
-def data_point(xf: Array, axes: tuple[int, ...], j: int = 0) -> Array | None:
-    """Element ``j`` of each feature (along the longest reduced axis), keepdims shape.
-
-    A per-feature value of the order of the data, used to centre elementwise
-    maps (``(x - c) * a + b'`` instead of the folded ``x * a + b``, whose rounding
-    error is about twice as large when ``|mean| >> std``; mainly, the broadcast
-    is then of ``c``, not of a value a reduction also uses). It is a plain
-    slice, which XLA fuses into the consumer; different ``j`` give different HLO
-    values, so two consumers never share one broadcast (XLA:CPU would then
-    materialize it, see :func:`_shifts`).
-    ``None`` under explicit sharding of a reduced axis (slicing it is not allowed).
-    """
-    if _explicitly_sharded(xf, axes):
-        return None
-    size = max(xf.shape[i] for i in axes)
-    return _head(xf, axes, min(j, size - 1), 1)
-
-
-def _explicitly_sharded(a: Array, axes: tuple[int, ...]) -> bool:
-    """Whether one of ``axes`` of ``a`` is split over a mesh axis of explicit type."""
-    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
-    return spec is not None and any(i < len(spec) and spec[i] is not None for i in axes)
-
-
-def check_mask(mask: Array, shape: tuple[int, ...]) -> Array:
-    """Checks that ``mask`` is boolean and broadcastable to ``shape``."""
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
-    try:
-        jnp.broadcast_shapes(mask.shape, shape)
-        ok = mask.ndim <= len(shape) and jnp.broadcast_shapes(mask.shape, shape) == tuple(shape)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} is not broadcastable to the input shape "
-            f"{tuple(shape)}"
-        )
-    return mask
+    first = head(xf, axes, 0, 2)
+    return jnp.max(first, axis=axes, keepdims=True), jnp.min(first, axis=axes, keepdims=True)
 
 
 def merge(a: Moments, b: Moments) -> Moments:
@@ -386,11 +267,11 @@ def _gather(
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     typed = set(names) <= varying_axes(stacked)
     try:
-        if _all_gather_invariant is not None and axis_index_groups is None and typed:
+        if all_gather_invariant is not None and axis_index_groups is None and typed:
             # Inside shard_map(check_vma=True): the pooled moments are the same on
             # every device; type them so (invariant), so that the new running
             # statistics can leave shard_map with out_specs=P().
-            gathered = _all_gather_invariant(stacked, axis_name)
+            gathered = all_gather_invariant(stacked, axis_name)
         else:
             gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
     except NameError as e:
@@ -513,38 +394,3 @@ def all_reduce_comoments(
     )
     out = merge_comoments_along(parts, 0)
     return out if typed else CoMoments(*_per_device(tuple(out), axis_name))
-
-
-def varying_axes(a: Array) -> frozenset:
-    """The manual mesh axes over which ``a`` varies (``shard_map(check_vma=True)``).
-
-    Empty outside ``shard_map``, under ``pmap`` and with ``check_vma=False``.
-    """
-    t = jax.typeof(a)
-    v = getattr(t, "vma", None)
-    if v is None:
-        v = getattr(getattr(t, "mat", None), "varying", frozenset())
-    return frozenset(v)
-
-
-def _pvary(a: Array, axes: tuple) -> Array:
-    if hasattr(lax, "pcast"):  # JAX >= 0.8
-        return lax.pcast(a, axes, to="varying")
-    return lax.pvary(a, axes)  # JAX 0.6 - 0.7
-
-
-def match_varying(*arrays: Array | None, like: Sequence[Array | None] = ()) -> tuple:
-    """Casts ``arrays`` to vary over the union of their (and ``like``'s) varying axes.
-
-    Inside ``shard_map(check_vma=True)`` a ``custom_vjp``/``custom_jvp`` needs
-    inputs and cotangents of matching types; an invariant (replicated) parameter
-    cast to varying gets, by JAX's transpose of the cast, the *sum* over devices
-    of its per-device cotangents. A no-op elsewhere. ``None`` passes through.
-    """
-    present = [a for a in (*arrays, *like) if a is not None]
-    union = frozenset().union(*(varying_axes(a) for a in present))
-    out = []
-    for a in arrays:
-        missing = tuple(sorted(union - varying_axes(a))) if a is not None else ()
-        out.append(_pvary(a, missing) if missing else a)
-    return tuple(out)

@@ -57,35 +57,46 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 
 from bnjax import population as _pop
-from bnjax import stats as _stats
-from bnjax.functional import BNParams
-from bnjax.population import BatchStats
-from bnjax.stats import CoMoments, Moments
+from bnjax._checks import (
+    canonicalize_axes,
+    check_input,
+    check_mask,
+    check_shape,
+    check_use_flags,
+    out_dtype,
+)
+from bnjax._config import check_choice, check_common
+from bnjax._numerics import stats_dtype
+from bnjax.functional import BNParams, Kernel
+from bnjax.population import BatchStats, Population
+from bnjax.stats import CoMoments, Moments, all_reduce_comoments, comoments
 
 __all__ = [
     "METHODS",
+    "Method",
     "WhiteningConfig",
     "WhiteningStats",
-    "apply",
     "apply_eval",
     "apply_train",
     "batch_comoments",
+    "feature_layout",
     "inference_affine",
     "init",
-    "init_state",
+    "init_stats",
     "inv_sqrtm",
     "newton_schulz",
     "whitening_matrix",
 ]
 
 Array = jax.Array
-METHODS = ("zca", "iternorm")
+Method = Literal["zca", "iternorm"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +123,7 @@ class WhiteningConfig:
     """
 
     group_size: int | None = None
-    method: str = "zca"
+    method: Method = "zca"
     iterations: int = 5
     axis: int = -1
     epsilon: float = 1e-5
@@ -121,18 +132,14 @@ class WhiteningConfig:
     use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
-    population: str = "ema"
+    population: Population = "ema"
     axis_name: str | tuple[str, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
     allow_singular: bool = False
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.population not in _pop.POPULATION_ESTIMATORS:
-            raise ValueError(
-                f"population must be one of {_pop.POPULATION_ESTIMATORS}, got {self.population!r}"
-            )
+        check_common(self)
+        check_choice("method", self.method, METHODS)
         if self.group_size is not None and (
             not isinstance(self.group_size, int) or self.group_size < 1
         ):
@@ -147,13 +154,11 @@ class WhiteningConfig:
             object.__setattr__(self, "axis", int(self.axis[0]))
         if not isinstance(self.axis, int):
             raise TypeError(f"axis must be an int, got {self.axis!r}")
-        if not self.epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
-        if not 0 <= self.momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
-        if self.axis_index_groups is not None:
-            groups = tuple(tuple(int(i) for i in g) for g in self.axis_index_groups)
-            object.__setattr__(self, "axis_index_groups", groups)
+
+    def kernel(self) -> Kernel:
+        """This layer's pure functions, ``Kernel(apply_train, apply_eval)``
+        (see :func:`bnjax.apply`)."""
+        return Kernel(apply_train, apply_eval)
 
     def groups(self, num_features: int) -> tuple[int, int]:
         """``(number of groups, group size)`` for ``num_features`` features.
@@ -264,23 +269,23 @@ def whitening_matrix(cov: Array, config: WhiteningConfig) -> Array:
 
 
 def _check_input(x: Array) -> None:
-    dt = jnp.result_type(x)
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(
-            f"batch whitening needs a floating-point x, got dtype {dt} (shape "
-            f"{tuple(jnp.shape(x))}); cast it first, e.g. x.astype(jnp.float32)"
-        )
+    check_input(x, "batch whitening", complex_ok=False)
 
 
-def _layout(x: Array, config: WhiteningConfig) -> tuple[int, int, int, int]:
-    """``(feature axis, d, groups, G)`` of ``x``; validates the axis and the grouping."""
+def feature_layout(x: Array, config: WhiteningConfig) -> tuple[int, int, int, int]:
+    """``(feature axis, d, groups, G)`` of an input ``x``; validates the axis and the grouping.
+
+    Raises:
+      ValueError: an input without a batch and a feature axis, a bad axis, or a
+        ``group_size`` that does not divide the ``d`` features.
+    """
     if x.ndim < 2:
         raise ValueError(
             f"batch whitening needs an input with a batch and a feature axis, got shape "
             f"{tuple(x.shape)}"
         )
     try:
-        (faxis,) = _stats.canonicalize_axes(x.ndim, config.axis, name="axis")
+        (faxis,) = canonicalize_axes(x.ndim, config.axis, name="axis")
     except ValueError as e:
         raise ValueError(f"{e} (batch whitening input of shape {tuple(x.shape)})") from None
     d = x.shape[faxis]
@@ -302,7 +307,7 @@ def _row_weights(mask: Array | None, shape: tuple[int, ...], faxis: int) -> Arra
     """A mask (size 1 on the feature axis) as ``(m,)`` row weights."""
     if mask is None:
         return None
-    mask = _stats.check_mask(mask, shape)
+    mask = check_mask(mask, shape)
     full = (1,) * (len(shape) - mask.ndim) + tuple(mask.shape)
     if full[faxis] != 1:
         raise NotImplementedError(
@@ -315,20 +320,9 @@ def _row_weights(mask: Array | None, shape: tuple[int, ...], faxis: int) -> Arra
 
 
 def _check_params(params: BNParams, state: WhiteningStats | None, d, g, size, config, shape):
-    for name, arr in (("params.scale", params.scale), ("params.bias", params.bias)):
-        if arr is not None and tuple(arr.shape) != (d,):
-            raise ValueError(
-                f"{name} has shape {tuple(arr.shape)} but the input of shape {shape} has "
-                f"{d} features"
-            )
-    if config.use_scale != (params.scale is not None) or config.use_bias != (
-        params.bias is not None
-    ):
-        present = [f for f, v in zip(params._fields, params, strict=True) if v is not None]
-        raise ValueError(
-            f"params hold {present} but the config says use_scale={config.use_scale}, "
-            f"use_bias={config.use_bias}"
-        )
+    check_shape(params.scale, (d,), "params.scale", shape, f"{d} features")
+    check_shape(params.bias, (d,), "params.bias", shape, f"{d} features")
+    check_use_flags(params, config)
     if state is not None:
         want = {"mean": (d,), "count": (d,), "batches": (d,), "whitening": (g, size, size),
                 "cov": (g, size, size)}
@@ -341,16 +335,10 @@ def _check_params(params: BNParams, state: WhiteningStats | None, d, g, size, co
                 )
 
 
-def _out_dtype(x: Array, params: BNParams, config: WhiteningConfig):
-    if config.dtype is not None:
-        return jnp.dtype(config.dtype)
-    return jnp.result_type(x, *(p for p in params if p is not None))
-
-
 # --------------------------------------------------------------------------- init
 
 
-def init_state(
+def init_stats(
     num_features: int, config: WhiteningConfig = WhiteningConfig(), dtype=jnp.float32
 ) -> WhiteningStats:
     """Fresh population statistics: mean 0, whitening = cov = identity, count 0."""
@@ -375,7 +363,7 @@ def init(
         scale=jnp.ones((num_features,), pdt) if config.use_scale else None,
         bias=jnp.zeros((num_features,), pdt) if config.use_bias else None,
     )
-    return params, init_state(num_features, config, _stats.stats_dtype(pdt))
+    return params, init_stats(num_features, config, stats_dtype(pdt))
 
 
 # --------------------------------------------------------------------------- train
@@ -391,9 +379,9 @@ def batch_comoments(
     """
     x = jnp.asarray(x)
     _check_input(x)
-    faxis, _, _, size = _layout(x, config)
-    cm = _stats.comoments(_rows(x, faxis), size, weights=_row_weights(mask, x.shape, faxis))
-    return _stats.all_reduce_comoments(cm, config.axis_name, config.axis_index_groups)
+    faxis, _, _, size = feature_layout(x, config)
+    cm = comoments(_rows(x, faxis), size, weights=_row_weights(mask, x.shape, faxis))
+    return all_reduce_comoments(cm, config.axis_name, config.axis_index_groups)
 
 
 def _update(
@@ -408,7 +396,7 @@ def _update(
     per_feature = _pop.update(
         BatchStats(state.mean, jnp.ones_like(state.mean), state.count, state.batches),
         Moments(n, cm.mean.reshape(-1).astype(state.mean.dtype), diag),
-        estimator=config.population,
+        population=config.population,
         momentum=config.momentum,
     )
     seen = (n_group > 0)[:, None, None]
@@ -464,7 +452,7 @@ def apply_train(
     """
     x = jnp.asarray(x)
     _check_input(x)
-    faxis, d, g, size = _layout(x, config)
+    faxis, d, g, size = feature_layout(x, config)
     _check_params(params, state, d, g, size, config, tuple(x.shape))
     m = math.prod(x.shape) // d
     if mask is None and config.axis_name is None and m <= size and not config.allow_singular:
@@ -476,8 +464,8 @@ def apply_train(
             "or a smaller group_size, or pass allow_singular=True to rely on epsilon alone"
         )
     rows = _rows(x, faxis)
-    cm = _stats.comoments(rows, size, weights=_row_weights(mask, x.shape, faxis))
-    cm = _stats.all_reduce_comoments(cm, config.axis_name, config.axis_index_groups)
+    cm = comoments(rows, size, weights=_row_weights(mask, x.shape, faxis))
+    cm = all_reduce_comoments(cm, config.axis_name, config.axis_index_groups)
     w = whitening_matrix(cm.cov(), config)  # (g, G, G), >= float32
     dt = w.dtype
     xc = rows.astype(dt).reshape(-1, g, size) - cm.mean
@@ -486,7 +474,7 @@ def apply_train(
         y = y * params.scale.astype(dt)
     if params.bias is not None:
         y = y + params.bias.astype(dt)
-    y = _unrows(y, x.shape, faxis).astype(_out_dtype(x, params, config))
+    y = _unrows(y, x.shape, faxis).astype(out_dtype(x, params, config))
     return y, _update(state, jax.lax.stop_gradient(cm), jax.lax.stop_gradient(w), config)
 
 
@@ -498,10 +486,10 @@ def inference_affine(params: BNParams, state: WhiteningStats) -> tuple[Array, Ar
 
     ``A_k = diag(gamma_k) W_pop,k`` of shape ``(g, G, G)`` and ``b = beta - A mu_pop``
     of shape ``(d,)``; ``y_k = A_k x_k + b_k`` for each group ``k`` (a
-    block-diagonal ``d x d`` map, see :func:`bnjax.fold.fold_whitening`).
+    block-diagonal ``d x d`` map, see :func:`bnjax.folding.fold_whitening`).
     """
     g, size, _ = state.whitening.shape
-    dt = _stats.stats_dtype(state.whitening.dtype)
+    dt = stats_dtype(state.whitening.dtype)
     a = state.whitening.astype(dt)
     if params.scale is not None:
         a = a * params.scale.astype(dt).reshape(g, size, 1)
@@ -523,29 +511,14 @@ def apply_eval(
     """
     x = jnp.asarray(x)
     _check_input(x)
-    faxis, d, g, size = _layout(x, config)
+    faxis, d, g, size = feature_layout(x, config)
     _check_params(params, state, d, g, size, config, tuple(x.shape))
-    dt = _stats.stats_dtype(state.whitening.dtype)
+    dt = stats_dtype(state.whitening.dtype)
     xc = _rows(x, faxis).astype(dt).reshape(-1, g, size) - state.mean.astype(dt).reshape(g, size)
     y = jnp.einsum("gij,mgj->mgi", state.whitening.astype(dt), xc).reshape(-1, d)
     if params.scale is not None:
         y = y * params.scale.astype(dt)
     if params.bias is not None:
         y = y + params.bias.astype(dt)
-    return _unrows(y, x.shape, faxis).astype(_out_dtype(x, params, config))
-
-
-def apply(
-    params: BNParams,
-    state: WhiteningStats,
-    x: Array,
-    config: WhiteningConfig = WhiteningConfig(),
-    *,
-    train: bool,
-    mask: Array | None = None,
-) -> tuple[Array, WhiteningStats]:
-    """:func:`apply_train` if ``train`` else (:func:`apply_eval`, unchanged state)."""
-    if train:
-        return apply_train(params, state, x, config, mask=mask)
-    return apply_eval(params, state, x, config), state
+    return _unrows(y, x.shape, faxis).astype(out_dtype(x, params, config))
 

@@ -41,9 +41,11 @@ from jax import lax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+import bnjax  # noqa: E402
 import bnjax.functional as F  # noqa: E402
 import bnjax.linen as bl  # noqa: E402
-from bnjax import parallel  # noqa: E402
+from bnjax import training  # noqa: E402
+from bnjax.training import parallel  # noqa: E402
 
 NDEV = 8
 AX = "d"
@@ -129,7 +131,7 @@ def inputs(kind: str, masking: str, seed: int = 0):
         scale=jnp.asarray(rng.uniform(0.5, 1.5, c).astype(np.float32)),
         bias=jnp.asarray(rng.standard_normal(c).astype(np.float32)),
     )
-    state = F.init_state(c)._replace(
+    state = bnjax.init_stats(c)._replace(
         mean=jnp.asarray(rng.standard_normal(c).astype(np.float32)),
         var=jnp.asarray(rng.uniform(0.5, 2, c).astype(np.float32)),
     )
@@ -436,7 +438,7 @@ def check_vmap():
     cot = jnp.asarray(rng.standard_normal((e, b, c)).astype(np.float32))
     params = F.BNParams(jnp.asarray(rng.uniform(0.5, 1.5, (e, c)).astype(np.float32)),
                         jnp.asarray(rng.standard_normal((e, c)).astype(np.float32)))
-    state = jax.vmap(lambda _: F.init_state(c))(jnp.arange(e))
+    state = jax.vmap(lambda _: bnjax.init_stats(c))(jnp.arange(e))
     cfg = F.BatchNormConfig(momentum=0.9)
 
     def member(params, state, x, cot):
@@ -589,7 +591,8 @@ def check_data_parallel():
     x = jnp.asarray(rng.uniform(0, 1, (3, 64, 784)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, (3, 64)))
     tx = optax.sgd(0.5)
-    s0 = parallel.create_train_state(_MLP(), tx, jax.random.key(0), x[0, :2])
+    key = jax.random.key(0)
+    s0 = training.state_from_variables(_MLP().init(key, x[0, :2], train=False), tx, key)
 
     def train(step):
         s = s0
@@ -598,16 +601,19 @@ def check_data_parallel():
         return {"state": s.replace(step=s.step.astype(jnp.float32)), "metrics": metrics}
 
     def one():
-        ref = train(jax.jit(parallel.make_train_step(_MLP(None), tx, axis_name=None)))
+        ref = train(jax.jit(training.make_train_step(_MLP(None), tx)))
         out = {}
         for n, at in ((8, AxisType.Explicit),) if QUICK else ((1, AxisType.Explicit),
                                                                 (8, AxisType.Explicit)):
             mesh = mesh1d(n, "data", at)
-            got = train(parallel.data_parallel(parallel.make_train_step(_MLP(), tx), mesh))
+            step = training.make_train_step(_MLP(), tx, axis_name="data")
+            got = train(parallel.data_parallel(step, mesh))
             out[f"{n}dev_{at.name}"] = breakdown(got, ref)
         out["err"] = max(v["err"] for v in out.values())
         try:
-            parallel.data_parallel(parallel.make_train_step(_MLP(), tx), mesh1d(8, "data"))(
+            parallel.data_parallel(
+                training.make_train_step(_MLP(), tx, axis_name="data"), mesh1d(8, "data")
+            )(
                 s0, x[0, :60], y[0, :60])
             out["indivisible_error"] = None
         except ValueError as e:

@@ -1,7 +1,7 @@
 """One process of a deliberately failing multi-process job (run by tests/test_multiprocess.py).
 
 ``python tests/_multiprocess_impl.py HEARTBEAT_S [LATE_S]``, started by
-:func:`bnjax.distributed.launch_local` (which sets ``JAX_COORDINATOR_ADDRESS``,
+:func:`bnjax.training.distributed.launch_local` (which sets ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``): every process joins, all run one
 cross-process collective (so the gloo context is up), then process 1 dies
 without a word (``os._exit(3)``, like a killed or crashed host) while process 0
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from bnjax import distributed  # noqa: E402
+from bnjax.training import distributed  # noqa: E402
 
 
 def main(heartbeat: int, late: float = 0.0) -> None:

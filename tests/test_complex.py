@@ -24,10 +24,11 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
+import bnjax
 import bnjax.functional as F
 import bnjax.linen as bnl
-from bnjax import fold as bfold
-from bnjax import recalibrate as brecal
+from bnjax import folding as bfold
+from bnjax import recalibration as brecal
 from bnjax import stats as S
 from bnjax.functional import BatchNormConfig, BNParams
 from bnjax.nnx import BatchNorm as NnxBatchNorm
@@ -101,7 +102,7 @@ def test_moments_complex_match_numpy(method, masked, rng):
     if masked:
         mask[:2] = True
     m = S.moments(jnp.asarray(x), 0, mask=None if mask is None else jnp.asarray(mask),
-                  method=method)
+                  algorithm=method)
     assert (m.count.dtype, m.mean.dtype, m.m2.dtype) == (jnp.float32, jnp.complex64, jnp.float32)
     _, mu, var, n = ref_bn_c(x, 1.0, 0.0, -1, 0.0, mask)
     np.testing.assert_array_equal(np.asarray(m.count[0]), n)
@@ -145,7 +146,7 @@ def test_apply_train_and_eval_match_numpy(shape, axis, masked, rng):
         mask[:2] = True
     cfg = BatchNormConfig(axis=axis, momentum=0.9)
     params = BNParams(jnp.asarray(gamma), jnp.asarray(beta))
-    state = F.init_state(fshape)  # float32 mean, as flax makes it
+    state = bnjax.init_stats(fshape)  # float32 mean, as flax makes it
     y, new = jax.jit(functools.partial(F.apply_train, config=cfg))(
         params, state, jnp.asarray(x), mask=None if mask is None else jnp.asarray(mask)
     )
@@ -183,10 +184,12 @@ def test_complex_params_and_output_dtype(rng):
     beta = (rng.standard_normal(3) + 1j * rng.standard_normal(3)).astype(np.complex64)
     params = BNParams(jnp.asarray(gamma), jnp.asarray(beta))
     cfg = BatchNormConfig(param_dtype=jnp.complex64)
-    y, _ = F.apply_train(params, F.init_state(3), jnp.asarray(x), cfg)
+    y, _ = F.apply_train(params, bnjax.init_stats(3), jnp.asarray(x), cfg)
     assert _maxdiff(y, ref_bn_c(x, gamma, beta)[0]) < 1e-5
     with pytest.raises(ValueError, match=r"dtype=float32 is real.*complex64 input.*\(10, 3\)"):
-        F.apply_train(params, F.init_state(3), jnp.asarray(x), BatchNormConfig(dtype=jnp.float32))
+        F.apply_train(
+            params, bnjax.init_stats(3), jnp.asarray(x), BatchNormConfig(dtype=jnp.float32)
+        )
     with pytest.raises(TypeError, match="floating-point or complex"):
         F.apply_train(*F.init(3), jnp.ones((4, 3), jnp.int32))
 
@@ -199,7 +202,7 @@ def test_complex_errors_name_argument_and_shape(rng):
         F.apply_train(*F.init(3, cfg), x, cfg)
     cparams = BNParams(jnp.ones(3, jnp.complex64), jnp.zeros(3, jnp.complex64))
     with pytest.raises(TypeError, match=r"params.scale is complex64.*x \(shape \(6, 3\)\) is real"):
-        F.apply_train(cparams, F.init_state(3), jnp.ones((6, 3)))
+        F.apply_train(cparams, bnjax.init_stats(3), jnp.ones((6, 3)))
     with pytest.raises(ValueError, match=r"dtype=float32 is real.*complex64 input x.*\(6, 3\)"):
         F.apply_eval(*F.init(3), x, BatchNormConfig(dtype=jnp.float32))
 
@@ -213,7 +216,7 @@ def test_complex_empty_feature_uses_running_statistics(grad, rng):
     mask[:, 2] = False
     mean0 = jnp.asarray(cx(rng, (3,)))
     var0 = jnp.asarray([0.5, 2.0, 1e-3], jnp.float32)
-    state = F.init_state(3)._replace(mean=mean0, var=var0)
+    state = bnjax.init_stats(3)._replace(mean=mean0, var=var0)
     gamma, beta = map(jnp.asarray, _params(rng, 3))
 
     def f(x, gamma):
@@ -263,7 +266,7 @@ def test_gradients_match_jax_autodiff_of_plain_reference(grad, masked, rng):
     cfg = BatchNormConfig(grad=grad, momentum=mom)
 
     def bn_loss(x, gamma, beta):
-        y, new = F.apply_train(BNParams(gamma, beta), F.init_state(3), x, cfg, mask=mask)
+        y, new = F.apply_train(BNParams(gamma, beta), bnjax.init_stats(3), x, cfg, mask=mask)
         return _loss(y, new.mean, new.var, wy, wm, wv)
 
     def ref_loss(x, gamma, beta):
@@ -299,7 +302,7 @@ def test_check_grads_complex128(x64, grad, modes, masked, axis_name, order):
         mask = jnp.asarray(m)
     cfg = BatchNormConfig(grad=grad, param_dtype=jnp.float64, momentum=0.9,
                           axis_name="d" if axis_name else None)
-    state = F.init_state(3, jnp.float64)
+    state = bnjax.init_stats(3, jnp.float64)
 
     def one(x, gamma, beta, mask):
         y, new = F.apply_train(BNParams(gamma, beta), state, x, cfg, mask=mask)
@@ -484,7 +487,7 @@ def test_real_inputs_trace_no_complex_op(grad):
         cfg = BatchNormConfig(grad=grad)
 
         def loss(p, x, mask=mask, cfg=cfg):
-            y, s = F.apply_train(p, F.init_state(3), x, cfg, mask=mask)
+            y, s = F.apply_train(p, bnjax.init_stats(3), x, cfg, mask=mask)
             return jnp.sum(y**2) + jnp.sum(s.var)
 
         jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(F.init(3)[0], x)

@@ -1,9 +1,9 @@
-"""Tests for bnjax.data: the MNIST / Fashion-MNIST IDX loader.
+"""Tests for bnjax.experiments.data: the MNIST / Fashion-MNIST IDX loader.
 
 Real-data tests read the folder named by ``BNJAX_DATA_DIR`` (a root holding
 ``mnist/`` and ``fashion-mnist/``) and are skipped when it is unset. Download
 tests use a local ``http.server`` on 127.0.0.1; the network is never touched
-(``bnjax.data._urlopen`` is guarded to refuse any other host).
+(``bnjax.experiments.data._urlopen`` is guarded to refuse any other host).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnjax import data
+from bnjax.experiments import data
 
 # Captured at import: the autouse fixture below removes it from the environment.
 REAL_DATA_DIR = os.environ.get("BNJAX_DATA_DIR")

@@ -1,4 +1,5 @@
-"""Tests of bnjax.dynamics: the per-step layer probe against an independent float64 NumPy
+"""Tests of bnjax.experiments.dynamics: the per-step layer probe against an independent
+float64 NumPy
 computation (module outputs captured by flax's ``capture_intermediates``, not the model's
 ``sow``), and the trace against the training loop it claims to reproduce."""
 
@@ -10,8 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax import dynamics, training
-from bnjax.models import ConvNet
+from bnjax import training
+from bnjax.experiments import dynamics
+from bnjax.experiments.models import ConvNet
 
 LR = 0.3
 
@@ -137,7 +139,7 @@ def test_trace_is_the_training_loop(steps_per_call):
     x = jax.random.uniform(jax.random.PRNGKey(2), (40, 8, 8))
     y = jax.random.randint(jax.random.PRNGKey(3), (40,), 0, 10)
     tx = optax.sgd(0.5, momentum=0.9)
-    states = training.init_states(model, tx, [0, 1], x[:1])
+    states = training.create_train_states(model, tx, [0, 1], x[:1])
     loop = training.make_train_loop(model, tx, batch_size=8, steps_per_call=steps_per_call)
     ref, mean = loop(states, x, y, num_steps=5)
     out, rec = dynamics.trace(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import bnjax.linen as bl
-from bnjax.fold import FoldPair, affine, find_pairs, fold, fold_linear, fold_sequential
+from bnjax.folding import FoldPair, affine, find_pairs, fold, fold_linear, fold_sequential
 
 
 def _init(model, *args, seed=0, **kwargs):

@@ -20,6 +20,7 @@ from absl.testing import parameterized
 from hypothesis import given
 from jax.test_util import check_grads
 
+import bnjax
 import bnjax.functional as F
 from bnjax.functional import BatchNormConfig, BNParams
 
@@ -100,7 +101,7 @@ def make_inputs(rng, shape, axis, dtype=np.float32):
 
 def bn_setup(gamma, beta, mean0, var0):
     params = BNParams(jnp.asarray(gamma), jnp.asarray(beta))
-    state = F.init_state(gamma.shape, jnp.asarray(mean0).dtype)
+    state = bnjax.init_stats(gamma.shape, jnp.asarray(mean0).dtype)
     return params, state._replace(mean=jnp.asarray(mean0), var=jnp.asarray(var0))
 
 
@@ -416,7 +417,7 @@ def _loss_fns(shape, axis, mask, cfg, use_state: bool):
         return jnp.sum(w * y) + nonlin + k * (jnp.sum(cm * mean) + jnp.sum(cv * var))
 
     def bnjax_loss(x, gamma, beta):
-        state = F.init_state(fshape)._replace(mean=mean0, var=var0)
+        state = bnjax.init_stats(fshape)._replace(mean=mean0, var=var0)
         y, new = F.apply_train(BNParams(gamma, beta), state, x, cfg, mask=mask)
         return loss(y, new.mean, new.var)
 
@@ -541,7 +542,7 @@ def _rand_case(seed, n, c):
 @jax.jit
 def _train_vjp(gamma, x, dy):
     params = BNParams(gamma, jnp.zeros_like(gamma))
-    y, pullback = jax.vjp(lambda x: F.apply_train(params, F.init_state(gamma.shape), x)[0], x)
+    y, pullback = jax.vjp(lambda x: F.apply_train(params, bnjax.init_stats(gamma.shape), x)[0], x)
     return y, pullback(dy)[0]
 
 
@@ -637,7 +638,7 @@ def test_vmap_normalizes_each_slice_with_its_own_statistics(rng):
         *[make_inputs(rng, (10, 4), -1) for _ in range(3)], strict=True
     )
     params = BNParams(jnp.asarray(np.stack(gammas)), jnp.asarray(np.stack(betas)))
-    state = F.init_state((3, 4))._replace(
+    state = bnjax.init_stats((3, 4))._replace(
         mean=jnp.asarray(np.stack(means)), var=jnp.asarray(np.stack(vars_))
     )
     def loss(p, s, x):
@@ -788,7 +789,7 @@ def test_large_offset_output_and_gradient_float32(method, rng):
     gamma = np.asarray(rng.uniform(0.5, 2.0, 8), np.float32)
     beta = np.asarray(rng.standard_normal(8), np.float32)
     cfg = BatchNormConfig(stats_method=method)
-    state = F.init_state(8)
+    state = bnjax.init_stats(8)
 
     def f(x, g, b):
         return F.apply_train(BNParams(g, b), state, x, cfg)[0]
@@ -819,7 +820,7 @@ def test_epsilon_zero_constant_feature_gives_beta_not_nan(grad, rng):
     x[:, 1] = 5.0
     cfg = BatchNormConfig(epsilon=0.0, grad=grad)
     params = BNParams(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([0.1, -0.2, 0.3]))
-    state = F.init_state(3)
+    state = bnjax.init_stats(3)
 
     def loss(p, x):
         y, new = F.apply_train(p, state, x, cfg)
@@ -840,7 +841,7 @@ def test_empty_input_moments_are_zero_not_nan():
     from bnjax import stats
 
     for method in ("shifted", "two_pass"):
-        m = stats.moments(jnp.ones((0, 4)), (0,), method=method)
+        m = stats.moments(jnp.ones((0, 4)), (0,), algorithm=method)
         for f in m:
             np.testing.assert_array_equal(np.asarray(f), np.zeros((1, 4)))
     m = F.batch_moments(jnp.ones((0, 5, 5, 4)))
@@ -871,10 +872,10 @@ def test_auto_method_resolves_by_backend():
     from bnjax import stats
 
     expected = "two_pass" if jax.default_backend() == "cpu" else "shifted"
-    assert stats.resolve_method("auto") == expected
+    assert stats.resolve_algorithm("auto") == expected
     assert BatchNormConfig().stats_method == "auto"
-    with pytest.raises(ValueError, match="method must be one of"):
-        stats.resolve_method("naive")
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        stats.resolve_algorithm("naive")
 
 
 def test_bf16_input_float32_statistics(rng):
@@ -912,7 +913,7 @@ def test_constant_feature_outputs_beta_with_finite_gradient(value, method, rng):
     gamma = jnp.asarray([1.5, 2.0, 0.5], jnp.float32)
     beta = jnp.asarray([0.1, -0.3, 0.2], jnp.float32)
     cfg = BatchNormConfig(stats_method=method)
-    state = F.init_state(3)
+    state = bnjax.init_stats(3)
 
     def loss(x, gamma, beta):
         y, new = F.apply_train(BNParams(gamma, beta), state, x, cfg)
@@ -944,7 +945,7 @@ def test_error_feature_mismatch():
     with pytest.raises(ValueError, match=r"state.mean has shape \(10,\).*\(4, 7\)"):
         F.apply_train(p7, state, jnp.ones((4, 7)))
     with pytest.raises(ValueError, match=r"use_scale=False"):
-        F.apply_train(p7, F.init_state(7), jnp.ones((4, 7)), BatchNormConfig(use_scale=False))
+        F.apply_train(p7, bnjax.init_stats(7), jnp.ones((4, 7)), BatchNormConfig(use_scale=False))
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_])

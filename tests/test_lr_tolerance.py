@@ -14,7 +14,7 @@ from bnjax.experiments import lr_tolerance as lt
 
 def _data_available() -> bool:
     try:
-        from bnjax.data import load_dataset
+        from bnjax.experiments.data import load_dataset
 
         load_dataset("fashion-mnist")
     except Exception:
@@ -181,7 +181,7 @@ def test_convnet_stride_downsampling_shapes():
     import jax
     import jax.numpy as jnp
 
-    from bnjax.models import ConvNet
+    from bnjax.experiments.models import ConvNet
 
     x = jax.ShapeDtypeStruct((2, 28, 28), jnp.float32)
     key = jax.random.PRNGKey(0)

@@ -29,7 +29,7 @@ What is checked (see the impl's docstrings for the details):
 * ``flax/*``: ``flax.linen.BatchNorm(axis_name=...)`` agrees with bnjax when the
   per-device counts are equal, and is off by ~14% (normwise) when they are not
   (it averages per-device means and variances); bnjax stays exact.
-* ``data_parallel/*``: :mod:`bnjax.parallel`'s train step on a 1-device mesh and
+* ``data_parallel/*``: :mod:`bnjax.training.parallel`'s train step on a 1-device mesh and
   on 8 devices equals the unsharded step within float32 rounding (bitwise on
   one device with XLA's default optimization level; ~1e-6 at O0, used here).
 
@@ -57,7 +57,7 @@ import pytest
 
 import bnjax.functional as F
 import bnjax.linen as bl
-from bnjax import parallel
+from bnjax.training import parallel
 
 IMPL = Path(__file__).with_name("_multidevice_impl.py")
 LAYER_TOL = 2e-6

@@ -1,7 +1,7 @@
 """Several processes (``jax.distributed``, gloo CPU collectives) train like one process.
 
 The subprocess tests start real multi-process jobs on 127.0.0.1 (free ports)
-with :func:`bnjax.distributed.launch_local`, 2 processes x 2 simulated CPU
+with :func:`bnjax.training.distributed.launch_local`, 2 processes x 2 simulated CPU
 devices each, and compare with one process of 4 devices:
 
 * ``bnjax-data-parallel`` (Figure 1's BN net on MNIST, global batch 60): the
@@ -15,7 +15,7 @@ devices each, and compare with one process of 4 devices:
 * a process that never arrives: the others end after ``--init-timeout``;
 * a process that dies after start-up: the others end after about
   ``heartbeat_timeout`` (JAX's runtime), never a hang, and
-  :class:`bnjax.distributed.ProcessGroupError` names the process.
+  :class:`bnjax.training.distributed.ProcessGroupError` names the process.
 
 The in-process tests check the pieces on one device: the multi-process loop
 draws the single-process loop's batches and computes its step.
@@ -37,8 +37,9 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax import distributed, parallel, training
-from bnjax.models import MLP
+from bnjax import training
+from bnjax.experiments.models import MLP
+from bnjax.training import distributed, parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = os.environ.get("BNJAX_DATA_DIR")
@@ -133,7 +134,8 @@ def test_two_processes_train_like_one_process_and_resume(tmp_path):
 
     config = ml_collections.ConfigDict(json.loads((two / "config.json").read_text()))
     model, tx = dp.build(config)
-    like = {"bn": training.init_state(model, tx, jax.random.PRNGKey(0), jnp.zeros((1, 784)))}
+    key = jax.random.PRNGKey(0)
+    like = {"bn": training.create_train_state(model, tx, key, jnp.zeros((1, 784)))}
     got, meta = training.restore_checkpoint(two / "checkpoints", like)
     ref, ref_meta = training.restore_checkpoint(one / "checkpoints", like)
     assert meta["step"] == ref_meta["step"] == 40
@@ -184,7 +186,8 @@ def test_dead_process_ends_the_run_within_the_heartbeat_timeout():
             res = e.result  # type: ignore[attr-defined]
             assert "dying at" in res.stdout[1]
             # initialize() opened the all-device gloo communicator (warm-up), not the
-            # first collective after it (gloo's fixed 30 s rendezvous, see bnjax.distributed)
+            # first collective after it (gloo's fixed 30 s rendezvous, see
+            # bnjax.training.distributed)
             for out in res.stdout:
                 assert -1 < out.find("[Gloo] Rank") < out.find("initialized"), out
             died = float(res.stdout[1].split("dying at")[1].split()[0])
@@ -239,10 +242,10 @@ def test_parallel_loop_draws_the_training_loops_batches_and_steps():
     kw = dict(hidden=(16,), num_classes=3, init_std=0.5, use_bn=True)
     model, pooled = MLP(**kw), MLP(**kw, bn=(("axis_name", "data"),))
     tx = optax.sgd(0.3)
-    state = training.init_state(model, tx, jax.random.PRNGKey(3), x[:1])
+    state = training.create_train_state(model, tx, jax.random.PRNGKey(3), x[:1])
     ref_loop = training.make_train_loop(model, tx, batch_size=20, over_seeds=False)
     mesh = jax.make_mesh((1,), ("data",))
-    loop = parallel.make_train_loop(pooled, tx, mesh, batch_size=20, steps_per_call=5)
+    loop = parallel.make_sharded_train_loop(pooled, tx, mesh, batch_size=20, steps_per_call=5)
     ref, got = state, parallel.replicate(state, mesh)
     for n in (8, 5):  # 120 / 20 = 6 steps per epoch: the chunks cross epoch boundaries
         ref, ref_m = ref_loop(ref, x, y, num_steps=n)
@@ -251,12 +254,12 @@ def test_parallel_loop_draws_the_training_loops_batches_and_steps():
         for k in ("loss", "accuracy"):
             assert float(m[k]) == pytest.approx(float(ref_m[k]), rel=1e-5, abs=1e-6)
     assert int(got.step) == 13
-    ev = parallel.make_eval_step(pooled, mesh)(got, x, y)
+    ev = parallel.make_sharded_eval_step(pooled, mesh)(got, x, y)
     ev_ref = training.make_eval_step(model, over_seeds=False)(ref, x, y)
     assert float(ev["accuracy"]) == pytest.approx(float(ev_ref["accuracy"]), abs=1e-6)
     assert float(ev["loss"]) == pytest.approx(float(ev_ref["loss"]), rel=1e-5)
     with pytest.raises(ValueError, match="axis_name='batch' is not an axis"):
-        parallel.make_train_loop(pooled, tx, mesh, batch_size=20, axis_name="batch")
+        parallel.make_sharded_train_loop(pooled, tx, mesh, batch_size=20, axis_name="batch")
 
 
 @needs_data
@@ -272,7 +275,8 @@ def test_two_process_resume_is_bit_identical(tmp_path):
 
     config = ml_collections.ConfigDict(json.loads((whole / "config.json").read_text()))
     model, tx = dp.build(config)
-    like = {"bn": training.init_state(model, tx, jax.random.PRNGKey(0), jnp.zeros((1, 784)))}
+    key = jax.random.PRNGKey(0)
+    like = {"bn": training.create_train_state(model, tx, key, jnp.zeros((1, 784)))}
     a, meta_a = training.restore_checkpoint(whole / "checkpoints", like)
     b, meta_b = training.restore_checkpoint(parts / "checkpoints", like)
     assert meta_a["history"] == meta_b["history"]

@@ -62,7 +62,7 @@ def test_default_python3_kernel_resolves_to_this_interpreter():
 
 def _data_available() -> bool:
     try:
-        from bnjax.data import load_dataset
+        from bnjax.experiments.data import load_dataset
 
         load_dataset("mnist")
     except Exception:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bnjax
 import bnjax.functional as F
 from bnjax import population as pop
 from bnjax import stats
@@ -69,12 +70,12 @@ def moments_of(x, red, mask=None) -> stats.Moments:
 
 @pytest.mark.parametrize("momentum", [0.99, 0.9, 0.0])
 def test_ema_update_rule_matches_numpy(momentum, rng):
-    state = F.init_state(5)
+    state = bnjax.init_stats(5)
     batches = []
     for t in range(4):
         x = f32(t + (1 + t) * rng.standard_normal((20 + 7 * t, 5)))
         batches.append(np_batch(x, (0,)))
-        state = pop.update(state, moments_of(x, (0,)), estimator="ema", momentum=momentum)
+        state = pop.update(state, moments_of(x, (0,)), population="ema", momentum=momentum)
     mean, var = np_ema(batches, momentum, np.zeros(5), np.ones(5))
     np.testing.assert_allclose(np.asarray(state.mean), mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(state.var), var, rtol=1e-5, atol=1e-6)
@@ -97,13 +98,15 @@ def test_ema_through_apply_train_default_momentum(rng):
 
 
 def test_ema_empty_feature_keeps_state(rng):
-    state = F.init_state(3)._replace(mean=jnp.array([1.0, 2.0, 3.0]), var=jnp.array([4.0, 5, 6]))
+    state = bnjax.init_stats(3)._replace(
+        mean=jnp.array([1.0, 2.0, 3.0]), var=jnp.array([4.0, 5, 6])
+    )
     x = f32(rng.standard_normal((10, 3)))
     mask = np.ones((10, 3), bool)
     mask[:, 1] = False
-    for estimator in pop.POPULATION_ESTIMATORS:
+    for estimator in pop.POPULATIONS:
         new = pop.update(
-            state, moments_of(x, (0,), jnp.asarray(mask)), estimator=estimator, momentum=0.9
+            state, moments_of(x, (0,), jnp.asarray(mask)), population=estimator, momentum=0.9
         )
         assert float(new.mean[1]) == 2.0 and float(new.var[1]) == 5.0
         assert float(new.count[1]) == 0 and float(new.batches[1]) == 0
@@ -114,7 +117,7 @@ def test_ema_empty_feature_keeps_state(rng):
 def test_unknown_estimator():
     m = stats.Moments(jnp.ones(2), jnp.zeros(2), jnp.zeros(2))
     with pytest.raises(ValueError, match="population must be one of.*'median'"):
-        pop.update(F.init_state(2), m, estimator="median", momentum=0.9)
+        pop.update(bnjax.init_stats(2), m, population="median", momentum=0.9)
     with pytest.raises(ValueError, match="population"):
         F.BatchNormConfig(population="median")
 
@@ -168,11 +171,11 @@ def test_average_equals_algorithm2(kind, rng):
 def test_average_equal_sizes_is_paper_formula(rng):
     """Equal m: E[x] = mean of mu_B and Var[x] = m/(m-1) * mean of sigma2_B, conv m' = m p q."""
     m, p, q, c = 6, 3, 2, 5
-    state = F.init_state(c)
+    state = bnjax.init_stats(c)
     mus, s2s = [], []
     for t in range(5):
         x = f32(t + rng.standard_normal((m, p, q, c)))
-        state = pop.update(state, moments_of(x, (0, 1, 2)), estimator="average", momentum=0.9)
+        state = pop.update(state, moments_of(x, (0, 1, 2)), population="average", momentum=0.9)
         mus.append(x.mean(axis=(0, 1, 2)))
         s2s.append(x.var(axis=(0, 1, 2)))
     mp = m * p * q
@@ -183,10 +186,10 @@ def test_average_equal_sizes_is_paper_formula(rng):
 def test_average_is_not_the_variance_of_the_union(rng):
     """Algorithm 2 pools *within-batch* variances: batches with different means do not
     inflate Var[x] (unlike the variance of all samples together)."""
-    state = F.init_state(1)
+    state = bnjax.init_stats(1)
     xs = [f32(10 * t + rng.standard_normal((50, 1))) for t in range(3)]
     for x in xs:
-        state = pop.update(state, moments_of(x, (0,)), estimator="average", momentum=0.9)
+        state = pop.update(state, moments_of(x, (0,)), population="average", momentum=0.9)
     within = np_algorithm2([np_batch(x, (0,)) for x in xs])[1]
     union = np.concatenate(xs).var(ddof=1)
     np.testing.assert_allclose(np.asarray(state.var), within, rtol=1e-5)
@@ -220,9 +223,9 @@ def test_reset_population_under_jit_with_traced_flag(rng):
 
 
 def test_update_keeps_dtypes_and_shapes():
-    state = F.init_state((2, 3))
+    state = bnjax.init_stats((2, 3))
     m = stats.Moments(jnp.full((2, 3), 4.0), jnp.ones((2, 3)), jnp.ones((2, 3)))
-    for est in pop.POPULATION_ESTIMATORS:
-        new = pop.update(state, m, estimator=est, momentum=0.9)
+    for est in pop.POPULATIONS:
+        new = pop.update(state, m, population=est, momentum=0.9)
         assert isinstance(new, BatchStats)
         assert all(a.shape == (2, 3) and a.dtype == jnp.float32 for a in new)

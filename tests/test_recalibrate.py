@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 import bnjax.linen as bl
 import bnjax.nnx as bx
 from bnjax.diagnostics import consistency, consistency_nnx, format_table
-from bnjax.recalibrate import recalibrate, recalibrate_nnx
+from bnjax.recalibration import recalibrate, recalibrate_nnx
 
 EPS = 1e-5
 

@@ -101,7 +101,7 @@ def make_case(rng, shape, axis, dtype=np.float32):
 
 def setup(c, steps=0):
     params = BNParams(jnp.asarray(c["gamma"]), jnp.asarray(c["beta"]))
-    state = F.init_state(c["gamma"].shape, jnp.asarray(c["mean0"]).dtype)
+    state = bnjax.init_stats(c["gamma"].shape, jnp.asarray(c["mean0"]).dtype)
     state = state._replace(mean=jnp.asarray(c["mean0"]), var=jnp.asarray(c["var0"]))
     return params, bnjax.renorm_stats(state, steps)
 

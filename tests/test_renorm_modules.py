@@ -501,7 +501,7 @@ def test_recalibrate_linen_train_mode_vs_float64_and_steps_kept(rng):
     output of layer 1 (the functional core, at the stored steps) through relu and Dense_1;
     the new mean/var equal float64 NumPy; steps (and params) are untouched."""
     net, v, xs = _trained_net(rng)
-    new = bnjax.recalibrate.recalibrate(net, v, xs, train=False)
+    new = bnjax.recalibrate(net, v, xs, train=False)
     p, bs = v["params"], v["batch_stats"]
     h1 = [x @ p["Dense_0"]["kernel"] for x in xs]
     ref1 = _f64_within(h1)
@@ -542,9 +542,9 @@ def test_recalibrate_variables_without_steps_count_from_zero(rng):
             for k, s in v["batch_stats"].items()
         },
     }
-    new = bnjax.recalibrate.recalibrate(net, strip(v), xs, train=False)
+    new = bnjax.recalibrate(net, strip(v), xs, train=False)
     assert all("steps" not in s for s in new["batch_stats"].values())
-    at = lambda k: bnjax.recalibrate.recalibrate(net, strip(v, steps=jnp.int32(k)), xs, train=False)
+    at = lambda k: bnjax.recalibrate(net, strip(v, steps=jnp.int32(k)), xs, train=False)
     ref0, ref5 = at(0), at(5)
     for k in ("mean", "var"):
         np.testing.assert_array_equal(
@@ -561,7 +561,7 @@ def test_recalibrate_eval_modes_equal_batch_norm_and_nnx(mode, rng):
     NNX copy gives the same statistics; steps are kept in both; consistency_nnx of the
     NNX copy equals consistency of the linen net."""
     net, v, xs = _trained_net(rng)
-    new = bnjax.recalibrate.recalibrate(net, v, xs, mode=mode, train=False)
+    new = bnjax.recalibrate(net, v, xs, mode=mode, train=False)
     bn_net = _Net(norm=bnjax.linen.BatchNorm, kw=(("momentum", MOM),))
     rename = lambda t: {
         k.replace("BatchRenorm", "BatchNorm"): (
@@ -570,7 +570,7 @@ def test_recalibrate_eval_modes_equal_batch_norm_and_nnx(mode, rng):
         for k, s in t.items()
     }
     v_bn = {"params": rename(v["params"]), "batch_stats": rename(v["batch_stats"])}
-    new_bn = bnjax.recalibrate.recalibrate(bn_net, v_bn, xs, mode=mode, train=False)
+    new_bn = bnjax.recalibrate(bn_net, v_bn, xs, mode=mode, train=False)
     for i in range(2):
         for k in ("mean", "var"):
             np.testing.assert_array_equal(
@@ -621,7 +621,7 @@ def test_fold_batch_renorm(rng):
         ("Dense_0", "BatchRenorm_0"),
         ("Dense_1", "BatchRenorm_1"),
     ]
-    folded = bnjax.fold.fold(v, pairs)
+    folded = bnjax.fold(v, pairs)
     assert "batch_stats" not in folded
     y = _Net(norm=None).apply(folded, xs[3], train=False)
     _close(y, net.apply(v, xs[3], train=False), rtol=1e-4, atol=1e-4)

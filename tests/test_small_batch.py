@@ -17,7 +17,8 @@ import pytest
 
 from bnjax import training as T
 from bnjax.experiments import _common, small_batch
-from bnjax.models import MLP
+from bnjax.experiments.models import MLP
+from bnjax.training._rng import data_key
 
 # --------------------------------------------------------------------------- data order
 
@@ -101,10 +102,10 @@ def test_make_train_loop_uses_the_given_order(rng):
     model = MLP(hidden=(3,), act="identity", bn=(("momentum", 0.0),))
     tx = optax.sgd(0.0)
     order = T.class_grouped_batch_indices(y, 1)
-    states = T.init_states(model, tx, [0], x[:1])
+    states = T.create_train_states(model, tx, [0], x[:1])
     loop = T.make_train_loop(model, tx, batch_size=10, batch_indices=order)
     new, _ = loop(states, x, jnp.asarray(y), num_steps=1)
-    key = jax.random.fold_in(jax.random.PRNGKey(0), T._DATA_STREAM)
+    key = data_key(jax.random.PRNGKey(0))
     batch = np.asarray(order(key, 0, 1, y.size, 10))[0]
     assert np.unique(y[batch]).size == 1
     kernel = np.asarray(states.params["dense_0"]["kernel"][0], np.float64)
@@ -258,7 +259,7 @@ def test_missing_data_is_a_one_line_cli_error(tmp_path, monkeypatch):
                 f"--data-dir={tmp_path}",
             ]
         )
-    text = str(e.value.code)  # the message of bnjax.data.DataError, no traceback
+    text = str(e.value.code)  # the message of bnjax.experiments.data.DataError, no traceback
     assert text.startswith("bnjax-small-batch: ") and "mnist" in text
     assert "Traceback" not in text and not (tmp_path / "w" / "checkpoints").exists()
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from bnjax import stats
+from bnjax import _checks, _numerics, stats
 from bnjax.stats import Moments
 
 METHODS = ("shifted", "two_pass")
@@ -55,7 +55,7 @@ def assert_moments(m: Moments, ref, *, rtol=2e-5, atol=1e-5):
 @pytest.mark.parametrize("shape,axes", CASES)
 def test_moments_match_float64_numpy(shape, axes, method, rng):
     x = f32(3.0 + 2.0 * rng.standard_normal(shape))
-    m = stats.moments(jnp.asarray(x, jnp.float32), axes, method=method)
+    m = stats.moments(jnp.asarray(x, jnp.float32), axes, algorithm=method)
     assert m.mean.shape == tuple(1 if i in axes else s for i, s in enumerate(shape))
     assert m.mean.dtype == m.m2.dtype == m.count.dtype == jnp.float32
     assert_moments(m, np_moments(x, axes))
@@ -68,8 +68,8 @@ def test_moments_match_float64_numpy(shape, axes, method, rng):
 @pytest.mark.parametrize("method", METHODS)
 def test_moments_negative_axes_equal_positive(method, rng):
     x = f32(rng.standard_normal((6, 4, 3)))
-    a = stats.moments(jnp.asarray(x, jnp.float32), (-3, -2), method=method)
-    b = stats.moments(jnp.asarray(x, jnp.float32), (1, 0), method=method)
+    a = stats.moments(jnp.asarray(x, jnp.float32), (-3, -2), algorithm=method)
+    b = stats.moments(jnp.asarray(x, jnp.float32), (1, 0), algorithm=method)
     # Both against float64 NumPy (reduction over axes 0 and 1, keepdims), with the
     # tolerances of assert_moments (measured: relative <= 2.1e-6 mean, <= 9.2e-7 M2).
     ref = np_moments(x, (0, 1))
@@ -88,7 +88,7 @@ def test_moments_masked_match_numpy_incl_empty_feature(method, mask_shape, rng):
     mask[:2] = True  # at least two valid rows
     if mask_shape[1] > 1:
         mask[:, 3] = False  # feature 3: nothing valid
-    m = stats.moments(jnp.asarray(x, jnp.float32), (0,), mask=jnp.asarray(mask), method=method)
+    m = stats.moments(jnp.asarray(x, jnp.float32), (0,), mask=jnp.asarray(mask), algorithm=method)
     assert_moments(m, np_moments(x, (0,), mask))
     if mask_shape[1] > 1:
         assert float(m.count[0, 3]) == 0
@@ -108,7 +108,7 @@ def test_moments_large_offset_float32(offset, method, rng):
         m = stats.moments(jnp.asarray(x), (0,), mask=mask)
         ref_var = np.asarray(x, np.float64)[np.arange(4096) % 3 != 0].var(axis=0)
     else:
-        m = stats.moments(jnp.asarray(x), (0,), method=method)
+        m = stats.moments(jnp.asarray(x), (0,), algorithm=method)
     rel = np.abs(np.asarray(m.var())[0] - ref_var) / ref_var
     assert rel.max() < 1e-3, rel.max()
 
@@ -129,9 +129,9 @@ def test_moments_float64_stays_float64(x64, rng):
 
 
 def test_stats_dtype():
-    assert stats.stats_dtype(jnp.bfloat16) == jnp.float32
-    assert stats.stats_dtype(jnp.float16) == jnp.float32
-    assert stats.stats_dtype(jnp.float32) == jnp.float32
+    assert _numerics.stats_dtype(jnp.bfloat16) == jnp.float32
+    assert _numerics.stats_dtype(jnp.float16) == jnp.float32
+    assert _numerics.stats_dtype(jnp.float32) == jnp.float32
 
 
 def test_moments_autodiff_matches_plain_variance(rng):
@@ -145,7 +145,7 @@ def test_moments_autodiff_matches_plain_variance(rng):
 
     for method in METHODS:
         def f(x, method=method):
-            m = stats.moments(x, (0,), method=method)
+            m = stats.moments(x, (0,), algorithm=method)
             return jnp.sum(w * m.var()) + jnp.sum(w * m.mean)
 
         np.testing.assert_allclose(jax.grad(f)(x), jax.grad(plain)(x), rtol=1e-4, atol=1e-6)
@@ -155,36 +155,36 @@ def test_moments_autodiff_matches_plain_variance(rng):
 
 
 def test_moments_bad_method():
-    with pytest.raises(ValueError, match="method"):
-        stats.moments(jnp.ones((4, 2)), (0,), method="naive")
-    with pytest.raises(ValueError, match="method"):
-        stats.moments(jnp.ones((4, 2)), (0,), method="naive", mask=jnp.ones((4, 2), bool))
+    with pytest.raises(ValueError, match="algorithm"):
+        stats.moments(jnp.ones((4, 2)), (0,), algorithm="naive")
+    with pytest.raises(ValueError, match="algorithm"):
+        stats.moments(jnp.ones((4, 2)), (0,), algorithm="naive", mask=jnp.ones((4, 2), bool))
 
 
 def test_canonicalize_axes():
-    assert stats.canonicalize_axes(4, -1) == (3,)
-    assert stats.canonicalize_axes(4, (2, -4)) == (0, 2)
+    assert _checks.canonicalize_axes(4, -1) == (3,)
+    assert _checks.canonicalize_axes(4, (2, -4)) == (0, 2)
     with pytest.raises(ValueError, match=r"axis=\(4,\).*rank 4"):
-        stats.canonicalize_axes(4, 4)
+        _checks.canonicalize_axes(4, 4)
     with pytest.raises(ValueError, match=r"reduction_axes=\(-3,\).*rank 2"):
-        stats.canonicalize_axes(2, (-3,), name="reduction_axes")
+        _checks.canonicalize_axes(2, (-3,), name="reduction_axes")
     with pytest.raises(ValueError, match="repeats"):
-        stats.canonicalize_axes(3, (1, -2))
+        _checks.canonicalize_axes(3, (1, -2))
     with pytest.raises(TypeError, match="axis"):
-        stats.canonicalize_axes(3, (1.0,))
+        _checks.canonicalize_axes(3, (1.0,))
 
 
 def test_check_mask_errors():
     with pytest.raises(TypeError, match="mask must be a boolean.*float32"):
-        stats.check_mask(jnp.ones((4, 3)), (4, 3))
+        _checks.check_mask(jnp.ones((4, 3)), (4, 3))
     with pytest.raises(ValueError, match=r"mask of shape \(4, 2\).*input shape \(4, 3\)"):
-        stats.check_mask(jnp.ones((4, 2), bool), (4, 3))
+        _checks.check_mask(jnp.ones((4, 2), bool), (4, 3))
     # Broadcasting must not grow the input: a mask of higher rank is refused.
     with pytest.raises(ValueError, match=r"mask of shape \(2, 4, 3\)"):
-        stats.check_mask(jnp.ones((2, 4, 3), bool), (4, 3))
+        _checks.check_mask(jnp.ones((2, 4, 3), bool), (4, 3))
     # Broadcastable masks are accepted as they are.
-    assert stats.check_mask(jnp.ones((4, 1), bool), (4, 3)).shape == (4, 1)
-    assert stats.check_mask(jnp.ones((3,), bool), (4, 3)).shape == (3,)
+    assert _checks.check_mask(jnp.ones((4, 1), bool), (4, 3)).shape == (4, 1)
+    assert _checks.check_mask(jnp.ones((3,), bool), (4, 3)).shape == (3,)
 
 
 # --------------------------------------------------------------------------- merges

@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from bnjax import training as T
-from bnjax.models import MLP
+from bnjax.experiments.models import MLP
+from bnjax.training._rng import data_key
 
 N, D, C = 240, 12, 3  # a tiny synthetic problem: fast to compile and run
 
@@ -106,7 +107,7 @@ def test_train_step_matches_flax_batchnorm_sgd(data):
             return nn.Dense(C, kernel_init=init, name="head")(x)
 
     model, tx = small_mlp(), optax.sgd(0.3)
-    state = T.init_state(model, tx, jax.random.PRNGKey(1), x[:1])
+    state = T.create_train_state(model, tx, jax.random.PRNGKey(1), x[:1])
     new, metrics = jax.jit(T.make_train_step(model, tx))(state, x, y)
 
     ref = FlaxNet()
@@ -131,8 +132,8 @@ def test_train_step_matches_flax_batchnorm_sgd(data):
 def test_init_states_pair_models_by_seed(data):
     x = data[0][:1]
     tx = optax.sgd(0.1)
-    a = T.init_states(small_mlp(True), tx, [5, 6], x)
-    b = T.init_states(small_mlp(False), tx, [5, 6], x)
+    a = T.create_train_states(small_mlp(True), tx, [5, 6], x)
+    b = T.create_train_states(small_mlp(False), tx, [5, 6], x)
     assert a.step.shape == (2,)
     k = a.params["dense_0"]["kernel"]
     np.testing.assert_array_equal(k, b.params["dense_0"]["kernel"])  # same seed, same init
@@ -154,7 +155,7 @@ def setup(data):
         tx=tx,
         x=x,
         y=y,
-        states=T.init_states(model, tx, [0, 1], x[:1]),
+        states=T.create_train_states(model, tx, [0, 1], x[:1]),
         loop=T.make_train_loop(model, tx, batch_size=20),
         loop1=T.make_train_loop(model, tx, batch_size=20, over_seeds=False),
         evaluate=T.make_eval_step(model, probe=_probe),
@@ -183,7 +184,7 @@ def test_loop_is_the_step_repeated_on_the_sampled_batches(setup):
     state = _seed(setup["states"], 1)
     looped, _ = setup["loop1"](state, x, y, num_steps=20)
     step = jax.jit(T.make_train_step(setup["model"], setup["tx"]))
-    idx = T.epoch_batch_indices(jax.random.fold_in(state.rng, T._DATA_STREAM), 0, 20, N, 20)
+    idx = T.epoch_batch_indices(data_key(state.rng), 0, 20, N, 20)
     for i in np.asarray(idx):
         state, _ = step(state, x[i], y[i])
     for a, b in zip(jax.tree.leaves(looped), jax.tree.leaves(state), strict=True):
@@ -251,11 +252,11 @@ def test_eval_matches_numpy_and_chunks(setup):
 def test_checkpoint_roundtrip(tmp_path, setup):
     model, x = setup["model"], setup["x"]
     tx = optax.adam(1e-2)  # a non-empty optimizer state
-    states = T.init_states(model, tx, [0, 1], x[:1])
+    states = T.create_train_states(model, tx, [0, 1], x[:1])
     assert T.latest_checkpoint_step(tmp_path / "ck") is None
     T.save_checkpoint(tmp_path / "ck", 5, {"bn": states}, {"note": [1, 2]})
     assert T.latest_checkpoint_step(tmp_path / "ck") == 5
-    fresh = {"bn": T.init_states(model, tx, [7, 8], x[:1])}
+    fresh = {"bn": T.create_train_states(model, tx, [7, 8], x[:1])}
     assert not leaves_equal(fresh, {"bn": states})
     restored, meta = T.restore_checkpoint(tmp_path / "ck", fresh)
     assert meta == {"note": [1, 2]}
@@ -270,7 +271,7 @@ def test_fit_resume_equals_uninterrupted(tmp_path, setup, data):
     runs = {
         "bn": T.Run(setup["states"], setup["loop"], setup["evaluate"]),
         "plain": T.Run(
-            T.init_states(plain, setup["tx"], [0, 1], setup["x"][:1]),
+            T.create_train_states(plain, setup["tx"], [0, 1], setup["x"][:1]),
             T.make_train_loop(plain, setup["tx"], batch_size=20),
             T.make_eval_step(plain),
         ),
@@ -314,7 +315,7 @@ def test_train_step_axis_name_means_metrics_and_draws_dropout_per_device():
     model, tx = DropNet(), optax.sgd(0.1)
     x = jnp.ones((4, D), jnp.float32)
     y = jnp.arange(4, dtype=jnp.int32) % C
-    state = T.init_state(model, tx, jax.random.PRNGKey(0), x[:1])
+    state = T.create_train_state(model, tx, jax.random.PRNGKey(0), x[:1])
     step = T.make_train_step(model, tx, axis_name="dev")
     # Two "devices" holding the same shard: only the dropout masks can tell them apart.
     xs, ys = jnp.stack([x, x]), jnp.stack([y, y])

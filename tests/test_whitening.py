@@ -447,10 +447,10 @@ def test_fold_whitening_into_linear_reproduces_eval(rng, conv):
     v = {"params": params, **upd}
     y = jax.jit(lambda v, x: net.apply(v, x, train=False))(v, x)
     p = v["params"]
-    a, b = bnjax.fold.whitening_affine(p["bw"], v["batch_stats"]["bw"])
-    k, c = bnjax.fold.fold_whitening(p["lin"]["kernel"], p["lin"]["bias"], a, b)
+    a, b = bnjax.folding.whitening_affine(p["bw"], v["batch_stats"]["bw"])
+    k, c = bnjax.folding.fold_whitening(p["lin"]["kernel"], p["lin"]["bias"], a, b)
     folded = nn.Conv(8, (3, 3)) if conv else nn.Dense(8)
     y_fold = folded.apply({"params": {"kernel": k, "bias": c}}, x)
     np.testing.assert_allclose(y_fold, y, atol=2e-5)
     with pytest.raises(ValueError, match="must number 8"):
-        bnjax.fold.fold_whitening(p["lin"]["kernel"][..., :4], None, a, b)
+        bnjax.folding.fold_whitening(p["lin"]["kernel"][..., :4], None, a, b)

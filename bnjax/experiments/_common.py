@@ -70,7 +70,7 @@ class CommandLine:
     resume: bool
     progress: bool
     download: bool
-    distributed: dict[str, Any] | None = None  # bnjax.distributed.initialize's arguments
+    distributed: dict[str, Any] | None = None  # bnjax.training.distributed.initialize's arguments
 
 
 def _usage(prog, doc, fv: flags.FlagValues, config, config_help: Mapping[str, str], default: str):
@@ -114,7 +114,7 @@ def parse_command_line(
         explicitly as ``--config.<field>=...`` keep their given values.
       distributed: add the multi-process flags ``--coordinator-address``,
         ``--num-processes``, ``--process-id`` (default: the environment, see
-        :func:`bnjax.distributed.initialize`), ``--auto-distributed`` and
+        :func:`bnjax.training.distributed.initialize`), ``--auto-distributed`` and
         ``--init-timeout``; their values go to ``CommandLine.distributed``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -130,6 +130,43 @@ def parse_command_line(
         )
     except (AttributeError, KeyError) as e:  # an override of a field the config lacks
         raise SystemExit(f"{prog}: unknown config field in an override: {e}\nTry --help.") from None
+    _define_run_flags(fv, default_workdir, quick=quick is not None)
+    if distributed:
+        _define_distributed_flags(fv)
+    if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv):
+        fv([prog])
+        print(_usage(prog, doc, fv, fv["config"].value, config_help, default_config))
+        raise SystemExit(0)
+    try:
+        fv([prog, *argv])
+    except flags.Error as e:
+        raise SystemExit(f"{prog}: {e}\nTry --help.") from None
+    config = fv["config"].value
+    if quick is not None and fv["quick"].value:
+        _apply_quick(config, quick, argv)
+    return CommandLine(
+        config=config,
+        workdir=Path(fv["workdir"].value),
+        data_dir=fv["data-dir"].value,
+        resume=fv["resume"].value,
+        progress=fv["progress"].value,
+        download=fv["download"].value,
+        distributed=dict(
+            coordinator_address=fv["coordinator-address"].value,
+            num_processes=fv["num-processes"].value,
+            process_id=fv["process-id"].value,
+            auto=fv["auto-distributed"].value,
+            initialization_timeout=fv["init-timeout"].value,
+            heartbeat_timeout=fv["heartbeat-timeout"].value,
+        )
+        if distributed
+        else None,
+    )
+
+
+def _define_run_flags(fv: flags.FlagValues, default_workdir: str, *, quick: bool) -> None:
+    """The flags every experiment has: --workdir, --data-dir, --resume, --progress,
+    --download (and --quick if the experiment has a quick mode)."""
     flags.DEFINE_string("workdir", default_workdir, "output folder of the run", flag_values=fv)
     flags.DEFINE_alias("out", "workdir", flag_values=fv)
     flags.DEFINE_string(
@@ -151,78 +188,57 @@ def parse_command_line(
     flags.DEFINE_boolean(
         "download", False, "download the dataset (MD5-verified) if it is missing", flag_values=fv
     )
-    if quick is not None:
+    if quick:
         flags.DEFINE_boolean(
             "quick",
             False,
             "a smoke-test run of the same pipeline (under a minute)",
             flag_values=fv,
         )
-    if distributed:
-        flags.DEFINE_string(
-            "coordinator-address",
-            None,
-            "multi-process run: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS)",
-            flag_values=fv,
-        )
-        flags.DEFINE_integer(
-            "num-processes", None, "number of processes (else $JAX_NUM_PROCESSES)", flag_values=fv
-        )
-        flags.DEFINE_integer(
-            "process-id", None, "this process, 0..N-1 (else $JAX_PROCESS_ID)", flag_values=fv
-        )
-        flags.DEFINE_boolean(
-            "auto-distributed",
-            False,
-            "let JAX detect the processes from the cluster (SLURM, Open MPI, Kubernetes)",
-            flag_values=fv,
-        )
-        flags.DEFINE_integer(
-            "init-timeout",
-            300,
-            "seconds to wait for every process to join (a missing one ends the run)",
-            flag_values=fv,
-        )
-        flags.DEFINE_integer(
-            "heartbeat-timeout",
-            100,
-            "seconds after which a silent (dead) process ends the whole run",
-            flag_values=fv,
-        )
-    if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv):
-        fv([prog])
-        print(_usage(prog, doc, fv, fv["config"].value, config_help, default_config))
-        raise SystemExit(0)
-    try:
-        fv([prog, *argv])
-    except flags.Error as e:
-        raise SystemExit(f"{prog}: {e}\nTry --help.") from None
-    config = fv["config"].value
-    if quick is not None and fv["quick"].value:
-        given = {a.split("=", 1)[0][len("--config.") :] for a in argv if a.startswith("--config.")}
-        fast = quick(ml_collections.ConfigDict(config.to_dict()))
-        with config.unlocked():
-            for key, value in fast.items():
-                if key not in given:
-                    config[key] = value
-    return CommandLine(
-        config=config,
-        workdir=Path(fv["workdir"].value),
-        data_dir=fv["data-dir"].value,
-        resume=fv["resume"].value,
-        progress=fv["progress"].value,
-        download=fv["download"].value,
-        distributed=dict(
-            coordinator_address=fv["coordinator-address"].value,
-            num_processes=fv["num-processes"].value,
-            process_id=fv["process-id"].value,
-            auto=fv["auto-distributed"].value,
-            initialization_timeout=fv["init-timeout"].value,
-            heartbeat_timeout=fv["heartbeat-timeout"].value,
-        )
-        if distributed
-        else None,
+
+
+def _define_distributed_flags(fv: flags.FlagValues) -> None:
+    """The multi-process flags (``CommandLine.distributed``)."""
+    flags.DEFINE_string(
+        "coordinator-address",
+        None,
+        "multi-process run: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS)",
+        flag_values=fv,
     )
+    flags.DEFINE_integer(
+        "num-processes", None, "number of processes (else $JAX_NUM_PROCESSES)", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "process-id", None, "this process, 0..N-1 (else $JAX_PROCESS_ID)", flag_values=fv
+    )
+    flags.DEFINE_boolean(
+        "auto-distributed",
+        False,
+        "let JAX detect the processes from the cluster (SLURM, Open MPI, Kubernetes)",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "init-timeout",
+        300,
+        "seconds to wait for every process to join (a missing one ends the run)",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "heartbeat-timeout",
+        100,
+        "seconds after which a silent (dead) process ends the whole run",
+        flag_values=fv,
+    )
+
+
+def _apply_quick(config: ml_collections.ConfigDict, quick: Callable, argv: Sequence[str]) -> None:
+    """``--quick``: the quick config's values, except for fields given as ``--config.<f>=``."""
+    given = {a.split("=", 1)[0][len("--config.") :] for a in argv if a.startswith("--config.")}
+    fast = quick(ml_collections.ConfigDict(config.to_dict()))
+    with config.unlocked():
+        for key, value in fast.items():
+            if key not in given:
+                config[key] = value
 
 
 def run_command_line(
@@ -261,7 +277,7 @@ def run_command_line(
     )
     multi = False
     if cl.distributed is not None:
-        from bnjax import distributed
+        from bnjax.training import distributed
 
         multi = distributed.initialize(**cl.distributed)
     try:
@@ -335,7 +351,7 @@ def load_data(
     dataset: str, data_dir: str | None = None, *, download: bool = False, flatten: bool = True
 ):
     """``(train_x, train_y), (test_x, test_y)``: float32 images in [0, 1], int32 labels."""
-    from bnjax.data import load_dataset
+    from bnjax.experiments.data import load_dataset
 
     ds = load_dataset(dataset, data_dir=data_dir, download=download, flatten=flatten)
     return (ds.train_images, ds.train_labels), (ds.test_images, ds.test_labels)
@@ -445,7 +461,7 @@ def train_side_by_side(
     """Trains ``nets`` (name -> ``(model, optimizer)``) side by side (:func:`bnjax.training.fit`).
 
     Every net gets the seeds ``config.seed, ..., config.seed + config.num_seeds - 1``
-    (:func:`bnjax.training.init_states`: the same initial weights and data
+    (:func:`bnjax.training.create_train_states`: the same initial weights and data
     order for nets of the same shapes), mini-batches of ``config.batch_size``,
     compiled calls of ``config.steps_per_call`` steps if the config has that
     field and it is not 0 (else one ``lax.scan`` per chunk), and an evaluation
@@ -468,7 +484,7 @@ def train_side_by_side(
     runs = {}
     for name, (model, tx) in nets.items():
         runs[name] = training.Run(
-            state=training.init_states(model, tx, seeds, train[0][:1]),
+            state=training.create_train_states(model, tx, seeds, train[0][:1]),
             train_loop=training.make_train_loop(
                 model,
                 tx,

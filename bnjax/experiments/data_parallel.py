@@ -2,7 +2,7 @@
 
 The paper's MNIST network (784-100-100-100-10, sigmoid, batch norm before each
 hidden sigmoid, plain SGD, mini-batches of 60, 50,000 steps: the "with BN" net
-of ``bnjax-figure1``, one seed), trained with :mod:`bnjax.parallel`: every
+of ``bnjax-figure1``, one seed), trained with :mod:`bnjax.training.parallel`: every
 global mini-batch is split over all devices of all processes, the batch-norm
 statistics are pooled exactly over the global batch (``axis_name="data"``),
 the gradient is the global-batch gradient. The global batch sequence is the
@@ -28,7 +28,7 @@ The multi-process flags fall back to ``$JAX_COORDINATOR_ADDRESS``,
 JAX read them from SLURM / Open MPI / Kubernetes. See docs/multidevice.md.
 
 Programmatic use: ``results = run(get_config(), "runs/dp")`` (after
-``bnjax.distributed.initialize(...)`` in a multi-process run).
+``bnjax.training.distributed.initialize(...)`` in a multi-process run).
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from bnjax import distributed, parallel, training
+from bnjax import training
 from bnjax.experiments import _common
-from bnjax.models import MLP
+from bnjax.experiments.models import MLP
+from bnjax.training import distributed, parallel
 
 __all__ = ["CONFIG_HELP", "DISTRIBUTED", "get_config", "quick_config", "build", "run", "main"]
 
@@ -142,17 +143,18 @@ def run(
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     model, tx = build(config)
     with jax.default_device(jax.local_devices()[0]):
-        state = training.init_state(model, tx, jax.random.PRNGKey(config.seed), train[0][:1])
+        key = jax.random.PRNGKey(config.seed)
+        state = training.create_train_state(model, tx, key, train[0][:1])
     run_ = training.Run(
         state=parallel.replicate(state, mesh),
-        train_loop=parallel.make_train_loop(
+        train_loop=parallel.make_sharded_train_loop(
             model,
             tx,
             mesh,
             batch_size=config.batch_size,
             steps_per_call=config.steps_per_call or None,
         ),
-        evaluate=parallel.make_eval_step(model, mesh),
+        evaluate=parallel.make_sharded_eval_step(model, mesh),
     )
     result = training.fit(
         {"bn": run_},
@@ -206,7 +208,7 @@ def _write_outputs(workdir: Path, config, history, summary, seconds: float) -> N
 
 def main(argv: list[str] | None = None) -> None:
     """The ``bnjax-data-parallel`` command (``--help`` lists every option)."""
-    from bnjax.data import DataError
+    from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(
         argv,

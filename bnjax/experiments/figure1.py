@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 
 from bnjax.experiments import _common
-from bnjax.models import MLP
+from bnjax.experiments.models import MLP
 
 __all__ = [
     "CONFIG_HELP",
@@ -224,7 +224,7 @@ def _population_comparison(config, model, state, evaluate, train, test, progress
     mini-batches are one random order of the training set, cut once: every
     method uses the first ``n`` of them.
     """
-    from bnjax.recalibrate import recalibrate
+    from bnjax.recalibration import recalibrate
 
     x, _ = train
     bs = config.batch_size
@@ -609,7 +609,7 @@ def write_report(workdir: str | Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``bnjax-figure1`` command (``--help`` lists every option)."""
-    from bnjax.data import DataError
+    from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(
         argv,

@@ -4,7 +4,7 @@ Experiment 2 (:mod:`bnjax.experiments.lr_tolerance`) finds that its BN-x30
 network (lr 1.5 with momentum 0.9) ends at chance level. This program retraces
 the first ``diag_steps`` steps of that run, and of runs that change one thing
 at a time (the rate, the momentum, the Sec. 4.2.1 changes, ...), with
-:func:`bnjax.dynamics.trace` (the same mini-batches and updates as the
+:func:`bnjax.experiments.dynamics.trace` (the same mini-batches and updates as the
 experiment) and records at every step, per layer: the weight norms, the
 mini-batch statistics going into every batch norm, the fraction of dead relu
 units, the size of each update, and the logits' scale and the loss.
@@ -36,8 +36,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from bnjax import dynamics, training
-from bnjax.experiments import _common
+from bnjax import training
+from bnjax.experiments import _common, dynamics
 from bnjax.experiments import lr_tolerance as lt
 
 __all__ = [
@@ -184,7 +184,7 @@ def trace_case(config, name: str, train, *, progress_bar=None):
     model = lt.make_model(config, c.variant)
     tx = lt.make_optimizer(config, c.variant, lr=s["lr"], momentum=s["momentum"])
     seeds = [config.seed + k for k in range(config.num_seeds)]
-    states = training.init_states(model, tx, seeds, train[0][:1])
+    states = training.create_train_states(model, tx, seeds, train[0][:1])
     _, rec = dynamics.trace(
         model,
         tx,
@@ -420,7 +420,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m bnjax.experiments.lr_diagnosis`` (``--help`` lists every option)."""
-    from bnjax.data import DataError
+    from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(
         argv,

@@ -4,7 +4,7 @@ The paper (Sec. 4.2) trains Inception with and without batch norm and finds that
 BN lets the learning rate grow 5x and 30x (BN-x5, BN-x30) and makes a sigmoid
 network trainable (BN-x5-Sigmoid), while Inception without BN diverges at 5x
 the rate and does not train with sigmoids. Here the same comparison runs on a
-small NHWC convnet (:class:`bnjax.models.ConvNet`: two 3x3 stride-2 conv layers
+small NHWC convnet (:class:`bnjax.experiments.models.ConvNet`: two 3x3 stride-2 conv layers
 and a dense layer, each followed by BN per feature map when enabled, then the
 activation) on Fashion-MNIST (or MNIST), SGD with momentum:
 
@@ -33,7 +33,7 @@ variant (:class:`Variant`) and make a second set of named variants, ``<name>_421
   faster (every ``lr_decay_steps / 6`` steps) for the accelerated ones;
 * L2 weight decay on the conv and dense kernels, ``weight_decay`` for the
   base-rate networks and ``weight_decay / 5`` for the accelerated ones;
-* no dropout: :class:`bnjax.models.ConvNet` has none (nor local response
+* no dropout: :class:`bnjax.experiments.models.ConvNet` has none (nor local response
   normalization, nor photometric distortions: there is no augmentation);
 * thorough shuffling: every epoch already visits the training set in a fresh
   permutation per seed (:func:`bnjax.training.epoch_batch_indices`).
@@ -45,7 +45,7 @@ results unchanged); ``configs/lr_tolerance_sec421.py`` runs both sets side by
 side and ``results.md`` then also gets a side-by-side table.
 
 All variants share the initial-weight seeds and the data order per seed
-(:func:`bnjax.training.init_states`), are trained side by side with
+(:func:`bnjax.training.create_train_states`), are trained side by side with
 :func:`bnjax.training.fit` (several seeds in parallel by ``jax.vmap``) and are
 evaluated on the test set every ``eval_every`` steps in inference mode, with
 the population statistics (EMA). The table gives, per variant, the first
@@ -82,7 +82,7 @@ import numpy as np
 import optax
 
 from bnjax.experiments import _common
-from bnjax.models import ConvNet
+from bnjax.experiments.models import ConvNet
 
 __all__ = [
     "CONFIG_HELP",
@@ -808,7 +808,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     """The ``bnjax-lr-tolerance`` command (``--help`` lists every option)."""
-    from bnjax.data import DataError
+    from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(
         argv,

@@ -10,7 +10,7 @@ failure on ImageNet and fixes it with Batch Renorm (see ../shared/BEYOND.md
 §1 and :class:`bnjax.linen.BatchRenorm`).
 
 Here, on MNIST (or Fashion-MNIST) with the Figure-1 MLP
-(:class:`bnjax.models.MLP`, 784-100-100-100-10, a normalization layer after
+(:class:`bnjax.experiments.models.MLP`, 784-100-100-100-10, a normalization layer after
 every hidden ``Dense``), four methods are compared under five batch settings:
 
 =============  ========================================================
@@ -19,7 +19,7 @@ method         network
 ``none``       no normalization (hidden biases instead)
 ``bn``         :class:`bnjax.linen.BatchNorm`, EMA population statistics
 ``bn_precise`` the ``bn`` network after training, population statistics
-               recomputed by PreciseBN (:func:`bnjax.recalibrate.recalibrate`,
+               recomputed by PreciseBN (:func:`bnjax.recalibrate`,
                ``mode="layerwise"``) on i.i.d. training mini-batches
 ``renorm``     :class:`bnjax.linen.BatchRenorm` with the paper's schedule
                (:func:`bnjax.functional.renorm_schedule`) scaled to the run
@@ -83,7 +83,7 @@ import numpy as np
 
 from bnjax import training
 from bnjax.experiments import _common
-from bnjax.models import MLP
+from bnjax.experiments.models import MLP
 
 __all__ = [
     "CONFIG_HELP",
@@ -408,7 +408,7 @@ def test_batches(labels: np.ndarray, setting: Setting, batch_size: int, seed: in
 
 def _precise_bn(config, model, state, train_x):
     """The seed-stacked ``state`` with PreciseBN statistics (layerwise, i.i.d. batches)."""
-    from bnjax.recalibrate import recalibrate
+    from bnjax.recalibration import recalibrate
 
     bs = config.batch_size
     n = min(config.precise_bn_batches, train_x.shape[0] // bs)
@@ -774,7 +774,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     """The ``bnjax-small-batch`` command (``--help`` lists every option)."""
-    from bnjax.data import DataError
+    from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(
         argv,

@@ -52,8 +52,8 @@ import optax
 from bnjax import functional as F
 from bnjax import whitening as W
 from bnjax.experiments import _common
+from bnjax.experiments.models import MLP
 from bnjax.linen import BatchWhitening
-from bnjax.models import MLP
 
 __all__ = [
     "CONFIG_HELP",
@@ -259,7 +259,7 @@ def _step_fn(config, kind: str, d: int, g: int, x, y):
     from bnjax import training
 
     tx = optax.sgd(0.1)
-    state = training.init_state(model, tx, jax.random.PRNGKey(0), x[:1])
+    state = training.create_train_state(model, tx, jax.random.PRNGKey(0), x[:1])
     step = jax.jit(training.make_train_step(model, tx))
     return lambda: jax.block_until_ready(step(state, x, y)[0].params)
 
@@ -575,7 +575,7 @@ def write_outputs(workdir: Path, config, history, summary, cost, singular, secon
 
 def main(argv: list[str] | None = None) -> None:
     """The ``bnjax-whitening`` command (``--help`` lists every option)."""
-    from bnjax.data import DataError
+    from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(
         argv, sys.modules[__name__], prog="bnjax-whitening",

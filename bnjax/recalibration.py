@@ -73,10 +73,8 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -85,115 +83,23 @@ from flax import nnx, traverse_util
 from flax.core import unfreeze
 
 from bnjax import functional as F
-from bnjax import nnx as bnnnx
 from bnjax import population as _pop
-from bnjax import stats as _stats
-from bnjax._module_common import batch_stats, config_of
-from bnjax.linen import BatchNorm as LinenBatchNorm
-from bnjax.stats import Moments
+from bnjax._capture import as_args, compiled, nnx_layers
+from bnjax.stats import Moments, merge
 
-__all__ = ["RECALIBRATION_MODES", "recalibrate", "recalibrate_nnx"]
+__all__ = ["RECALIBRATION_MODES", "Mode", "Variance", "recalibrate", "recalibrate_nnx"]
 
 Array = jax.Array
-RECALIBRATION_MODES = ("train", "layerwise", "single_pass")
-_VARIANCES = ("within", "total")
-
-# record(x, mask, cfg, params, state, upstream) -> (y, record)
-Recorder = Callable[..., tuple[Array, Any]]
-
-
-# --------------------------------------------------------------------------- capture
+Mode = Literal["train", "layerwise", "single_pass"]
+Variance = Literal["within", "total"]
+RECALIBRATION_MODES: tuple[str, ...] = get_args(Mode)
+_VARIANCES: tuple[str, ...] = get_args(Variance)
 
 
-def _local(cfg: F.BatchNormConfig) -> F.BatchNormConfig:
-    return dataclasses.replace(cfg, axis_name=None, axis_index_groups=None)
+# --------------------------------------------------------------------------- record
 
 
-def _linen_config(mod: nn.Module) -> F.BatchNormConfig | None:
-    """The functional config of a bnjax or flax linen batch norm, else ``None``."""
-    if isinstance(mod, LinenBatchNorm):
-        return _local(mod.config())
-    if isinstance(mod, nn.BatchNorm):
-        return config_of(mod, local=True)
-    return None
-
-
-def _as_args(batch: Any) -> tuple:
-    return batch if isinstance(batch, tuple) else (batch,)
-
-
-def _with_path(path: str, fn: Callable, *a):
-    try:
-        return fn(*a)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"batch-norm layer {path!r}: {e}") from None
-
-
-def linen_tracer(model: nn.Module, apply_kwargs: Mapping[str, Any]) -> Callable:
-    """``trace(variables, args, upstream, record) -> {path: [record, ...]}`` for linen."""
-
-    def trace(variables, args, upstream, record):
-        out: dict[str, list] = {}
-
-        def interceptor(next_fun, a, kw, context):
-            mod = context.module
-            cfg = _linen_config(mod) if context.method_name == "__call__" else None
-            if cfg is None:
-                return next_fun(*a, **kw)
-            path = "/".join(mod.path)
-            x = jnp.asarray(a[0])
-            mask = kw.get("mask")
-            params = F.BNParams(
-                mod.get_variable("params", "scale") if cfg.use_scale else None,
-                mod.get_variable("params", "bias") if cfg.use_bias else None,
-            )
-            renorm = cfg.renorm is not None  # BatchRenorm: also its step counter
-            names = F.BatchStats._fields + (("steps",) if renorm else ())
-            stored = {k: mod.get_variable("batch_stats", k) for k in names}
-            if stored["mean"] is None or stored["var"] is None:
-                raise ValueError(f"batch-norm layer {path!r} has no batch_stats/mean and var")
-            stored = {k: v for k, v in stored.items() if v is not None}
-            state = _with_path(path, batch_stats, stored, renorm)
-            y, rec = _with_path(path, record, x, mask, cfg, params, state, upstream)
-            out.setdefault(path, []).append(rec)
-            return y
-
-        with nn.intercept_methods(interceptor):
-            model.apply(variables, *args, **apply_kwargs)
-        return out
-
-    return trace
-
-
-def nnx_tracer(graphdef: Any, call_kwargs: Mapping[str, Any]) -> Callable:
-    """``trace(state, args, upstream, record) -> {path: [record, ...]}`` for NNX."""
-
-    def trace(state, args, upstream, record):
-        model = nnx.merge(graphdef, state)
-        paths = {
-            id(m): "/".join(map(str, p))
-            for p, m in nnx.iter_modules(model)
-            if isinstance(m, bnnnx.BatchNorm)
-        }
-        out: dict[str, list] = {}
-
-        def hook(mod, x, mask, use_running_average):
-            path = paths[id(mod)]
-            cfg = _local(mod.config())
-            y, rec = _with_path(
-                path, record, x, mask, cfg, mod.bn_params(), mod.bn_state(), upstream
-            )
-            out.setdefault(path, []).append(rec)
-            return y
-
-        with bnnnx.intercept(hook):
-            model(*args, **call_kwargs)
-        return out
-
-    return trace
-
-
-def _forward(x, mask, cfg, params, state, upstream):
+def _layer_output(x, mask, cfg, params, state, upstream):
     if upstream == "train":
         return F.apply_train(params, state, x, cfg, mask=mask)[0]
     return F.apply_eval(params, state, x, cfg)
@@ -201,7 +107,7 @@ def _forward(x, mask, cfg, params, state, upstream):
 
 def _record_moments(x, mask, cfg, params, state, upstream):
     m = F.batch_moments(x, cfg, mask=mask)
-    return _forward(x, mask, cfg, params, state, upstream), (m, state)
+    return _layer_output(x, mask, cfg, params, state, upstream), (m, state)
 
 
 # --------------------------------------------------------------------------- accumulate
@@ -247,53 +153,17 @@ def _fold_in(acc, recs):
     for path, calls in recs.items():
         st, tot, _ = acc[path]
         for m, _ in calls:
-            st = _pop.update(st, m, estimator="average", momentum=0.0)
-            tot = _stats.merge(tot, m)
+            st = _pop.update(st, m, population="average", momentum=0.0)
+            tot = merge(tot, m)
         acc[path] = (st, tot, calls[-1][1])  # the layer's current (old) statistics
     return acc
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled_cached(kind, model, kwargs_items, upstream, record):
-    tracer = linen_tracer if kind == "linen" else nnx_tracer
-    trace = tracer(model, dict(kwargs_items))
-    if record is _record_moments:
-
-        def fn(acc, carry, args):
-            return _fold_in(acc, trace(carry, args, upstream, record))
-
-    else:
-
-        def fn(carry, args):
-            return trace(carry, args, upstream, record)
-
-    return trace, jax.jit(fn)
-
-
-def compiled(
-    kind: str, model: Any, kwargs: Mapping[str, Any], upstream: str, record: Recorder
-) -> tuple[Callable, Callable]:
-    """``(trace, jitted step)`` for a linen model or NNX graphdef, cached.
-
-    Equal models (flax modules and graphdefs compare by structure) with equal
-    hashable keyword arguments share one compiled step, so recalibrating again
-    (e.g. every epoch) does not recompile. The step is
-    ``(acc, carry, args) -> acc`` for :func:`_record_moments` and
-    ``(carry, args) -> {path: [record]}`` for any other recorder.
-    """
-    items = tuple(sorted(kwargs.items()))
-    try:
-        hash((model, items))
-    except TypeError:
-        return _compiled_cached.__wrapped__(kind, model, items, upstream, record)
-    return _compiled_cached(kind, model, items, upstream, record)
 
 
 class _Stepper:
     """One jitted per-batch step for all passes (the statistics are arguments)."""
 
     def __init__(self, kind, model, kwargs, upstream):
-        self.trace, self.step = compiled(kind, model, kwargs, upstream, _record_moments)
+        self.trace, self.step = compiled(kind, model, kwargs, upstream, _record_moments, _fold_in)
         self.upstream = upstream
         self.order: list[str] = []  # layer paths in call order
         self._zero = None
@@ -314,7 +184,7 @@ def _accumulate(stepper, carry, source, progress, desc):
     """One pass over the data: per layer path, (average BatchStats, total Moments, old)."""
     acc = None
     for batch in _progress(source(), progress, desc):
-        args = _as_args(batch)
+        args = as_args(batch)
         if acc is None:
             acc = stepper.zero(carry, args)
         acc = stepper.step(acc, carry, args)
@@ -372,8 +242,8 @@ def recalibrate(
     variables: Mapping[str, Any],
     batches: Iterable | Callable[[], Iterable],
     *,
-    mode: str = "train",
-    variance: str = "within",
+    mode: Mode = "train",
+    variance: Variance = "within",
     progress: bool = False,
     **apply_kwargs: Any,
 ) -> dict[str, Any]:
@@ -434,8 +304,8 @@ def recalibrate_nnx(
     model: nnx.Module,
     batches: Iterable | Callable[[], Iterable],
     *,
-    mode: str = "train",
-    variance: str = "within",
+    mode: Mode = "train",
+    variance: Variance = "within",
     progress: bool = False,
     **call_kwargs: Any,
 ) -> nnx.Module:
@@ -452,11 +322,7 @@ def recalibrate_nnx(
     """
     _check(mode, variance)
     graphdef, state = nnx.split(model)
-    layers = {
-        "/".join(map(str, p)): m
-        for p, m in nnx.iter_modules(model)
-        if isinstance(m, bnnnx.BatchNorm)
-    }
+    layers = nnx_layers(model)
 
     def write(state, new):
         for path, st in new.items():

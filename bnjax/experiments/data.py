@@ -53,7 +53,7 @@ that cache; copy them (``np.array(images)``) before modifying them in place.
 
 Example::
 
-    >>> from bnjax.data import load_mnist, load_dataset
+    >>> from bnjax.experiments.data import load_mnist, load_dataset
     >>> images, labels = load_mnist("train")          # doctest: +SKIP
     >>> images.shape, images.dtype, labels.shape      # doctest: +SKIP
     ((60000, 28, 28), dtype('uint8'), (60000,))

@@ -56,6 +56,7 @@ __all__ = [
     "ENV_COORDINATOR",
     "ENV_NUM_PROCESSES",
     "ENV_PROCESS_ID",
+    "LaunchResult",
     "ProcessGroupError",
     "initialize",
     "is_main_process",
@@ -309,24 +310,7 @@ def launch_local(
             procs[i] = subprocess.Popen(
                 list(argv), env=e, stdout=out, stderr=err, cwd=cwd, start_new_session=True
             )
-        failed_at: float | None = None
-        failure: str | None = None
-        while True:
-            codes = {i: p.poll() for i, p in procs.items()}
-            now = time.monotonic() - t0
-            bad = [i for i, c in codes.items() if c not in (None, 0)]
-            if bad and failed_at is None:
-                failed_at = now
-                i = bad[0]
-                failure = f"process {i} of {num_processes} exited with status {codes[i]}"
-            if all(c is not None for c in codes.values()):
-                break
-            if failed_at is not None and now - failed_at > grace:
-                break
-            if now > timeout:
-                failure = failure or f"the {len(ids)} processes did not finish within {timeout} s"
-                break
-            time.sleep(0.1)
+        failure = _watch(procs, t0, num_processes, timeout=timeout, grace=grace)
         for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -364,6 +348,28 @@ def launch_local(
         err.result = result  # type: ignore[attr-defined]
         raise err
     return result
+
+
+def _watch(procs: dict, t0: float, num_processes: int, *, timeout: float, grace: float):
+    """Polls the processes until all exit, one fails (then ``grace`` s more for the
+    others to report) or ``timeout`` passes; the failure's description, or None."""
+    failed_at: float | None = None
+    failure: str | None = None
+    while True:
+        codes = {i: p.poll() for i, p in procs.items()}
+        now = time.monotonic() - t0
+        bad = [i for i, c in codes.items() if c not in (None, 0)]
+        if bad and failed_at is None:
+            failed_at = now
+            i = bad[0]
+            failure = f"process {i} of {num_processes} exited with status {codes[i]}"
+        if all(c is not None for c in codes.values()):
+            return failure
+        if failed_at is not None and now - failed_at > grace:
+            return failure
+        if now > timeout:
+            return failure or f"the {len(procs)} processes did not finish within {timeout} s"
+        time.sleep(0.1)
 
 
 def _interesting(stderr: str) -> list[str]:

@@ -10,7 +10,7 @@ backward pass (training mode, the parameters before the update):
   ``update_ratio/...`` the norm of the optimizer's step over the weight norm
   (NaN where the weight is 0, e.g. a BN beta at initialization);
 * per layer input the model sows into ``"intermediates"`` (flax ``sow``; the
-  models of :mod:`bnjax.models` sow ``"bn_in_<i>"``, the input of the i-th batch
+  models of :mod:`bnjax.experiments.models` sow ``"bn_in_<i>"``, the input of the i-th batch
   norm, and ``"act_in_<i>"``, the input of the i-th hidden nonlinearity), the
   per-feature mini-batch statistics over all but the last axis
   (:func:`bnjax.stats.moments`, two-pass, at least float32):
@@ -26,7 +26,7 @@ backward pass (training mode, the parameters before the update):
 same result as the experiment's loop) and records the probe at every step::
 
     model, tx = ConvNet(features=(8, 16), dense=32, downsample="stride"), optax.sgd(1.5, 0.9)
-    states = training.init_states(model, tx, seeds=[0, 1], sample_input=x[:1])
+    states = training.create_train_states(model, tx, seeds=[0, 1], sample_input=x[:1])
     states, rec = trace(model, tx, states, x, y, num_steps=300, batch_size=50)
     rec["loss"].shape, rec["act_in_2/dead"].shape     # (2, 300), (2, 300)
 
@@ -62,7 +62,7 @@ def _norm(a: Array) -> Array:
 
 
 def _feature_moments(x: Array):
-    m = moments(x, tuple(range(x.ndim - 1)), method="two_pass")
+    m = moments(x, tuple(range(x.ndim - 1)), algorithm="two_pass")
     return m.mean.reshape(-1), jnp.sqrt(m.var()).reshape(-1)
 
 

@@ -9,9 +9,9 @@ step on the full batch, whatever the number of devices::
 
     model = MLP()                                   # uses bnjax.linen.BatchNorm(axis_name="data")
     tx = optax.sgd(0.5)
-    state = create_train_state(model, tx, jax.random.key(0), x[:2])   # a training.TrainState
+    state = state_from_variables(model.init(key, x[:2], train=False), tx, key)
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    step = data_parallel(make_train_step(model, tx), mesh)
+    step = data_parallel(make_train_step(model, tx, axis_name="data"), mesh)
     state, metrics = step(state, x, y)               # x: (B, ...), B divisible by the mesh
 
 The step is a ``jax.shard_map`` (``check_vma=True``) inside ``jax.jit``. The
@@ -20,17 +20,18 @@ over the global batch; its gradient with respect to the replicated parameters
 is therefore the full-batch gradient (JAX sums the per-device contributions of
 a replicated value), identical on every device.
 
-Several processes (hosts): call :func:`bnjax.distributed.initialize` first and
+Several processes (hosts): call :func:`bnjax.training.distributed.initialize` first and
 build the mesh over ``jax.devices()`` (all devices of all processes);
-:func:`replicate` puts a state on it, :func:`make_train_loop` trains with the
+:func:`replicate` puts a state on it, :func:`make_sharded_train_loop` trains with the
 single-process batch order while each process loads only its share of every
-batch (:func:`global_batch`), and :func:`make_eval_step` evaluates over all
+batch (:func:`global_batch`), and :func:`make_sharded_eval_step` evaluates over all
 processes. ``bnjax-data-parallel`` (:mod:`bnjax.experiments.data_parallel`) is
 the complete job; see ``docs/multidevice.md``.
 
-The state is :class:`bnjax.training.TrainState` (re-exported here as
-``TrainState``) and the step is :func:`bnjax.training.make_train_step` with an
-``axis_name``: one state type and one step for one device and for many.
+The state is :class:`bnjax.training.TrainState` and the step is
+:func:`bnjax.training.make_train_step` with an ``axis_name``: one state type and
+one step for one device and for many (``state_from_variables`` and
+``make_train_step`` above are those of :mod:`bnjax.training`).
 """
 
 from __future__ import annotations
@@ -48,70 +49,24 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bnjax import distributed, training
-from bnjax.training import TrainState, _raw_key, cross_entropy_loss, state_from_variables
+from bnjax.training import distributed
+from bnjax.training._rng import data_key
+from bnjax.training.data_order import epoch_batch_indices
+from bnjax.training.state import TrainState, cross_entropy_loss
+from bnjax.training.steps import make_train_step
 
 __all__ = [
-    "TrainState",
-    "create_train_state",
-    "make_train_step",
     "data_parallel",
-    "shard_batch",
-    "cross_entropy_loss",
-    "replicate",
     "global_batch",
-    "make_train_loop",
-    "make_eval_step",
+    "make_sharded_eval_step",
+    "make_sharded_train_loop",
+    "replicate",
+    "shard_batch",
 ]
 
 Array = jax.Array
 PyTree = Any
 StepFn = Callable[..., tuple[Any, dict[str, Array]]]
-
-
-def create_train_state(
-    model: nn.Module, tx: optax.GradientTransformation, key: Array, sample_x: Array
-) -> TrainState:
-    """A fresh :class:`bnjax.training.TrainState`, built outside any mesh.
-
-    ``axis_name`` is unused at init. Unlike :func:`bnjax.training.init_state`,
-    the parameters are drawn from ``key`` itself (not ``fold_in(key, 1)``). The
-    state's ``rng`` is ``key`` as a raw ``uint32`` key array (the raw data of a
-    typed key); the step of :func:`make_train_step` does not use it.
-
-    Args:
-      model: a linen module called as ``model(x, train=...)``.
-      tx: an optax optimizer.
-      key: PRNG key for the parameters (typed, ``jax.random.key``, or raw).
-      sample_x: an example input batch ``(b, ...)`` fixing the shapes.
-    """
-    variables = model.init(key, sample_x, train=False)
-    return state_from_variables(variables, tx, _raw_key(key))
-
-
-def make_train_step(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    *,
-    loss_fn: Callable[[Array, Array], Array] = cross_entropy_loss,
-    axis_name: str | None = "data",
-) -> StepFn:
-    """A train step ``(state, x, y) -> (state, metrics)`` for a linen model with batch norm.
-
-    :func:`bnjax.training.make_train_step` with ``axis_name`` (default
-    ``"data"``): the library's one train step, written per device, ``x`` and
-    ``y`` being the device's shard of the batch. The loss and the metrics are
-    averaged over that axis (bind it with :func:`data_parallel`); with
-    ``axis_name=None`` the step is the ordinary single-device step (the model's
-    BatchNorm layers must then have ``axis_name=None`` too).
-
-    ``state`` is a :class:`bnjax.training.TrainState` (e.g. from
-    :func:`create_train_state`); its ``rng`` is only read (the per-step
-    ``"dropout"`` key is ``fold_in(fold_in(rng, step), device index)``).
-
-    Metrics: ``loss`` (mean over the global batch) and ``accuracy``.
-    """
-    return training.make_train_step(model, tx, loss_fn, axis_name=axis_name)
 
 
 def data_parallel(
@@ -131,8 +86,8 @@ def data_parallel(
     same result on a 1-device mesh and on an N-device mesh.
 
     Args:
-      step_fn: a per-device step, e.g. from :func:`make_train_step`, whose
-        collectives use ``axis_name``.
+      step_fn: a per-device step whose collectives use ``axis_name``, e.g.
+        :func:`bnjax.training.make_train_step` with ``axis_name``.
       mesh: a :class:`jax.sharding.Mesh` with an axis ``axis_name``.
       axis_name: the data-parallel mesh axis.
       num_batch_args: how many arguments after ``state`` are batch-sharded.
@@ -184,7 +139,7 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis_name: str = "data") -> PyTree:
 # --------------------------------------------------------------------------- several processes
 
 
-def _local(a) -> np.ndarray:
+def _host_value(a) -> np.ndarray:
     """The value of a replicated (possibly multi-process) array as NumPy, from a local copy."""
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
         return np.asarray(a.addressable_data(0))
@@ -195,7 +150,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Every array of ``tree`` replicated over ``mesh`` (all devices of all processes).
 
     Each process passes the same value (e.g. a state from
-    :func:`bnjax.training.init_state` with the same key, or a restored
+    :func:`bnjax.training.create_train_state` with the same key, or a restored
     checkpoint); the result is a pytree of global ``jax.Array``s, as the
     multi-process step, loop and evaluation take them. On one process: a
     ``device_put``.
@@ -205,7 +160,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     def one(a):
         if isinstance(a, jax.Array) and a.sharding == sharding:
             return a
-        return jax.make_array_from_process_local_data(sharding, _local(a))
+        return jax.make_array_from_process_local_data(sharding, _host_value(a))
 
     return jax.tree.map(one, tree)
 
@@ -217,7 +172,7 @@ def global_batch(
 
     ``rows`` are example indices ``(..., B)`` (the last axis is the batch,
     split over ``axis_name``), the same on every process; this process gathers
-    only its block of the last axis (:func:`bnjax.distributed.process_rows`)
+    only its block of the last axis (:func:`bnjax.training.distributed.process_rows`)
     from its host copy of the data and ``jax.make_array_from_process_local_data``
     assembles the global array of shape ``rows.shape + a.shape[1:]``.
     """
@@ -237,7 +192,7 @@ def global_batch(
     return jax.tree.map(one, arrays)
 
 
-def make_train_loop(
+def make_sharded_train_loop(
     model: nn.Module,
     tx: optax.GradientTransformation,
     mesh: Mesh,
@@ -293,8 +248,8 @@ def make_train_loop(
         )
     if steps_per_call is not None and steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1 or None, got {steps_per_call}")
-    step = training.make_train_step(model, tx, loss_fn, axis_name=axis_name)
-    sample = training.epoch_batch_indices if batch_indices is None else batch_indices
+    step = make_train_step(model, tx, loss_fn, axis_name=axis_name)
+    sample = epoch_batch_indices if batch_indices is None else batch_indices
 
     def steps(state, xs, ys):
         state, metrics = lax.scan(lambda s, b: step(s, *b), state, (xs, ys))
@@ -317,10 +272,10 @@ def make_train_loop(
                 f"images and labels disagree on the number of examples: images "
                 f"{images.shape}, labels {labels.shape}"
             )
-        rng, start = _local(state.rng), int(_local(state.step))
+        rng, start = _host_value(state.rng), int(_host_value(state.step))
         # The single-process loop's batches (same key, same steps), drawn locally on each process.
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            key = jax.random.fold_in(rng, training._DATA_STREAM)
+            key = data_key(rng)
             idx = np.asarray(sample(key, start, num_steps, images.shape[0], batch_size))
         done, total = 0, None
         k_max = steps_per_call or max(num_steps, 1)
@@ -328,7 +283,7 @@ def make_train_loop(
             k = min(k_max, num_steps - done)
             xs, ys = global_batch((images, labels), mesh, idx[done : done + k], axis_name=axis_name)
             state, metrics = call(state, xs, ys)
-            part = {name: k * _local(v) for name, v in metrics.items()}
+            part = {name: k * _host_value(v) for name, v in metrics.items()}
             total = part if total is None else {n: total[n] + part[n] for n in total}
             done += k
         if total is None:
@@ -338,7 +293,7 @@ def make_train_loop(
     return loop
 
 
-def make_eval_step(
+def make_sharded_eval_step(
     model: nn.Module,
     mesh: Mesh,
     *,
@@ -371,6 +326,6 @@ def make_eval_step(
                 f"by the {ndev} devices of mesh axis {axis_name!r}"
             )
         x, y = global_batch((images, labels), mesh, np.arange(n), axis_name=axis_name)
-        return {k: _local(v) for k, v in metrics(state, x, y).items()}
+        return {k: _host_value(v) for k, v in metrics(state, x, y).items()}
 
     return evaluate
