@@ -44,6 +44,8 @@ class Spec:
     axis_index_groups: Any
     algorithm: str
     out_dtype: Any
+    activation: Any = None  # a bnjax.activations.Activation fused after the affine map
+    in_dtype: Any = None  # the input's dtype (the fused kernel keeps no input to read it from)
 
 
 def _forward(spec: Spec, x, mask, scale, bias, run=None, bounds=None):
@@ -89,6 +91,8 @@ def _forward(spec: Spec, x, mask, scale, bias, run=None, bounds=None):
         if bias is not None:
             b = b + bias.astype(bdt)
     y = _centred_affine(xf, a, b, mean, _centre(spec, xf, mask, 0))
+    if spec.activation is not None:
+        y = spec.activation(y)
     return y.astype(spec.out_dtype), m, mean, inv, rd
 
 
@@ -164,8 +168,6 @@ def _bn_vjp_bwd(spec, res, cts):
     x, mask, scale, bias, mean, inv, count, rd = res
     gy, gm = cts
     dt = mean.dtype
-    cplx = is_complex(mean)
-    rdt = real_dtype(dt)  # dt for real inputs
     xf = x.astype(dt)
     gyf = cast(gy, dt)  # (a complex output of a real input: its real part)
     # The two reductions of the fused backward (local), then one collective.
@@ -183,58 +185,132 @@ def _bn_vjp_bwd(spec, res, cts):
         # materialized by XLA:CPU.
         s_k = jnp.sum(gyf * (xf - k), axis=spec.stat_axes, keepdims=True)
         sum_dy_xc = s_k + (k - mean) * sum_dy
-    sum_dy_xhat = inv * sum_dy_xc
-    if scale is None:
-        dscale = None
-    elif rd is None:
-        dscale = cast(_sum_to(sum_dy_xhat, scale.shape), scale.dtype)
-    else:  # Batch Renorm: y = gamma (r xhat + d) + beta, r and d constant
-        dscale = rd[0] * sum_dy_xhat + rd[1] * sum_dy
-        dscale = _sum_to(dscale, scale.shape).astype(scale.dtype)
-    dbias = None if bias is None else cast(_sum_to(sum_dy, bias.shape), bias.dtype)
-    gmean = None if gm is None else gm.mean.astype(dt)
-    gm2 = None if gm is None else gm.m2.astype(rdt)
-    if spec.axis_name is not None:
-        # One all-reduce. The pooled moments feed every device, so their
-        # cotangent is the sum of the per-device ones (all_gather's transpose);
-        # unless they are typed invariant (shard_map, check_vma): then it already is.
-        names = spec.axis_name if isinstance(spec.axis_name, tuple) else (spec.axis_name,)
-        typed = set(names) <= varying_axes(x)
-        rows = [sum_dy, sum_dy_xhat]
-        sum_gm = gm is not None and (not typed or set(names) <= varying_axes(gmean))
-        if sum_gm:
-            rows += [jnp.broadcast_to(gmean, sum_dy.shape), jnp.broadcast_to(gm2, sum_dy.shape)]
-        both = _psum(jnp.stack(rows), spec)
-        sum_dy, sum_dy_xhat = both[0], both[1]
-        if sum_gm:
-            gmean, gm2 = both[2], cast(both[3], rdt)
-    gamma_inv = inv if scale is None else scale.astype(param_dtype(scale, dt, rdt)) * inv
-    if rd is not None:  # Batch Renorm: batch norm's dx with gamma -> gamma r
-        gamma_inv = gamma_inv * rd[0]
-    n = jnp.where(count > 0, count, 1)
-    # dx = gamma / (m sigma) * (m dy - sum(dy) - xhat sum(dy xhat)), masked elements
-    # outside the statistics; plus the cotangents of the returned mean and M2. As
-    # dx = gamma_inv dy + w (p + q (x - mean)) with per-feature p, q. Complex x:
-    # dx = gamma_inv dy + w (p + q conj(x - mean)) with a real
-    # q = -inv Re(gamma_inv sum(dy xhat)) / m (the variance is real: |x - mean|^2).
-    # A feature without a valid element (w = 0) gets the inference map's dx.
-    p = -gamma_inv * sum_dy / n
-    if cplx:
-        q = -inv * jnp.real(gamma_inv * sum_dy_xhat) / n
+    g = _Cotangents(spec, x, scale, bias, inv, count, rd, gm, sum_dy, inv * sum_dy_xc)
+    if is_complex(mean):
+        corr = jnp.conj(xf - mean) * g.q + g.p
     else:
-        q = -gamma_inv * inv * sum_dy_xhat / n
-    if gm is not None:
-        p = p + gmean / n
-        q = q + 2 * gm2
-    if cplx:
-        corr = jnp.conj(xf - mean) * q + p
-    else:
-        corr = _centred_affine(xf, q, p, mean, _centre(spec, xf, mask, 0))
-    dx = gyf * gamma_inv + (corr if mask is None else mask.astype(rdt) * corr)
-    return dx.astype(x.dtype), None, dscale, dbias, None, None
+        corr = _centred_affine(xf, g.q, g.p, mean, _centre(spec, xf, mask, 0))
+    dx = gyf * g.gamma_inv + (corr if mask is None else mask.astype(g.q.dtype) * corr)
+    return dx.astype(x.dtype), None, g.dscale, g.dbias, None, None
+
+
+class _Cotangents:
+    """The per-feature algebra of batch norm's backward, shared by both vjp kernels.
+
+    From the local sums ``sum(dy)`` and ``sum(dy xhat)`` (one all-reduce over
+    ``axis_name``, with the cotangents of the returned moments), the parameter
+    gradients and the per-feature coefficients of
+    ``dx = gamma_inv dy + w (p + q (x - mean))`` (``w`` the mask): batch norm's
+    ``dx = gamma / (m sigma) (m dy - sum(dy) - xhat sum(dy xhat))`` plus the
+    moments' cotangents. Complex ``x``: ``dx = gamma_inv dy + w (p + q conj(x - mean))``
+    with a real ``q = -inv Re(gamma_inv sum(dy xhat)) / m`` (the variance is real).
+    A feature without a valid element (``w = 0``) gets the inference map's ``dx``.
+    Batch Renorm (``rd = (r, d)``, constant): ``gamma -> gamma r`` and
+    ``dgamma = sum(dy (r xhat + d))``.
+    """
+
+    def __init__(self, spec, x, scale, bias, inv, count, rd, gm, sum_dy, sum_dy_xhat):
+        dt = sum_dy.dtype
+        cplx = is_complex(sum_dy)
+        rdt = real_dtype(dt)  # dt for real inputs
+        if scale is None:
+            self.dscale = None
+        elif rd is None:
+            self.dscale = cast(_sum_to(sum_dy_xhat, scale.shape), scale.dtype)
+        else:  # Batch Renorm: y = gamma (r xhat + d) + beta, r and d constant
+            dscale = rd[0] * sum_dy_xhat + rd[1] * sum_dy
+            self.dscale = _sum_to(dscale, scale.shape).astype(scale.dtype)
+        self.dbias = None if bias is None else cast(_sum_to(sum_dy, bias.shape), bias.dtype)
+        gmean = None if gm is None else gm.mean.astype(dt)
+        gm2 = None if gm is None else gm.m2.astype(rdt)
+        if spec.axis_name is not None:
+            # One all-reduce. The pooled moments feed every device, so their
+            # cotangent is the sum of the per-device ones (all_gather's transpose);
+            # unless they are typed invariant (shard_map, check_vma): then it already is.
+            names = spec.axis_name if isinstance(spec.axis_name, tuple) else (spec.axis_name,)
+            typed = set(names) <= varying_axes(x)
+            rows = [sum_dy, sum_dy_xhat]
+            sum_gm = gm is not None and (not typed or set(names) <= varying_axes(gmean))
+            if sum_gm:
+                rows += [
+                    jnp.broadcast_to(gmean, sum_dy.shape),
+                    jnp.broadcast_to(gm2, sum_dy.shape),
+                ]
+            both = _psum(jnp.stack(rows), spec)
+            sum_dy, sum_dy_xhat = both[0], both[1]
+            if sum_gm:
+                gmean, gm2 = both[2], cast(both[3], rdt)
+        gamma_inv = inv if scale is None else scale.astype(param_dtype(scale, dt, rdt)) * inv
+        if rd is not None:  # Batch Renorm: batch norm's dx with gamma -> gamma r
+            gamma_inv = gamma_inv * rd[0]
+        n = jnp.where(count > 0, count, 1)
+        p = -gamma_inv * sum_dy / n
+        if cplx:
+            q = -inv * jnp.real(gamma_inv * sum_dy_xhat) / n
+        else:
+            q = -gamma_inv * inv * sum_dy_xhat / n
+        if gm is not None:
+            p = p + gmean / n
+            q = q + 2 * gm2
+        self.gamma_inv, self.p, self.q = gamma_inv, p, q
 
 
 _bn_vjp.defvjp(_bn_vjp_fwd, _bn_vjp_bwd)
+
+
+# ----------------------------------------------------------- fused with an activation
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bn_act_vjp(spec, x, mask, scale, bias, run, bounds):
+    z, m, _, _, _ = _forward(spec, x, mask, scale, bias, run, bounds)
+    return z, m
+
+
+def _bn_act_vjp_fwd(spec, x, mask, scale, bias, run, bounds):
+    z, m, _, inv, rd = _forward(spec, x, mask, scale, bias, run, bounds)
+    # In-Place Activated BN: the output z and per-feature vectors, never the input.
+    return (z, m), (z, mask, scale, bias, inv, m.count, rd)
+
+
+def _bn_act_vjp_bwd(spec, res, cts):
+    """Batch norm's backward recomputed from the output ``z = f(y)``.
+
+    ``y = f^-1(z)`` is the affine map's output ``A (x - mean) + B`` (``A = gamma r /
+    sigma``, ``B = gamma d + beta``; ``r = 1``, ``d = 0`` without Batch Renorm), so
+    ``x - mean = (y - B) / A``; ``dy = dz f'(z)``; then the same per-feature algebra
+    as :func:`_bn_vjp_bwd`. ``gamma`` is never 0 here (the functional layer uses an
+    effective scale bounded away from 0); a feature with ``A = 0`` (a constant
+    feature with ``epsilon = 0``) has ``x - mean = 0``.
+    """
+    z, mask, scale, bias, inv, count, rd = res
+    gz, gm = cts
+    dt = inv.dtype
+    act = spec.activation
+    zf = z.astype(dt)
+    y = act.inverse(zf)
+    gyf = gz.astype(dt) * act.derivative(zf)
+    a = inv if scale is None else inv * scale.astype(dt)
+    b = None if bias is None else bias.astype(dt)
+    if rd is not None:
+        a = a * rd[0]
+        d = rd[1] if scale is None else rd[1] * scale.astype(dt)
+        b = d if b is None else b + d
+    yb = y if b is None else y - b
+    nonzero = a != 0
+    xc = jnp.where(nonzero, yb / jnp.where(nonzero, a, 1), 0)
+    # Every element is normalized with the batch statistics, so the sums run over all
+    # of them; the mask enters only through the statistics' derivative (as in
+    # _bn_vjp_bwd).
+    sum_dy = jnp.sum(gyf, axis=spec.stat_axes, keepdims=True)
+    sum_dy_xhat = inv * jnp.sum(gyf * xc, axis=spec.stat_axes, keepdims=True)
+    g = _Cotangents(spec, z, scale, bias, inv, count, rd, gm, sum_dy, sum_dy_xhat)
+    corr = xc * g.q + g.p
+    dx = gyf * g.gamma_inv + (corr if mask is None else mask.astype(dt) * corr)
+    return dx.astype(spec.in_dtype), None, g.dscale, g.dbias, None, None
+
+
+_bn_act_vjp.defvjp(_bn_act_vjp_fwd, _bn_act_vjp_bwd)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -277,6 +353,8 @@ def _bn_jvp_rule(spec, primals, tangents):
         ty = ty + xhat * tscale.astype(param_dtype(scale, dt, rdt))
     if tbias is not None and bias is not None:
         ty = ty + tbias.astype(param_dtype(bias, dt, rdt))
+    if spec.activation is not None:  # z = f(y): tz = f'(y) ty, f' read from z
+        ty = ty * spec.activation.derivative(y.astype(ty.dtype))
     tmean, tm2 = match_varying(tmean, tm2, like=(m.mean,))
     tm = Moments(jnp.zeros_like(m.count), tmean.astype(m.mean.dtype), tm2.astype(m.m2.dtype))
     return (y, m), (ty.astype(y.dtype), tm)
@@ -293,4 +371,6 @@ _KERNELS = {"vjp": _bn_vjp, "jvp": _bn_jvp, "autodiff": _bn_autodiff}
 def normalize(grad: str, spec: Spec, x, mask, scale, bias, run=None, bounds=None):
     """``(y, batch moments)`` of one normalization call, differentiated by the rule ``grad``
     (``"vjp"``, ``"jvp"`` or ``"autodiff"``); the arguments are those of :func:`_forward`."""
+    if grad == "vjp" and spec.activation is not None:
+        return _bn_act_vjp(spec, x, mask, scale, bias, run, bounds)
     return _KERNELS[grad](spec, x, mask, scale, bias, run, bounds)

@@ -82,6 +82,8 @@ from bnjax._config import check_choice, check_common
 from bnjax._kernel import Spec, normalize
 from bnjax._numerics import is_complex, real_dtype, safe_rsqrt, stats_dtype
 from bnjax._sharding import match_varying
+from bnjax.activations import Activation
+from bnjax.activations import resolve as resolve_activation
 from bnjax.population import BatchStats, Population, RenormStats
 from bnjax.stats import (
     ALGORITHMS,
@@ -106,6 +108,7 @@ __all__ = [
     "apply_eval",
     "apply_train",
     "batch_moments",
+    "effective_params",
     "feature_axes",
     "inference_affine",
     "init",
@@ -275,6 +278,17 @@ class BatchNormConfig:
       grad: ``"vjp"``, ``"jvp"`` or ``"autodiff"`` (see the module docstring).
       renorm: ``None`` (batch norm) or a :class:`RenormConfig`: Batch
         Renormalization, whose state is a :class:`~bnjax.population.RenormStats`.
+      activation: ``None``, or an invertible activation fused after the affine
+        map (In-Place Activated BN, :mod:`bnjax.activations`): ``"identity"``,
+        ``"leaky_relu"``, ``"elu"`` or an :class:`~bnjax.activations.Activation`;
+        the output is ``f(gamma' xhat + beta)`` and the backward pass
+        (``grad="vjp"``) keeps only that output, never the input.
+      scale_epsilon: with an activation, the scale used is
+        ``gamma' = gamma + scale_epsilon * sign(gamma)`` (``sign(0) = +1``), so
+        ``|gamma'| >= scale_epsilon`` and the affine map stays invertible; the
+        gradient with respect to ``gamma`` is unchanged (``d gamma' / d gamma = 1``).
+        A batch-norm checkpoint evaluates within ``scale_epsilon |xhat|`` of
+        plain batch norm. Must be > 0; unused without an activation.
     """
 
     axis: Axes = -1
@@ -291,8 +305,16 @@ class BatchNormConfig:
     stats_method: Algorithm = "auto"
     grad: Grad = "vjp"
     renorm: RenormConfig | None = None
+    activation: Activation | str | None = None
+    scale_epsilon: float = 1e-5
 
     def __post_init__(self):
+        object.__setattr__(self, "activation", resolve_activation(self.activation))
+        if self.activation is not None and not self.scale_epsilon > 0:
+            raise ValueError(
+                f"scale_epsilon must be > 0 with an activation (it keeps gamma invertible), "
+                f"got {self.scale_epsilon}"
+            )
         if self.renorm is not None and not isinstance(self.renorm, RenormConfig):
             raise TypeError(f"renorm must be None or a RenormConfig, got {self.renorm!r}")
         check_common(self)
@@ -456,6 +478,29 @@ def _check_renorm(config: BatchNormConfig, state, x: Array) -> None:
         )
 
 
+def _check_activation(config: BatchNormConfig, x: Array) -> None:
+    if config.activation is not None and is_complex(x):
+        raise TypeError(
+            f"a fused activation (config.activation={config.activation.name!r}) is defined for "
+            f"real inputs only, got a {x.dtype} x of shape {tuple(x.shape)}"
+        )
+
+
+def effective_params(params: BNParams, config: BatchNormConfig) -> BNParams:
+    """The parameters a layer applies: with ``config.activation`` the scale is
+    ``gamma + scale_epsilon * sign(gamma)`` (``sign(0) = +1``: never 0, so the
+    fused layer's affine map is invertible); else ``params`` unchanged.
+
+    Use it with :func:`inference_affine` to get the inference map of a fused layer
+    (the activation then follows the affine map).
+    """
+    if config.activation is None or params.scale is None:
+        return params
+    g = params.scale
+    eps = jnp.asarray(config.scale_epsilon, g.dtype)
+    return params._replace(scale=g + jnp.where(g < 0, -eps, eps))
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -615,8 +660,11 @@ def apply_train(
     """
     x, faxes = _prepare(params, x, config, state)
     _check_renorm(config, state, x)
+    _check_activation(config, x)
     if mask is not None:
         mask = check_mask(mask, x.shape)
+    out_dtype = _out_dtype(x, params, config)
+    params = effective_params(params, config)
     call = _operands(params, x, mask, faxes, config)
     _check_reduction(call, x.shape, mask, config)
     spec = Spec(
@@ -625,7 +673,9 @@ def apply_train(
         axis_name=call.axis_name,
         axis_index_groups=config.axis_index_groups if call.axis_name is not None else None,
         algorithm=resolve_algorithm(config.stats_method),  # masked: always two-pass
-        out_dtype=_out_dtype(x, params, config),
+        out_dtype=out_dtype,
+        activation=config.activation,
+        in_dtype=x.dtype,
     )
     # shard_map(check_vma=True): replicated gamma/beta enter the kernel cast to
     # "varying", so their gradients come back summed over devices (JAX's rule).
@@ -671,16 +721,20 @@ def apply_eval(
     """Algorithm 2: ``y = a * x + b`` with the frozen population statistics.
 
     Deterministic and per example (no batch statistics). ``a, b`` come from
-    :func:`inference_affine`; the product is formed in at least float32 and cast
-    to the output dtype.
+    :func:`inference_affine` (of :func:`effective_params`); the product is formed
+    in at least float32 and cast to the output dtype. With ``config.activation``
+    the output is ``f(a * x + b)``.
     """
     x, faxes = _prepare(params, x, config, state)
+    _check_activation(config, x)
     out_dtype = _out_dtype(x, params, config)
-    a, b = inference_affine(params, state, config.epsilon)
+    a, b = inference_affine(effective_params(params, config), state, config.epsilon)
     dt = a.dtype
     if is_complex(x) or is_complex(b):  # complex: x - mean, gamma or beta complex
         dt = jnp.promote_types(jnp.result_type(a, b), stats_dtype(x.dtype))
     y = x.astype(dt) * _bcast(a, x.shape, faxes) + _bcast(b, x.shape, faxes)
+    if config.activation is not None:
+        y = config.activation(y)
     return y.astype(out_dtype)
 
 

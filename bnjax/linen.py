@@ -79,6 +79,20 @@ class _Layer(nn.Module):
 
     _layer: ClassVar[Layer]
 
+    # The attributes every layer shares, in flax.linen.BatchNorm's order.
+    use_running_average: bool | None = None
+    axis: int | Sequence[int] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Callable = initializers.zeros
+    scale_init: Callable = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+
     def config(self, *, initializing: bool = False) -> Any:
         """The functional config this module runs (``initializing``: without ``axis_name``)."""
         return self._layer.config(self, initializing)
@@ -189,18 +203,6 @@ class BatchNorm(_Layer):
       grad: ``"vjp"`` (paper's backward, default), ``"jvp"`` or ``"autodiff"``.
     """
 
-    use_running_average: bool | None = None
-    axis: int | Sequence[int] = -1
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Callable = initializers.zeros
-    scale_init: Callable = initializers.ones
-    axis_name: str | None = None
-    axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     population: Population = "ema"
@@ -301,21 +303,9 @@ class BatchWhitening(_Layer):
         x = bnjax.linen.BatchWhitening(group_size=16)(x, train=train)
     """
 
-    use_running_average: bool | None = None
     group_size: int | None = None
     method: W.Method = "zca"
     iterations: int = 5
-    axis: int = -1
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Callable = initializers.zeros
-    scale_init: Callable = initializers.ones
-    axis_name: str | None = None
-    axis_index_groups: Any = None
     population: Population = "ema"
     allow_singular: bool = False
 

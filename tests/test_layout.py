@@ -36,7 +36,7 @@ LAB = "bnjax.experiments"
 ORDER: list[tuple[str, ...]] = [
     ("bnjax._sharding",),
     ("bnjax._numerics",),
-    ("bnjax._checks",),
+    ("bnjax._checks", "bnjax.activations"),
     ("bnjax.stats",),
     ("bnjax.population",),
     ("bnjax._config",),

@@ -144,7 +144,7 @@ def test_command_line_overrides_and_quick():
     "name,lr,std", [("figure1", 1.0, 1.0), ("figure1_lr05", 0.5, 0.1), ("figure1_quick", 1.0, 1.0)]
 )
 def test_config_files_load(name, lr, std):
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.py"
     cl = _common.parse_command_line(
         ["--config", str(path)],
         prog="p",

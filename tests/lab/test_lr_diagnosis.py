@@ -9,7 +9,7 @@ import pytest
 
 from bnjax.experiments import lr_diagnosis as ld
 from bnjax.experiments import lr_tolerance as lt
-from tests.test_lr_tolerance import needs_data
+from tests.lab.test_lr_tolerance import needs_data
 
 
 def test_cases_and_settings():
