@@ -69,7 +69,7 @@ class Moments(NamedTuple):
     All three fields have the same shape (the feature shape, or the keepdims
     shape of the reduction) and the statistics dtype (at least float32). For
     complex inputs ``mean`` is complex (complex64 at least) while ``count`` and
-    ``m2`` are real (its :func:`real_dtype`), as is :meth:`var`.
+    ``m2`` are real (float32 for complex64), as is :meth:`var`.
 
     Attributes:
       count: number of valid elements ``n`` (a float, so it can be summed).
@@ -113,7 +113,7 @@ def moments(
 
     Returns:
       :class:`Moments` whose fields have ``x``'s shape with size 1 on the reduced
-      axes, in :func:`stats_dtype` of ``x.dtype``.
+      axes, in the statistics dtype of ``x.dtype`` (at least float32).
 
     Example:
       >>> x = 1e4 + jax.random.normal(jax.random.key(0), (256, 8))
@@ -328,8 +328,8 @@ def comoments(x: Array, group_size: int, *, weights: Array | None = None) -> CoM
       group_size: ``G``.
       weights: optional ``(m,)`` 0/1 weights of the rows (a mask of examples).
 
-    Two passes in :func:`stats_dtype` (the mean first, then the products of the
-    centred rows), so the covariance stays exact when ``|mean| >> std``.
+    Two passes in the statistics dtype, at least float32 (the mean first, then the
+    products of the centred rows), so the covariance stays exact when ``|mean| >> std``.
 
     Returns:
       :class:`CoMoments` with ``count (g,)``, ``mean (g, G)``, ``c2 (g, G, G)``.
