@@ -43,6 +43,7 @@ from flax.core import unfreeze
 from bnjax import functional as F
 from bnjax import whitening as W
 from bnjax._module_common import batch_stats
+from bnjax.activations import Activation
 from bnjax.linen import BatchNorm as LinenBatchNorm
 
 __all__ = [
@@ -68,11 +69,19 @@ class FoldPair(NamedTuple):
         or ``("block", "Conv_0")``).
       bn: path of the batch-norm layer.
       epsilon: the batch-norm layer's epsilon.
+      activation: the activation fused into the batch-norm layer
+        (``bnjax.linen.BatchNormAct``; :mod:`bnjax.activations`), or ``None``. It is
+        not folded: the model without the batch-norm layer applies it right after
+        the folded Dense/Conv (:func:`fold_sequential` inserts it).
+      scale_epsilon: with an activation, the fused layer's ``scale_epsilon`` (its
+        effective scale, :func:`bnjax.functional.effective_params`, is folded).
     """
 
     linear: Path
     bn: Path
     epsilon: float = 1e-5
+    activation: Activation | None = None
+    scale_epsilon: float = 1e-5
 
 
 def _path(p: Path) -> tuple[str, ...]:
@@ -246,6 +255,9 @@ def fold(
             bp = _get(bp, bn, "batch-norm layer")
         except KeyError:
             bp = {}  # use_scale=False and use_bias=False: no params
+        if p.activation is not None and bp.get("scale") is not None:
+            g = jnp.asarray(bp["scale"])
+            bp = dict(bp, scale=g + jnp.where(g < 0, -p.scale_epsilon, p.scale_epsilon))
         a, b = affine(bp, bs, p.epsilon)
         try:
             k, c = fold_linear(lp["kernel"], lp.get("bias"), a, b, dtype=dtype)
@@ -269,6 +281,15 @@ _LINEAR = (nn.Dense, nn.Conv)
 def _is_bn(mod: Any) -> bool:
     """``flax.linen.BatchNorm`` or ``bnjax.linen.BatchNorm``."""
     return isinstance(mod, (nn.BatchNorm, LinenBatchNorm))
+
+
+def _pair(linear: Path, bn: Path, mod: nn.Module) -> FoldPair:
+    """The :class:`FoldPair` of a linear layer and the batch-norm module ``mod``."""
+    act = getattr(mod, "activation", None)
+    if act is None:
+        return FoldPair(linear, bn, float(mod.epsilon))
+    cfg = mod.config()
+    return FoldPair(linear, bn, float(mod.epsilon), cfg.activation, float(cfg.scale_epsilon))
 
 
 def _last_axis_only(bn: nn.Module) -> bool:
@@ -297,9 +318,12 @@ def fold_sequential(
         layer = layers[i]
         nxt = layers[i + 1] if i + 1 < len(layers) else None
         if isinstance(layer, _LINEAR) and _is_bn(nxt) and _last_axis_only(nxt):
-            pairs.append(FoldPair(f"layers_{i}", f"layers_{i + 1}", float(nxt.epsilon)))
+            pair = _pair(f"layers_{i}", f"layers_{i + 1}", nxt)
+            pairs.append(pair)
             renames[f"layers_{i}"] = f"layers_{len(new_layers)}"
             new_layers.append(layer.clone(use_bias=True))
+            if pair.activation is not None:  # BatchNormAct: its activation stays
+                new_layers.append(pair.activation)
             i += 2
             continue
         renames[f"layers_{i}"] = f"layers_{len(new_layers)}"
@@ -349,7 +373,7 @@ def find_pairs(
         if is_bn and a and _last_axis_only(mod):
             hit = outputs.get(id(a[0]))
             if hit is not None and hit[0] is a[0]:
-                found.append(FoldPair(hit[1], path, float(mod.epsilon)))
+                found.append(_pair(hit[1], path, mod))
         y = next_fun(*a, **kw)
         if isinstance(mod, _LINEAR):
             outputs[id(y)] = (y, path)  # keeps y alive, so its id stays unique
@@ -361,7 +385,7 @@ def find_pairs(
 
     jax.eval_shape(run, variables)
     return [
-        FoldPair("/".join(p.linear), "/".join(p.bn), p.epsilon)
+        p._replace(linear="/".join(p.linear), bn="/".join(p.bn))
         for p in found
         if calls[p.linear] == 1 and calls[p.bn] == 1
     ]

@@ -66,7 +66,7 @@ from bnjax._module_common import (
 )
 from bnjax.population import Population
 
-__all__ = ["BatchNorm", "BatchRenorm", "BatchWhitening"]
+__all__ = ["BatchNorm", "BatchNormAct", "BatchRenorm", "BatchWhitening"]
 
 
 Array = jax.Array
@@ -275,6 +275,40 @@ class BatchRenorm(BatchNorm):
     warmup_steps: int = 0
 
     _layer: ClassVar[Layer] = BATCH_RENORM
+
+
+class BatchNormAct(BatchNorm):
+    """Batch norm fused with an invertible activation (In-Place Activated BN) in ``flax.linen``.
+
+    :class:`BatchNorm` (same attributes, call, switches, ``mask``, ``axis_name``,
+    ghost batches and variables: a batch-norm checkpoint loads) whose output is
+    ``f(gamma' xhat + beta)`` and whose backward pass keeps only that output
+    (Rota Bulò et al. 2018): batch norm's input is never saved, so a
+    conv -> BN -> activation -> conv chain holds one full-size buffer per layer
+    instead of two. Numerics: :mod:`bnjax.activations` and
+    :class:`bnjax.BatchNormConfig` (``activation``, ``scale_epsilon``).
+
+    Attributes:
+      activation: ``"leaky_relu"`` (default, slope 0.01), ``"elu"``, ``"identity"``
+        or an :class:`~bnjax.activations.Activation` such as
+        ``bnjax.activations.LeakyReLU(0.1)``; ``"relu"`` is an error (not invertible).
+      scale_epsilon: the scale applied is ``gamma' = gamma + scale_epsilon sign(gamma)``
+        (never 0: the affine map stays invertible); default 1e-5. A batch-norm
+        checkpoint evaluates within ``scale_epsilon |xhat|`` of ``BatchNorm`` + ``f``.
+
+    And all of :class:`BatchNorm`'s attributes, with the same defaults. The
+    memory saving needs ``grad="vjp"`` (the default); ``"jvp"`` and
+    ``"autodiff"`` compute the same values with JAX's own residuals.
+
+    Example::
+
+        x = nn.Conv(64, (3, 3), use_bias=False)(x)
+        x = bnjax.linen.BatchNormAct(activation="leaky_relu")(x, train=train)
+        x = nn.Conv(64, (3, 3), use_bias=False)(x)     # no separate activation
+    """
+
+    activation: Any = "leaky_relu"
+    scale_epsilon: float = 1e-5
 
 
 class BatchWhitening(_Layer):

@@ -62,7 +62,7 @@ from bnjax._module_common import (
 )
 from bnjax.population import Population
 
-__all__ = ["BatchNorm", "BatchRenorm", "BatchWhitening", "intercept"]
+__all__ = ["BatchNorm", "BatchNormAct", "BatchRenorm", "BatchWhitening", "intercept"]
 
 Array = jax.Array
 _ZEROS = initializers.zeros_init()
@@ -364,6 +364,41 @@ class BatchRenorm(BatchNorm):
         super().__init__(num_features, **kwargs)
 
     _layer: ClassVar[Layer] = BATCH_RENORM
+
+
+class BatchNormAct(BatchNorm):
+    """Batch norm fused with an invertible activation (In-Place Activated BN) in ``flax.nnx``.
+
+    :class:`BatchNorm` (same constructor, call, switching, variables: the state
+    of a batch-norm layer loads) whose output is ``f(gamma' xhat + beta)`` and
+    whose backward pass keeps only that output; see
+    :class:`bnjax.linen.BatchNormAct` for the rules.
+
+    Args:
+      num_features: as :class:`BatchNorm`.
+      activation: ``"leaky_relu"`` (default), ``"elu"``, ``"identity"`` or an
+        :class:`~bnjax.activations.Activation`; ``"relu"`` is an error.
+      scale_epsilon: ``gamma' = gamma + scale_epsilon sign(gamma)`` (default 1e-5).
+      **kwargs: every other keyword argument of :class:`BatchNorm`.
+
+    Example::
+
+        >>> from flax import nnx
+        >>> bn = BatchNormAct(6, activation="elu", rngs=nnx.Rngs(0))
+        >>> y = bn(jax.random.normal(jax.random.key(0), (8, 6)))   # train mode
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        activation: Any = "leaky_relu",
+        scale_epsilon: float = 1e-5,
+        **kwargs: Any,
+    ):
+        self.activation = activation
+        self.scale_epsilon = scale_epsilon
+        super().__init__(num_features, **kwargs)
 
 
 class BatchWhitening(_Layer):
