@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from bnjax.linen import BatchNorm
 
-__all__ = ["ACTIVATIONS", "MLP", "ConvNet", "activation"]
+__all__ = ["ACTIVATIONS", "MLP", "NORMS", "ConvNet", "ResNet", "activation"]
 
 Array = jax.Array
 
@@ -158,3 +158,99 @@ class ConvNet(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = jnp.reshape(x, (x.shape[0], -1))
         return nn.Dense(self.num_classes, name="head")(x)
+
+
+class _BasicBlock(nn.Module):
+    """``conv3x3 -> norm+act -> conv3x3 -> norm``, plus the (projected) shortcut, then act."""
+
+    width: int
+    strides: int
+    norm_act: Callable[..., nn.Module]  # normalization followed by the activation
+    norm: Callable[..., nn.Module]  # normalization alone (before the residual sum)
+    act: Callable[[Array], Array]
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        s = (self.strides, self.strides)
+        y = nn.Conv(self.width, (3, 3), s, use_bias=False)(x)
+        y = self.norm_act()(y)
+        y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
+        y = self.norm()(y)
+        if x.shape != y.shape:
+            x = nn.Conv(self.width, (1, 1), s, use_bias=False)(x)
+            x = self.norm()(x)
+        return self.act(y + x)
+
+
+NORMS = ("bnjax_act", "bnjax", "flax", "none")
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet (He et al. 2016, Sec. 4.2: ResNet-``6n+2``), NHWC.
+
+    A 3x3 stem of ``widths[0]`` channels, then three stages of ``blocks`` basic
+    blocks (``widths`` channels, stride 2 at each stage's start), global average
+    pooling and a dense head; ``blocks=3`` is ResNet-20. The normalization is
+    chosen by ``norm``, written the way flax's examples write it (a
+    ``functools.partial`` of the layer):
+
+    * ``"bnjax_act"``: ``bnjax.linen.BatchNormAct(activation=LeakyReLU(slope))``
+      where batch norm is followed by the activation, and ``BatchNormAct`` with
+      ``"identity"`` before the residual sum (every normalization keeps only
+      its output for the backward pass: In-Place Activated BN);
+    * ``"bnjax"``: ``bnjax.linen.BatchNorm`` + ``nn.leaky_relu``;
+    * ``"flax"``: ``flax.linen.BatchNorm`` + ``nn.leaky_relu``;
+    * ``"none"``: no normalization (convolutions get biases).
+
+    ``remat``: ``None``, or a ``jax.checkpoint_policies`` name (e.g.
+    ``"nothing_saveable"``, ``"dots_saveable"``) applied to every block, to
+    compare In-Place ABN with recomputation.
+
+    Input ``(batch, H, W)`` or ``(batch, H, W, C)``; output logits.
+    """
+
+    norm: str = "bnjax_act"
+    blocks: int = 3
+    widths: Sequence[int] = (16, 32, 64)
+    num_classes: int = 10
+    slope: float = 0.01
+    momentum: float = 0.9
+    remat: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        import functools
+
+        from bnjax import activations
+        from bnjax.linen import BatchNormAct
+
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if x.ndim == 3:
+            x = x[..., None]
+        act = functools.partial(nn.leaky_relu, negative_slope=self.slope)
+        kw = dict(use_running_average=not train, momentum=self.momentum)
+        if self.norm == "bnjax_act":
+            leaky = activations.LeakyReLU(self.slope)
+            norm_act = functools.partial(BatchNormAct, activation=leaky, **kw)
+            norm = functools.partial(BatchNormAct, activation="identity", **kw)
+        elif self.norm == "none":
+            norm_act = lambda: act  # noqa: E731
+            norm = lambda: (lambda y: y)  # noqa: E731
+        else:
+            layer = BatchNorm if self.norm == "bnjax" else nn.BatchNorm
+            extra = {"use_fast_variance": False} if self.norm == "flax" else {}
+            norm = functools.partial(layer, **kw, **extra)
+            norm_act = lambda: (lambda y: act(norm()(y)))  # noqa: E731
+        block = _BasicBlock
+        if self.remat is not None:
+            block = nn.remat(_BasicBlock, policy=getattr(jax.checkpoint_policies, self.remat))
+        use_bias = self.norm == "none"
+        x = nn.Conv(self.widths[0], (3, 3), use_bias=use_bias)(x)
+        x = norm_act()(x)
+        for stage, width in enumerate(self.widths):
+            for b in range(self.blocks):
+                strides = 2 if (stage > 0 and b == 0) else 1
+                x = block(width, strides, norm_act, norm, act)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
