@@ -13,13 +13,25 @@ The lab (data, reference models, training-dynamics probes, the paper's
 experiments) is :mod:`bnjax.experiments`; it uses only this package's public
 names, and ``import bnjax`` loads none of it (nor :mod:`bnjax.training`).
 
-Batch Renormalization (Ioffe 2017) is an option of the same kernel
+Batch norm fused with an invertible activation (In-Place Activated BN:
+``BatchNormConfig(activation=...)``, :mod:`bnjax.activations`, the modules
+``bnjax.linen.BatchNormAct`` / ``bnjax.nnx.BatchNormAct``) is another option of
+the kernel, as is Batch Renormalization (Ioffe 2017)
 (:class:`~bnjax.RenormConfig`, :func:`~bnjax.renorm_schedule`,
 :class:`~bnjax.RenormStats`) with the modules ``bnjax.linen.BatchRenorm`` and
 ``bnjax.nnx.BatchRenorm``.
 """
 
-from bnjax import diagnostics, folding, linen, nnx, recalibration, stats, whitening
+from bnjax import (
+    activations,
+    diagnostics,
+    folding,
+    linen,
+    nnx,
+    recalibration,
+    stats,
+    whitening,
+)
 from bnjax.diagnostics import consistency, consistency_nnx, format_table
 from bnjax.folding import affine, find_pairs, fold, fold_linear, fold_sequential
 from bnjax.functional import (
@@ -31,6 +43,7 @@ from bnjax.functional import (
     apply_eval,
     apply_train,
     batch_moments,
+    effective_params,
     inference_affine,
     init,
     renorm_schedule,
@@ -58,6 +71,7 @@ __all__ = [
     "RenormStats",
     "WhiteningConfig",
     "WhiteningStats",
+    "activations",
     "affine",
     "apply",
     "apply_eval",
@@ -66,6 +80,7 @@ __all__ = [
     "consistency",
     "consistency_nnx",
     "diagnostics",
+    "effective_params",
     "find_pairs",
     "fold",
     "fold_linear",
