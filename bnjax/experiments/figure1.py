@@ -435,6 +435,20 @@ def results_markdown(summary, population, config, seconds: float | None) -> str:
         f"{config.bn_momentum:g}) for BN.",
         "",
     ]
+    lines += _accuracy_table(summary, config)
+    lines += _probe_table(summary, config)
+    if population:
+        lines += _population_table(population, config)
+    if seconds is not None:
+        lines += ["", f"Wall time: {seconds:.0f} s (training, evaluation, population passes)."]
+    return "\n".join(lines) + "\n"
+
+
+
+
+def _accuracy_table(summary, config) -> list[str]:
+    """Final / max accuracy and steps to each threshold, per net."""
+    lines: list[str] = []
     thr = [f"{t:g}" for t in config.thresholds]
     head = (
         "| net | final accuracy | max accuracy | acc @10k | acc @50k | "
@@ -468,6 +482,12 @@ def results_markdown(summary, population, config, seconds: float | None) -> str:
             f"{config.eval_every}) where the seed-mean accuracy reaches the threshold; per seed "
             "in parentheses.",
         ]
+    return lines
+
+
+def _probe_table(summary, config) -> list[str]:
+    """The drift of the probed sigmoid's input percentiles (Figure 1 b, c)."""
+    lines: list[str] = []
     lines += [
         "",
         "## Input of the probed sigmoid (Figure 1 b, c)",
@@ -492,29 +512,32 @@ def results_markdown(summary, population, config, seconds: float | None) -> str:
                     f"| {LABELS[net]} | {label} | {q} | {d['range']:.3f} | {d['std']:.3f} | "
                     f"{d['drift']:.3f} | {d['range_rel']:.3f} | {d['jitter_rel']:.4f} |"
                 )
-    if population:
-        names = {
-            "ema": f"EMA during training (momentum {config.bn_momentum:g})",
-            "average": "Algorithm 2 average (frozen net, train-mode pass, m/(m-1) E[var_B])",
-            "precise_bn": "PreciseBN (bnjax.recalibrate, layerwise)",
-        }
-        lines += [
-            "",
-            "## Population statistics of the BN net (final weights)",
-            "",
-            "| statistics | mini-batches of "
-            f"{config.batch_size} | test accuracy | per seed | test loss |",
-            "|---|---|---|---|---|",
-        ]
-        for k, p in population.items():
-            per = ", ".join(f"{a:.4f}" for a in p["accuracy"])
-            lines.append(
-                f"| {names.get(k, k)} | {p['batches'] or '-'} | {p['accuracy_mean']:.4f} ± "
-                f"{p['accuracy_std']:.4f} | {per} | {p['loss_mean']:.4f} |"
-            )
-    if seconds is not None:
-        lines += ["", f"Wall time: {seconds:.0f} s (training, evaluation, population passes)."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _population_table(population, config) -> list[str]:
+    """Test accuracy of the BN net under each estimate of the population statistics."""
+    lines: list[str] = []
+    names = {
+        "ema": f"EMA during training (momentum {config.bn_momentum:g})",
+        "average": "Algorithm 2 average (frozen net, train-mode pass, m/(m-1) E[var_B])",
+        "precise_bn": "PreciseBN (bnjax.recalibrate, layerwise)",
+    }
+    lines += [
+        "",
+        "## Population statistics of the BN net (final weights)",
+        "",
+        "| statistics | mini-batches of "
+        f"{config.batch_size} | test accuracy | per seed | test loss |",
+        "|---|---|---|---|---|",
+    ]
+    for k, p in population.items():
+        per = ", ".join(f"{a:.4f}" for a in p["accuracy"])
+        lines.append(
+            f"| {names.get(k, k)} | {p['batches'] or '-'} | {p['accuracy_mean']:.4f} ± "
+            f"{p['accuracy_std']:.4f} | {per} | {p['loss_mean']:.4f} |"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------- run
