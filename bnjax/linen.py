@@ -127,7 +127,7 @@ class _Layer(nn.Module):
         x = jnp.asarray(x)
         layer.check_input(x)
         initializing = self.is_initializing()
-        cfg = self.config(initializing=initializing)
+        cfg = layer.config(self, initializing)  # (not self.config(): see nnx's _Layer)
         fshape = layer.feature_shape(x, cfg)
         params = F.BNParams(
             scale=self.param("scale", self.scale_init, fshape, self.param_dtype)
@@ -254,6 +254,16 @@ class BatchRenorm(BatchNorm):
       ``d_max``, are ignored (the bounds always come from the attributes) and
       passed through unchanged in the returned ``batch_stats``;
     * a ``steps`` that is not an integer scalar raises ``ValueError``.
+
+    ``steps`` counts training *calls*, not optimizer updates: under gradient
+    accumulation (``optax.MultiSteps(opt, every_k_schedule=k)``) it advances ``k``
+    times per update, so ``warmup_steps`` and the ``r_max`` / ``d_max`` schedules
+    run in micro-steps. To count updates instead, give them in micro-steps
+    (``warmup_steps=k * w``) and evaluate the schedules at ``steps // k``::
+
+        r_fn, d_fn = bnjax.renorm_schedule(start=5_000)              # in updates
+        bnjax.linen.BatchRenorm(warmup_steps=k * 5_000,
+                                r_max=lambda s: r_fn(s // k), d_max=lambda s: d_fn(s // k))
 
     A training batch with a NaN or inf leaves the stored ``mean``/``var`` of the
     affected features unchanged (their outputs and the loss are NaN, so the bad

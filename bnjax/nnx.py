@@ -110,7 +110,7 @@ class _Layer(nnx.Module):
         self.num_features = num_features
         for name, value in attributes.items():
             setattr(self, name, value)
-        cfg = self.config()  # validates the options early, with the functional core's messages
+        cfg = self._config()  # validates the options early, with the functional core's messages
         fshape = self._feature_shape()
         fresh = self._layer.fresh(fshape, cfg, None)
         for name in self._layer.stat_names(cfg):
@@ -130,17 +130,27 @@ class _Layer(nnx.Module):
         n = self.num_features
         return (n,) if isinstance(n, int) else tuple(n)
 
+    # The public accessors below are for users and bnjax.recalibration; the call path
+    # uses the private ones (nnx.tabulate wraps every public method in jit, so a public
+    # method called by __call__ must return JAX types and must not mutate the module).
+
+    def _config(self) -> Any:
+        return self._layer.config(self, False)
+
     def config(self) -> Any:
         """The functional config this module runs (:class:`~bnjax.BatchNormConfig`,
         or :class:`~bnjax.whitening.WhiteningConfig` for :class:`BatchWhitening`)."""
-        return self._layer.config(self, False)
+        return self._config()
 
-    def bn_params(self) -> F.BNParams:
-        """The current ``(scale, bias)`` as a :class:`~bnjax.BNParams`."""
+    def _params(self) -> F.BNParams:
         return F.BNParams(
             scale=None if self.scale is None else self.scale[...],
             bias=None if self.bias is None else self.bias[...],
         )
+
+    def bn_params(self) -> F.BNParams:
+        """The current ``(scale, bias)`` as a :class:`~bnjax.BNParams`."""
+        return self._params()
 
     def bn_state(self) -> Any:
         """The current statistics as the functional state: a :class:`~bnjax.BatchStats`
@@ -150,7 +160,10 @@ class _Layer(nnx.Module):
         Statistics that are not stored (``count``/``batches`` in ``"ema"`` mode) are
         returned as their fresh values (zeros).
         """
-        cfg = self.config()
+        return self._state()
+
+    def _state(self) -> Any:
+        cfg = self._config()
         stored = {k: getattr(self, k)[...] for k in self._layer.stat_names(cfg)}
         return self._layer.state(stored, self._layer.fresh(self._feature_shape(), cfg, None))
 
@@ -162,7 +175,10 @@ class _Layer(nnx.Module):
         convention; ``flax.nnx.BatchNorm`` 0.12 instead casts it back to float32,
         dropping its imaginary part).
         """
-        for k in self._layer.stat_names(self.config()):
+        self._set_state(state)
+
+    def _set_state(self, state: Any) -> None:
+        for k in self._layer.stat_names(self._config()):
             if k not in state._fields:  # a BatchStats given to a BatchRenorm: keep steps
                 continue
             stored, value = getattr(self, k), getattr(state, k)
@@ -207,13 +223,13 @@ class _Layer(nnx.Module):
         hook = _INTERCEPTOR.get() if self._layer.intercepted else None
         if hook is not None:
             return hook(self, x, mask, bool(use_running_average))
-        cfg = self.config()
+        cfg = self._config()
         kernel = cfg.kernel()
-        params, state = self.bn_params(), self.bn_state()
+        params, state = self._params(), self._state()
         if use_running_average:
             return kernel.apply_eval(params, state, x, cfg)
         y, new_state = kernel.apply_train(params, state, x, cfg, mask=mask)
-        self.set_bn_state(jax.lax.stop_gradient(new_state))
+        self._set_state(jax.lax.stop_gradient(new_state))
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:

@@ -507,13 +507,14 @@ def apply_eval(
 ) -> Array:
     """Inference: ``y = gamma * W_pop (x - mu_pop) + beta`` per group, per example.
 
-    No batch statistics (a batch of one works); formed in at least float32.
+    No batch statistics (a batch of one works); formed in at least float32 and at
+    least the input's precision (a float64 input is whitened in float64).
     """
     x = jnp.asarray(x)
     _check_input(x)
     faxis, d, g, size = feature_layout(x, config)
     _check_params(params, state, d, g, size, config, tuple(x.shape))
-    dt = stats_dtype(state.whitening.dtype)
+    dt = stats_dtype(jnp.promote_types(x.dtype, state.whitening.dtype))
     xc = _rows(x, faxis).astype(dt).reshape(-1, g, size) - state.mean.astype(dt).reshape(g, size)
     y = jnp.einsum("gij,mgj->mgi", state.whitening.astype(dt), xc).reshape(-1, d)
     if params.scale is not None:

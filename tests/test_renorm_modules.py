@@ -657,3 +657,33 @@ def test_consistency_of_batch_renorm(rng):
     )
     _close(rep_c["BatchRenorm_0"].output_gap, gap, rtol=1e-5, atol=1e-6)
     assert rep_c["BatchRenorm_0"].output_gap > 1e-2
+
+
+def test_multisteps_recipe_counts_optimizer_updates(rng):
+    """Under optax.MultiSteps(k) the steps counter advances per training call (k per
+    update); the documented recipe (warmup_steps=k w, schedules at steps // k) makes the
+    warm-up end after w updates and the schedule follow the update count."""
+    k, w = 3, 2
+    r_fn = optax.linear_schedule(1.0, 3.0, 4)  # in updates
+    brn = bnjax.linen.BatchRenorm(
+        momentum=MOM, warmup_steps=k * w, r_max=lambda s: r_fn(s // k), d_max=0.0
+    )
+    x = _batches(rng, n=1)[0]
+    v = brn.init(jax.random.key(0), x, train=False)
+    tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=k)
+    opt = tx.init(v["params"])
+    cfg_of = lambda steps: brn.config().renorm.bounds(jnp.int32(steps))[0]  # noqa: E731
+    for call in range(k * 4):
+        def loss(p, bs):
+            y, upd = brn.apply({"params": p, "batch_stats": bs}, x, train=True,
+                               mutable=["batch_stats"])
+            return jnp.sum(y**2), upd
+        g, upd = jax.grad(loss, has_aux=True)(v["params"], v["batch_stats"])
+        delta, opt = tx.update(g, opt, v["params"])
+        v = {"params": optax.apply_updates(v["params"], delta), **upd}
+        updates = int(opt.gradient_step)
+        assert int(v["batch_stats"]["steps"]) == call + 1  # training calls
+        assert updates == (call + 1) // k
+        r_max = float(cfg_of(v["batch_stats"]["steps"]))
+        want = 1.0 if (call + 1) < k * w else float(r_fn((call + 1) // k))
+        assert r_max == pytest.approx(want)
