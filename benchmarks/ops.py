@@ -453,6 +453,14 @@ BUILDERS: dict[str, tuple[Callable[[Case, Any, Any], Impl | None], str]] = {
     "equinox": (_equinox, "equinox"),
     "torch": (_torch, "torch"),
     **WHITENING_ROWS,  # opt-in (--impls), not in the default run: not batch norm
+    **{
+        # opt-in: batch norm fused with leaky ReLU (In-Place ABN; the output alone is kept
+        # for the backward pass); compare with `bnjax` (no activation) in the same run
+        "bnjax act": (
+            lambda c, x, dy: _bnjax(c, x, dy, name="bnjax act", activation="leaky_relu"),
+            "bnjax",
+        ),
+    },
 }
 
 
@@ -794,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip = {f"bnjax {resolve_algorithm('auto')}"}  # the row that plain `bnjax` already is
         if jax.default_backend() != "cpu":
             skip.add("torch")  # a CPU build: not comparable with an accelerator
-        skip |= set(WHITENING_ROWS)
+        skip |= set(WHITENING_ROWS) | {"bnjax act"}
         args.impls = ",".join(n for n in BUILDERS if n not in skip)
     names = available([n.strip() for n in args.impls.split(",") if n.strip()])
     if BASELINE not in names:
