@@ -142,8 +142,10 @@ def train_accuracy(steps: int) -> str:
 
     ds = load_dataset("fashion-mnist")
     tx = optax.sgd(0.05, momentum=0.9)
-    rows = ["| variant | test accuracy after %d steps (batch 128, SGD 0.05 m 0.9) | wall s |"
-            % steps, "|---|---|---|"]
+    rows = [
+        f"| variant | test accuracy after {steps} steps (batch 128, SGD 0.05 m 0.9) | wall s |",
+        "|---|---|---|",
+    ]
     for norm in ("bnjax_act", "bnjax", "flax"):
         model = ResNet(norm=norm)
         state = training.create_train_states(model, tx, [0], ds.train_images[:1])

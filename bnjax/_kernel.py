@@ -28,7 +28,7 @@ from bnjax._numerics import (
     safe_rsqrt,
     stats_dtype,
 )
-from bnjax._sharding import match_varying, varying_axes
+from bnjax._sharding import like_sharding, match_varying, varying_axes
 from bnjax.stats import Moments, all_reduce, moments
 
 Array = jax.Array
@@ -72,7 +72,7 @@ def _forward(spec: Spec, x, mask, scale, bias, run=None, bounds=None):
     if mask is not None and run is not None:
         # Features without a valid element: the running statistics (inference map).
         seen = m.count > 0
-        mu_run, var_run = (lax.stop_gradient(r) for r in run)
+        mu_run, var_run = (like_sharding(lax.stop_gradient(r), mean) for r in run)
         mean = jnp.where(seen, mean, mu_run.astype(dt))
         var_eps = jnp.where(seen, var_eps, var_run.astype(rdt) + eps)
     inv = safe_rsqrt(var_eps)

@@ -81,7 +81,7 @@ from bnjax._checks import canonicalize_axes, check_input, check_mask, check_shap
 from bnjax._config import check_choice, check_common
 from bnjax._kernel import Spec, normalize
 from bnjax._numerics import is_complex, real_dtype, safe_rsqrt, stats_dtype
-from bnjax._sharding import match_varying
+from bnjax._sharding import match_varying, unmapped
 from bnjax.activations import Activation
 from bnjax.activations import resolve as resolve_activation
 from bnjax.population import BatchStats, Population, RenormStats
@@ -686,6 +686,8 @@ def apply_train(
         y = y.reshape(x.shape)
         m = all_reduce(merge_along(m, 0), config.axis_name, config.axis_index_groups)
     m = Moments(*(f.reshape(_feature_shape(x.shape, faxes)) for f in m))
+    # The pooled moments, one unmapped copy: a replicated state stays unmapped.
+    m = unmapped(m, config.axis_name, config.axis_index_groups, like=x)
     return y, _new_state(state, m, config)
 
 

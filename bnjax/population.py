@@ -54,6 +54,7 @@ from typing import Literal, NamedTuple, get_args
 import jax
 import jax.numpy as jnp
 
+from bnjax._sharding import like_sharding
 from bnjax.stats import Moments
 
 __all__ = [
@@ -145,6 +146,9 @@ def update(
       batch mean makes a real ``mean`` complex (``var`` stays real: for complex
       inputs it is the variance ``E|x - mu|^2``).
     """
+    # (explicit-axis meshes: the stored statistics take the batch's feature sharding)
+    state = BatchStats(*(like_sharding(a, batch.mean) for a in state))
+    batch = Moments(*(like_sharding(a, batch.mean) for a in batch))
     n = batch.count.astype(state.count.dtype)
     seen = n > 0
     count = state.count + n

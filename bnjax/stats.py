@@ -40,7 +40,7 @@ from jax import lax
 
 from bnjax._checks import canonicalize_axes, check_mask
 from bnjax._numerics import abs2, head, real_dtype, stats_dtype
-from bnjax._sharding import all_gather_invariant, explicitly_sharded, varying_axes
+from bnjax._sharding import all_gather_invariant, explicitly_sharded, replicated_out, varying_axes
 
 __all__ = [
     "ALGORITHMS",
@@ -344,14 +344,14 @@ def comoments(x: Array, group_size: int, *, weights: Array | None = None) -> CoM
         safe = max(m, 1)
         mean = jnp.sum(xg, axis=0) / safe
         xc = xg - mean
-        c2 = jnp.einsum("mgi,mgj->gij", xc, xc)
+        c2 = jnp.einsum("mgi,mgj->gij", xc, xc, out_sharding=replicated_out(xg))
     else:
         w = weights.astype(dt)[:, None, None]
         n = jnp.sum(weights.astype(dt))
         count = jnp.full((d // group_size,), 1, dt) * n
         mean = jnp.sum(w * xg, axis=0) / jnp.maximum(n, 1)
         xc = xg - mean
-        c2 = jnp.einsum("mgi,mgj->gij", w * xc, xc)
+        c2 = jnp.einsum("mgi,mgj->gij", w * xc, xc, out_sharding=replicated_out(xg))
     return CoMoments(count, mean, c2)
 
 

@@ -73,6 +73,7 @@ from bnjax._checks import (
 )
 from bnjax._config import check_choice, check_common
 from bnjax._numerics import stats_dtype
+from bnjax._sharding import unmapped
 from bnjax.functional import BNParams, Kernel
 from bnjax.population import BatchStats, Population
 from bnjax.stats import CoMoments, Moments, all_reduce_comoments, comoments
@@ -475,6 +476,9 @@ def apply_train(
     if params.bias is not None:
         y = y + params.bias.astype(dt)
     y = _unrows(y, x.shape, faxis).astype(out_dtype(x, params, config))
+    # The pooled co-moments (and their whitening matrix), one unmapped copy: a
+    # replicated state stays unmapped under vmap / shard_map (see bnjax._sharding).
+    cm, w = unmapped((cm, w), config.axis_name, config.axis_index_groups, like=x)
     return y, _update(state, jax.lax.stop_gradient(cm), jax.lax.stop_gradient(w), config)
 
 
