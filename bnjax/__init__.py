@@ -24,6 +24,7 @@ the kernel, as is Batch Renormalization (Ioffe 2017)
 
 from bnjax import (
     activations,
+    compat,
     diagnostics,
     folding,
     linen,
@@ -73,6 +74,7 @@ __all__ = [
     "WhiteningStats",
     "activations",
     "affine",
+    "compat",
     "apply",
     "apply_eval",
     "apply_train",

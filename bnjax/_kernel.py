@@ -191,7 +191,15 @@ def _bn_vjp_bwd(spec, res, cts):
     else:
         corr = _centred_affine(xf, g.q, g.p, mean, _centre(spec, xf, mask, 0))
     dx = gyf * g.gamma_inv + (corr if mask is None else mask.astype(g.q.dtype) * corr)
-    return dx.astype(x.dtype), None, g.dscale, g.dbias, None, None
+    return _typed_like(x, scale, bias, dx.astype(x.dtype), g.dscale, g.dbias)
+
+
+def _typed_like(x, scale, bias, dx, dscale, dbias):
+    """The backward's outputs with the primal inputs' shardings (explicit-axis meshes:
+    a replicated gamma gets a replicated cotangent, not the batch's feature sharding)."""
+    dscale = None if dscale is None else like_sharding(dscale, scale)
+    dbias = None if dbias is None else like_sharding(dbias, bias)
+    return like_sharding(dx, x), None, dscale, dbias, None, None
 
 
 class _Cotangents:
@@ -312,7 +320,7 @@ def _bn_act_vjp_bwd(spec, res, cts):
     g = _Cotangents(spec, z, scale, bias, inv, count, rd, gm, sum_dy, sum_dy_xhat)
     corr = xc * g.q + g.p
     dx = gyf * g.gamma_inv + (corr if mask is None else mask.astype(dt) * corr)
-    return dx.astype(spec.in_dtype), None, g.dscale, g.dbias, None, None
+    return _typed_like(z, scale, bias, dx.astype(spec.in_dtype), g.dscale, g.dbias)
 
 
 _bn_act_vjp.defvjp(_bn_act_vjp_fwd, _bn_act_vjp_bwd)

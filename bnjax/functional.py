@@ -427,12 +427,15 @@ def _out_dtype(x, params: BNParams, config: BatchNormConfig):
     return jnp.result_type(*args)
 
 
-def _prepare(params: BNParams, x: Array, config: BatchNormConfig, state: BatchStats | None):
-    """``(x, feature axes)`` after every check of a call's arguments."""
+def _prepare(
+    params: BNParams, x: Array, config: BatchNormConfig, state, *, train: bool = True
+):
+    """``(x, feature axes)`` after every check of a call's arguments. At inference
+    (``train=False``) an unbatched example (every axis a feature axis) is accepted."""
     x = jnp.asarray(x)
     check_input(x)
     faxes = feature_axes(x.ndim, config.axis)
-    if len(faxes) == x.ndim:
+    if train and len(faxes) == x.ndim:
         raise ValueError(
             f"axis={config.axis!r} makes every axis of the input (shape {tuple(x.shape)}) a "
             "feature axis: there is nothing to normalize over"
@@ -722,12 +725,13 @@ def apply_eval(
 ) -> Array:
     """Algorithm 2: ``y = a * x + b`` with the frozen population statistics.
 
-    Deterministic and per example (no batch statistics). ``a, b`` come from
+    Deterministic and per example (no batch statistics), so an unbatched example
+    (``x`` of the feature shape, e.g. ``(C,)``) works too. ``a, b`` come from
     :func:`inference_affine` (of :func:`effective_params`); the product is formed
     in at least float32 and cast to the output dtype. With ``config.activation``
     the output is ``f(a * x + b)``.
     """
-    x, faxes = _prepare(params, x, config, state)
+    x, faxes = _prepare(params, x, config, state, train=False)
     _check_activation(config, x)
     out_dtype = _out_dtype(x, params, config)
     a, b = inference_affine(effective_params(params, config), state, config.epsilon)

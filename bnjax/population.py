@@ -147,7 +147,7 @@ def update(
       inputs it is the variance ``E|x - mu|^2``).
     """
     # (explicit-axis meshes: the stored statistics take the batch's feature sharding)
-    state = BatchStats(*(like_sharding(a, batch.mean) for a in state))
+    state = BatchStats(*(like_sharding(a, batch.mean) for a in state[:4]))
     batch = Moments(*(like_sharding(a, batch.mean) for a in batch))
     n = batch.count.astype(state.count.dtype)
     seen = n > 0

@@ -45,7 +45,7 @@ ORDER: list[tuple[str, ...]] = [
     ("bnjax.whitening",),
     ("bnjax._module_common",),
     ("bnjax.linen", "bnjax.nnx"),
-    ("bnjax.folding", "bnjax._capture"),
+    ("bnjax.folding", "bnjax._capture", "bnjax.compat"),
     ("bnjax.recalibration", "bnjax.diagnostics"),
     ("bnjax",),
     ("bnjax.training._rng",),
