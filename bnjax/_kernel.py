@@ -66,6 +66,8 @@ def _forward(spec: Spec, x, mask, scale, bias, run=None, bounds=None):
     xf = x.astype(dt)
     m = moments(xf, spec.stat_axes, mask=mask, algorithm=spec.algorithm)
     m = all_reduce(m, spec.axis_name, spec.axis_index_groups)
+    # (explicit-axis meshes: a masked count may come out replicated, the mean sharded)
+    m = Moments(*(like_sharding(f, m.mean) for f in m))
     mean = m.mean
     eps = jnp.asarray(spec.epsilon, rdt)
     var_eps = m.var() + eps

@@ -126,7 +126,8 @@ def like_sharding(a: Array, ref: Array) -> Array:
     spec, want = _explicit_spec(a), _explicit_spec(ref)
     if want is None or spec == want or jnp.shape(a) != jnp.shape(ref):
         return a
-    return jax.sharding.reshard(a, want)
+    # the full sharding (its mesh included): works without a jax.set_mesh context too
+    return jax.sharding.reshard(a, jax.typeof(ref).sharding)
 
 
 def replicated_out(x: Array) -> object | None:
@@ -135,4 +136,5 @@ def replicated_out(x: Array) -> object | None:
     spec = _explicit_spec(x)
     if spec is None or all(s is None for s in spec):
         return None
-    return jax.sharding.PartitionSpec()
+    mesh = jax.typeof(x).sharding.mesh
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

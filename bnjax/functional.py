@@ -550,8 +550,9 @@ def _check_reduction(call: _Call, shape, mask, config: BatchNormConfig) -> None:
         raise ValueError(
             f"training batch norm on an input of shape {tuple(shape)} with axis={config.axis!r} "
             f"reduces over {'one element' if per_stat else 'no elements'} per feature: the batch "
-            "statistics are degenerate and the output meaningless. Use a larger batch, or "
-            "apply_eval / use_running_average for inference"
+            "statistics are degenerate and the output meaningless (flax returns beta here). Use "
+            "a larger batch, or apply_eval / use_running_average for inference; to check "
+            "shapes only, use jax.eval_shape, train=False or a batch of two"
         )
 
 

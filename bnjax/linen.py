@@ -72,6 +72,27 @@ __all__ = ["BatchNorm", "BatchNormAct", "BatchRenorm", "BatchWhitening"]
 Array = jax.Array
 
 
+def _use_running_average(
+    module: nn.Module, use_running_average: bool | None, train: bool | None
+) -> bool:
+    """The attribute and the call's ``use_running_average`` merged (flax's rule), or
+    bnjax's ``train=``; an error naming the class if neither is set. (A function, not a
+    method: flax records every method call of a module, e.g. as rows of nn.tabulate.)"""
+    use_ra = None
+    if module.use_running_average is not None or use_running_average is not None:
+        use_ra = nn.merge_param(
+            "use_running_average", module.use_running_average, use_running_average
+        )
+    name = type(module).__name__
+    return resolve_use_running_average(
+        use_ra,
+        train,
+        missing=f"{name} needs train=... (or use_running_average=...) as an attribute or "
+        "a call argument",
+        hint=" (train = not use_running_average)",
+    )
+
+
 class _Layer(nn.Module):
     """The one call path of bnjax's linen layers, driven by the class's ``_layer``
     description (:mod:`bnjax._module_common`): resolve the switch, create or read
@@ -122,7 +143,7 @@ class _Layer(nn.Module):
         Returns:
           The normalized ``x``, of ``x``'s shape.
         """
-        use_ra = self._use_running_average(use_running_average, train)
+        use_ra = _use_running_average(self, use_running_average, train)
         layer = self._layer
         x = jnp.asarray(x)
         layer.check_input(x)
@@ -160,23 +181,6 @@ class _Layer(nn.Module):
             for k, v in variables.items():
                 v.value = getattr(new_state, k)
         return y
-
-    def _use_running_average(self, use_running_average: bool | None, train: bool | None) -> bool:
-        """The attribute and the call's ``use_running_average`` merged (flax's rule), or
-        bnjax's ``train=``; an error naming the class if neither is set."""
-        use_ra = None
-        if self.use_running_average is not None or use_running_average is not None:
-            use_ra = nn.merge_param(
-                "use_running_average", self.use_running_average, use_running_average
-            )
-        name = type(self).__name__
-        return resolve_use_running_average(
-            use_ra,
-            train,
-            missing=f"{name} needs train=... (or use_running_average=...) as an attribute or "
-            "a call argument",
-            hint=" (train = not use_running_average)",
-        )
 
 
 class BatchNorm(_Layer):
