@@ -10,7 +10,7 @@ gradients and the eval outputs after two SGD steps:
   variables and calls bnjax's functional core directly (tested on its own against
   float64 NumPy): the comparison isolates the module seam under each transform.
 
-Linen cases: ``nn.scan`` over blocks, ``nn.remat`` (two policies), an ``nn.vmap``
+Linen cases: ``nn.scan`` over blocks, ``nn.remat`` (three policies, one offloading), an ``nn.vmap``
 ensemble, ``nn.jit``, flax's ``TrainState`` with ``batch_stats``, ``optax.MultiSteps``,
 bf16 inputs. NNX cases: ``nnx.jit`` + ``nnx.Optimizer``, ``nnx.vmap``, ``nnx.scan``,
 ``nnx.remat``, ``nnx.state`` + orbax, ``flax.nnx.bridge.ToLinen``. The sharded, export,
@@ -239,6 +239,9 @@ def _cases():
         "nn.scan": scan,
         "nn.remat dots_saveable": remat(jax.checkpoint_policies.dots_saveable),
         "nn.remat nothing_saveable": remat(jax.checkpoint_policies.nothing_saveable),
+        "nn.remat offload to host": remat(
+            jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+        ),
         "nn.vmap ensemble": vmap,
         "nn.jit": jit,
         "TrainState": train_state,
