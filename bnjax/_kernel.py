@@ -295,11 +295,6 @@ def _bn_act_vjp_bwd(spec, res, cts):
     """
     z, mask, scale, bias, inv, count, rd = res
     gz, gm = cts
-    # The barrier ties z to its cotangent: what the backward recomputes from z alone
-    # (f^-1(z), f'(z), x - mean) cannot be hoisted into the forward pass by XLA and
-    # kept alive until here, which would cost a full-size buffer per layer (the same
-    # device jax.checkpoint uses against recomputation being moved or CSE'd).
-    z, gz = lax.optimization_barrier((z, gz))
     dt = inv.dtype
     act = spec.activation
     zf = z.astype(dt)

@@ -256,8 +256,9 @@ def fold(
         except KeyError:
             bp = {}  # use_scale=False and use_bias=False: no params
         if p.activation is not None and bp.get("scale") is not None:
-            g = jnp.asarray(bp["scale"])
-            bp = dict(bp, scale=g + jnp.where(g < 0, -p.scale_epsilon, p.scale_epsilon))
+            cfg = F.BatchNormConfig(activation=p.activation, scale_epsilon=p.scale_epsilon)
+            scale = F.effective_params(F.BNParams(jnp.asarray(bp["scale"]), None), cfg).scale
+            bp = dict(bp, scale=scale)
         a, b = affine(bp, bs, p.epsilon)
         try:
             k, c = fold_linear(lp["kernel"], lp.get("bias"), a, b, dtype=dtype)

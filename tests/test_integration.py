@@ -20,7 +20,6 @@ test_export.py, test_multidevice.py and test_folding.py.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable
 
@@ -309,7 +308,7 @@ NNX = {
 
 class _NBlock(nnx.Module):
     def __init__(self, norm, rngs):
-        self.lin = nnx.Linear(3 if False else F, F, use_bias=False, rngs=rngs)
+        self.lin = nnx.Linear(F, F, use_bias=False, rngs=rngs)
         self.norm = norm()
 
     def __call__(self, x):
@@ -400,7 +399,7 @@ def _nnx_cases():
 
         return _nnx_train(Net(), _x((8, F)))
 
-    def orbax(norm, tmp=None):
+    def orbax(norm):
         pytest.importorskip("orbax.checkpoint")
         import tempfile
 
@@ -462,5 +461,3 @@ def test_nnx_case_matches_reference(case, layer):
         for k in common:
             np.testing.assert_allclose(g[k], w[k], rtol=2e-5, atol=2e-5, err_msg=f"{key}/{k}")
 
-
-_ = functools  # (kept for the case builders' closures)

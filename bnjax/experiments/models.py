@@ -21,6 +21,7 @@ probe such as Figure 1(b, c) costs nothing unless asked for::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,7 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnjax.linen import BatchNorm
+from bnjax import activations
+from bnjax.linen import BatchNorm, BatchNormAct
 
 __all__ = ["ACTIVATIONS", "MLP", "NORMS", "ConvNet", "ResNet", "activation"]
 
@@ -219,11 +221,6 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
-        import functools
-
-        from bnjax import activations
-        from bnjax.linen import BatchNormAct
-
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if x.ndim == 3:
