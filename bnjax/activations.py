@@ -5,15 +5,14 @@
 and keeps only its output ``z`` for the backward pass (Rota Bulò, Porzi and
 Kontschieder, CVPR 2018): the pre-activation is recovered as ``y = f^-1(z)``,
 ``f'(y)`` from ``z`` alone, and batch norm's backward from ``y``. That needs an
-invertible ``f`` whose derivative is a function of its output:
+invertible ``f`` whose derivative is a function of its output (the second form
+holds below 0):
 
-========================  ========================  ===================  ==================
-activation                ``f(y)``                  ``f^-1(z)``          ``f'`` from ``z``
-========================  ========================  ===================  ==================
-:class:`Identity`         ``y``                     ``z``                ``1``
-:class:`LeakyReLU` (a)    ``y`` or ``a y``          ``z`` or ``z / a``   ``1`` or ``a``
-:class:`ELU` (alpha)      ``y`` or ``alpha(e^y-1)``  ``log1p(z/alpha)``  ``1`` or ``z+alpha``
-========================  ========================  ===================  ==================
+| activation | ``f(y)`` | ``f^-1(z)`` | ``f'`` from ``z`` |
+|---|---|---|---|
+| :class:`Identity` | ``y`` | ``z`` | ``1`` |
+| :class:`LeakyReLU` (a) | ``y`` or ``a y`` | ``z`` or ``z / a`` | ``1`` or ``a`` |
+| :class:`ELU` (a) | ``y``, ``a(e^y-1)`` | ``z``, ``log1p(z/a)`` | ``1``, ``z+a`` |
 
 Plain ReLU is not invertible (``y`` is lost wherever ``z = 0``, and batch norm's
 input gradient needs it everywhere): :func:`resolve` rejects it and names
