@@ -20,6 +20,10 @@ the kernel, as is Batch Renormalization (Ioffe 2017)
 (:class:`~bnjax.RenormConfig`, :func:`~bnjax.renorm_schedule`,
 :class:`~bnjax.RenormStats`) with the modules ``bnjax.linen.BatchRenorm`` and
 ``bnjax.nnx.BatchRenorm``.
+
+PyTorch's conventions (unbiased running variance, the cumulative average of
+``momentum=None``, ``track_running_stats=False``) are options of the same layers,
+and :mod:`bnjax.interop` converts torch models' weights both ways.
 """
 
 from bnjax import (
@@ -27,6 +31,7 @@ from bnjax import (
     compat,
     diagnostics,
     folding,
+    interop,
     linen,
     nnx,
     recalibration,
@@ -92,6 +97,7 @@ __all__ = [
     "inference_affine",
     "init",
     "init_stats",
+    "interop",
     "linen",
     "merge",
     "moments",

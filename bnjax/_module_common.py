@@ -115,7 +115,9 @@ class Layer:
     Attributes:
       config: ``(module, local) -> config``: the functional config a module runs
         (``local=True``: without ``axis_name``, as at ``init``).
-      stat_names: ``config -> names`` of the stored statistics (``batch_stats``).
+      stat_names: ``(config, module) -> names`` of the stored statistics
+        (``batch_stats``); empty for a layer that keeps none
+        (``track_running_stats=False``: batch statistics always).
       eval_stats: the statistics inference reads; the others may be missing
         from a checkpoint (their fresh values are used).
       feature_shape: ``(x, config) -> shape`` of ``scale`` / ``bias`` for input ``x``
@@ -131,7 +133,7 @@ class Layer:
     """
 
     config: Callable[[Any, bool], Any]
-    stat_names: Callable[[Any], tuple[str, ...]]
+    stat_names: Callable[[Any, Any], tuple[str, ...]]
     eval_stats: tuple[str, ...]
     feature_shape: Callable[[Array, Any], tuple[int, ...]]
     fresh: Callable[[tuple[int, ...], Any, Any], Any]
@@ -144,10 +146,24 @@ class Layer:
 # --------------------------------------------------------------------------- batch norm
 
 
-def _bn_stat_names(cfg: F.BatchNormConfig) -> tuple[str, ...]:
+def tracks_running_stats(module: Any) -> bool:
+    """False for a layer built with ``track_running_stats=False`` (PyTorch's option:
+    no stored statistics, batch statistics in training and at inference)."""
+    return getattr(module, "track_running_stats", True)
+
+
+def _bn_stat_names(cfg: F.BatchNormConfig, module: Any) -> tuple[str, ...]:
     """``mean``, ``var``; with ``population="average"`` also ``count`` and ``batches``;
-    with Batch Renorm the step counter ``steps``."""
-    names = ("mean", "var") + (("count", "batches") if cfg.population == "average" else ())
+    with ``"cumulative"`` or ``count_batches=True`` also ``batches`` (PyTorch's
+    ``num_batches_tracked``); with Batch Renorm the step counter ``steps``; nothing
+    with ``track_running_stats=False``."""
+    if not tracks_running_stats(module):
+        return ()
+    names = ("mean", "var")
+    if cfg.population == "average":
+        names += ("count", "batches")
+    elif cfg.population == "cumulative" or getattr(module, "count_batches", False):
+        names += ("batches",)
     return names + (("steps",) if cfg.renorm is not None else ())
 
 
@@ -182,7 +198,9 @@ BATCH_NORM = Layer(
     eval_stats=("mean", "var"),
     feature_shape=_bn_feature_shape,
     fresh=_bn_fresh,
-    state=lambda stored, fresh: batch_stats(stored, renorm=isinstance(fresh, RenormStats)),
+    state=lambda stored, fresh: (
+        batch_stats(stored, renorm=isinstance(fresh, RenormStats)) if stored else fresh
+    ),
     degenerate=lambda x, fshape, cfg: x.size == math.prod(fshape),
     check_input=check_input,
     intercepted=True,
@@ -193,7 +211,7 @@ BATCH_RENORM = dataclasses.replace(BATCH_NORM, config=_renorm_config)
 # --------------------------------------------------------------------------- whitening
 
 
-def _whitening_stat_names(cfg: W.WhiteningConfig) -> tuple[str, ...]:
+def _whitening_stat_names(cfg: W.WhiteningConfig, module: Any = None) -> tuple[str, ...]:
     """``mean`` and ``whitening`` (the inference map), and with ``population="average"``
     also ``cov``, ``count`` and ``batches`` (the exact running average)."""
     extra = ("cov", "count", "batches") if cfg.population == "average" else ()

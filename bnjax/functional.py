@@ -84,7 +84,7 @@ from bnjax._numerics import is_complex, real_dtype, safe_rsqrt, stats_dtype
 from bnjax._sharding import match_varying, unmapped
 from bnjax.activations import Activation
 from bnjax.activations import resolve as resolve_activation
-from bnjax.population import BatchStats, Population, RenormStats
+from bnjax.population import VARIANCES, BatchStats, Population, RenormStats, Variance
 from bnjax.stats import (
     ALGORITHMS,
     Algorithm,
@@ -266,8 +266,13 @@ class BatchNormConfig:
       use_bias: learn ``beta`` (else beta = 0).
       dtype: output dtype; ``None`` means ``result_type(x, params)`` like flax.
       param_dtype: dtype of gamma and beta made by :func:`init`.
-      population: ``"ema"`` or ``"average"`` (the paper's Algorithm 2), see
-        :mod:`bnjax.population`.
+      population: ``"ema"``, ``"average"`` (the paper's Algorithm 2) or
+        ``"cumulative"`` (PyTorch's ``momentum=None``), see :mod:`bnjax.population`.
+      running_variance: the batch variance that ``"ema"`` and ``"cumulative"``
+        fold into ``var``: ``"biased"`` (``sigma2_B``, flax's; the default) or
+        ``"unbiased"`` (``m / (m - 1) sigma2_B``, PyTorch's ``running_var``). The
+        training output always uses the biased ``sigma2_B`` (both libraries do);
+        ``"average"`` always keeps the pooled unbiased variance.
       axis_name: a named axis (``shard_map``/``pmap``/``vmap``) over which the
         statistics are pooled exactly, or ``None``.
       axis_index_groups: optional groups of indices of ``axis_name`` to pool within.
@@ -299,6 +304,7 @@ class BatchNormConfig:
     dtype: Any = None
     param_dtype: Any = jnp.float32
     population: Population = "ema"
+    running_variance: Variance = "biased"
     axis_name: str | tuple[str, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
     virtual_batch_size: int | None = None
@@ -319,6 +325,7 @@ class BatchNormConfig:
             raise TypeError(f"renorm must be None or a RenormConfig, got {self.renorm!r}")
         check_common(self)
         check_choice("grad", self.grad, GRADS)
+        check_choice("running_variance", self.running_variance, VARIANCES)
         check_choice("stats_method", self.stats_method, ALGORITHMS)
         if self.virtual_batch_size is not None and self.virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be >= 1, got {self.virtual_batch_size}")
@@ -575,7 +582,13 @@ def _running(state, call: _Call, x: Array, faxes, config: BatchNormConfig, mask)
 
 def _new_state(state, m: Moments, config: BatchNormConfig):
     """The state updated with the batch moments by the configured population estimator."""
-    update = lambda m: _pop.update(state, m, population=config.population, momentum=config.momentum)
+    update = lambda m: _pop.update(
+        state,
+        m,
+        population=config.population,
+        momentum=config.momentum,
+        variance=config.running_variance,
+    )
     if config.renorm is None:
         return update(m)
     # Batch Renorm: a feature whose batch moments are not finite keeps its state

@@ -63,8 +63,9 @@ from bnjax._module_common import (
     BATCH_WHITENING,
     Layer,
     resolve_use_running_average,
+    tracks_running_stats,
 )
-from bnjax.population import Population
+from bnjax.population import Population, Variance
 
 __all__ = ["BatchNorm", "BatchNormAct", "BatchRenorm", "BatchWhitening"]
 
@@ -143,8 +144,11 @@ class _Layer(nn.Module):
         Returns:
           The normalized ``x``, of ``x``'s shape.
         """
-        use_ra = _use_running_average(self, use_running_average, train)
         layer = self._layer
+        if tracks_running_stats(self):
+            use_ra = _use_running_average(self, use_running_average, train)
+        else:  # PyTorch's track_running_stats=False: batch statistics in either mode
+            use_ra = False
         x = jnp.asarray(x)
         layer.check_input(x)
         initializing = self.is_initializing()
@@ -159,7 +163,7 @@ class _Layer(nn.Module):
             else None,
         )
         fresh = layer.fresh(fshape, cfg, x.dtype)
-        names = layer.stat_names(cfg)
+        names = layer.stat_names(cfg, self)
         if use_ra and not initializing:
             # Inference reads only what it needs: variables from flax.linen.BatchNorm (no
             # count/batches/steps) evaluate unchanged under population="average" or
@@ -202,9 +206,21 @@ class BatchNorm(_Layer):
       use_fast_variance: accepted for flax compatibility; ignored (always exact).
       force_float32_reductions: accepted for flax compatibility; statistics are
         always at least float32.
-      population: ``"ema"`` (flax's) or ``"average"`` (the paper's Algorithm 2).
+      population: ``"ema"`` (flax's), ``"average"`` (the paper's Algorithm 2)
+        or ``"cumulative"`` (PyTorch's ``momentum=None``; stores ``batches``).
       virtual_batch_size: ghost batch norm sub-batch size along axis 0.
       grad: ``"vjp"`` (paper's backward, default), ``"jvp"`` or ``"autodiff"``.
+      running_variance: ``"biased"`` (flax's, default) or ``"unbiased"``
+        (PyTorch's ``running_var``: the moving average of ``m / (m - 1)
+        sigma2_B``); see :class:`bnjax.BatchNormConfig`.
+      track_running_stats: ``False`` is PyTorch's option of that name: no
+        ``batch_stats`` at all, batch statistics in training and at inference
+        (the ``train`` switch is then optional and ignored).
+      count_batches: also store ``batch_stats/batches`` (the number of training
+        batches, PyTorch's ``num_batches_tracked``) under ``population="ema"``.
+
+    :func:`bnjax.interop.batch_norm_kwargs` gives the attributes that reproduce a
+    ``torch.nn.BatchNorm*d`` layer exactly (see the porting guide).
     """
 
     use_fast_variance: bool = True
@@ -212,6 +228,9 @@ class BatchNorm(_Layer):
     population: Population = "ema"
     virtual_batch_size: int | None = None
     grad: F.Grad = "vjp"
+    running_variance: Variance = "biased"
+    track_running_stats: bool = True
+    count_batches: bool = False
 
     _layer: ClassVar[Layer] = BATCH_NORM
 

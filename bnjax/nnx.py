@@ -59,8 +59,9 @@ from bnjax._module_common import (
     BATCH_WHITENING,
     Layer,
     resolve_use_running_average,
+    tracks_running_stats,
 )
-from bnjax.population import Population
+from bnjax.population import Population, Variance
 
 __all__ = ["BatchNorm", "BatchNormAct", "BatchRenorm", "BatchWhitening", "intercept"]
 
@@ -113,7 +114,7 @@ class _Layer(nnx.Module):
         cfg = self._config()  # validates the options early, with the functional core's messages
         fshape = self._feature_shape()
         fresh = self._layer.fresh(fshape, cfg, None)
-        for name in self._layer.stat_names(cfg):
+        for name in self._layer.stat_names(cfg, self):
             setattr(self, name, nnx.BatchStat(getattr(fresh, name)))
 
         def param(used: bool, init: Callable, metadata: Mapping[str, Any]) -> Any:
@@ -164,7 +165,7 @@ class _Layer(nnx.Module):
 
     def _state(self) -> Any:
         cfg = self._config()
-        stored = {k: getattr(self, k)[...] for k in self._layer.stat_names(cfg)}
+        stored = {k: getattr(self, k)[...] for k in self._layer.stat_names(cfg, self)}
         return self._layer.state(stored, self._layer.fresh(self._feature_shape(), cfg, None))
 
     def set_bn_state(self, state: Any) -> None:
@@ -178,7 +179,7 @@ class _Layer(nnx.Module):
         self._set_state(state)
 
     def _set_state(self, state: Any) -> None:
-        for k in self._layer.stat_names(self._config()):
+        for k in self._layer.stat_names(self._config(), self):
             if k not in state._fields:  # a BatchStats given to a BatchRenorm: keep steps
                 continue
             stored, value = getattr(self, k), getattr(state, k)
@@ -212,6 +213,8 @@ class _Layer(nnx.Module):
           statistics are updated in place (with ``stop_gradient``).
         """
         name = type(self).__name__
+        if not tracks_running_stats(self):  # PyTorch's track_running_stats=False
+            use_running_average, train = False, None
         use_running_average = resolve_use_running_average(
             use_running_average,
             train,
@@ -229,7 +232,8 @@ class _Layer(nnx.Module):
         if use_running_average:
             return kernel.apply_eval(params, state, x, cfg)
         y, new_state = kernel.apply_train(params, state, x, cfg, mask=mask)
-        self._set_state(jax.lax.stop_gradient(new_state))
+        if tracks_running_stats(self):
+            self._set_state(jax.lax.stop_gradient(new_state))
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
@@ -267,14 +271,19 @@ class BatchNorm(_Layer):
         and bias, exactly as flax does (so the streams of later layers match).
         May be omitted (the initializers are deterministic).
       bias_metadata, scale_metadata: metadata of the ``nnx.Param`` variables.
-      population: ``"ema"`` (default, flax's) or ``"average"`` (the paper's).
+      population: ``"ema"`` (default, flax's), ``"average"`` (the paper's) or
+        ``"cumulative"`` (PyTorch's ``momentum=None``).
       virtual_batch_size: ghost batch size along axis 0 (``None``: whole batch).
       grad: ``"vjp"`` (default), ``"jvp"`` or ``"autodiff"``.
+      running_variance, track_running_stats, count_batches: PyTorch's
+        conventions, as :class:`bnjax.linen.BatchNorm`.
 
     Attributes:
       scale, bias: ``nnx.Param`` of shape ``(num_features,)`` (or ``None``).
-      mean, var: ``nnx.BatchStat`` float32 of shape ``(num_features,)``.
-      count, batches: ``nnx.BatchStat`` (only with ``population="average"``).
+      mean, var: ``nnx.BatchStat`` float32 of shape ``(num_features,)`` (none
+        with ``track_running_stats=False``).
+      count, batches: ``nnx.BatchStat`` (``count`` with ``population="average"``;
+        ``batches`` also with ``"cumulative"`` or ``count_batches=True``).
     """
 
     def __init__(
@@ -301,6 +310,9 @@ class BatchNorm(_Layer):
         population: Population = "ema",
         virtual_batch_size: int | None = None,
         grad: F.Grad = "vjp",
+        running_variance: Variance = "biased",
+        track_running_stats: bool = True,
+        count_batches: bool = False,
     ):
         self._setup(
             num_features,
@@ -320,6 +332,9 @@ class BatchNorm(_Layer):
                 population=population,
                 virtual_batch_size=virtual_batch_size,
                 grad=grad,
+                running_variance=running_variance,
+                track_running_stats=track_running_stats,
+                count_batches=count_batches,
             ),
             rngs=rngs,
             inits=((scale_init, scale_metadata), (bias_init, bias_metadata)),

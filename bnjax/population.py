@@ -10,12 +10,24 @@ statistics dtype of the input):
 * ``batches``: number of batches (with at least one valid element) seen since
   the last reset.
 
-Two estimators (the static option ``population=``, :data:`Population`):
+Three estimators (the static option ``population=``, :data:`Population`):
 
 ``"ema"`` (the default; what flax, haiku, Keras and PyTorch do)
     ``mean <- momentum * mean + (1 - momentum) * mu_B`` and the same for ``var``
     with the *biased* batch variance ``sigma2_B`` (flax's convention, so flax
-    checkpoints stay valid). ``count`` and ``batches`` are informational.
+    checkpoints stay valid). ``count`` and ``batches`` are informational. With
+    ``variance="unbiased"`` the batch variance folded in is ``n_B / (n_B - 1)
+    sigma2_B`` instead (PyTorch's ``running_var``; with PyTorch's ``momentum=0.1``
+    being ``momentum=0.9`` here).
+
+``"cumulative"`` (PyTorch's ``momentum=None``)
+    The unweighted average of the batch means, ``mean <- mean + (mu_B - mean) / k``
+    with ``k`` the updated ``batches`` counter (PyTorch's ``num_batches_tracked``),
+    and the same for ``var`` with the batch variance (biased, or unbiased with
+    ``variance="unbiased"`` as PyTorch). It differs from ``"average"`` only for
+    unequal batch sizes: every batch weighs the same, however many elements it
+    has, where ``"average"`` weighs batches by their element counts and pools
+    the variance over the degrees of freedom.
 
 ``"average"`` (the paper's Algorithm 2)
     An exact running average over every batch since the last reset:
@@ -23,7 +35,8 @@ Two estimators (the static option ``population=``, :data:`Population`):
     counts so unequal and masked batches are handled exactly) and ``var`` the
     pooled *unbiased* within-batch variance
     ``sum_B n_B sigma2_B / sum_B (n_B - 1)``, which for equal batch sizes ``m``
-    is exactly the paper's ``m / (m - 1) * E_B[sigma2_B]``. ``n_B`` is the
+    is exactly the paper's ``m / (m - 1) * E_B[sigma2_B]`` (always unbiased:
+    ``variance=`` does not apply). ``n_B`` is the
     batch's element count per feature (batch times spatial positions for a
     convolution, the paper's ``m' = m p q``).
 
@@ -61,6 +74,8 @@ __all__ = [
     "BatchStats",
     "POPULATIONS",
     "Population",
+    "VARIANCES",
+    "Variance",
     "RenormStats",
     "init_stats",
     "renorm_stats",
@@ -70,8 +85,10 @@ __all__ = [
 
 Array = jax.Array
 
-Population = Literal["ema", "average"]
+Population = Literal["ema", "average", "cumulative"]
 POPULATIONS: tuple[str, ...] = get_args(Population)
+Variance = Literal["biased", "unbiased"]
+VARIANCES: tuple[str, ...] = get_args(Variance)
 
 
 class BatchStats(NamedTuple):
@@ -131,15 +148,24 @@ def renorm_stats(state: BatchStats | RenormStats, steps: int | Array = 0) -> Ren
 
 
 def update(
-    state: BatchStats, batch: Moments, *, population: Population, momentum: float
+    state: BatchStats,
+    batch: Moments,
+    *,
+    population: Population,
+    momentum: float,
+    variance: Variance = "biased",
 ) -> BatchStats:
     """Folds one batch's moments (feature-shaped) into the population statistics.
 
     Args:
       state: the current :class:`BatchStats`.
       batch: the batch's :class:`~bnjax.stats.Moments`, with the state's shape.
-      population: ``"ema"`` or ``"average"`` (see the module docstring).
-      momentum: the EMA momentum (ignored by ``"average"``).
+      population: ``"ema"``, ``"average"`` or ``"cumulative"`` (see the module
+        docstring).
+      momentum: the EMA momentum (used by ``"ema"`` only).
+      variance: the batch variance ``"ema"`` and ``"cumulative"`` fold in:
+        ``"biased"`` (``sigma2_B``, flax) or ``"unbiased"`` (``n_B / (n_B - 1)
+        sigma2_B``, PyTorch; a feature with one valid element keeps its ``var``).
 
     Returns:
       The new :class:`BatchStats`, in the state's dtypes; except that a complex
@@ -153,10 +179,24 @@ def update(
     seen = n > 0
     count = state.count + n
     batches = state.batches + seen.astype(state.batches.dtype)
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    var_ok = seen
+    if variance == "unbiased":
+        var_ok = n > 1
+        batch_var = batch.m2 / jnp.where(var_ok, n - 1, 1)
+    else:
+        batch_var = batch.var()
     if population == "ema":
         mean = momentum * state.mean + (1 - momentum) * batch.mean
-        var = momentum * state.var + (1 - momentum) * batch.var()
+        var = momentum * state.var + (1 - momentum) * batch_var
+    elif population == "cumulative":
+        # PyTorch's momentum=None: factor 1 / num_batches_tracked (after the increment)
+        factor = 1 / jnp.where(seen, batches, 1)
+        mean = (1 - factor) * state.mean + factor * batch.mean
+        var = (1 - factor) * state.var + factor * batch_var
     elif population == "average":
+        var_ok = seen
         safe_count = jnp.where(count > 0, count, 1)
         mean = state.mean + (batch.mean - state.mean) * (n / safe_count)
         dof_old = state.count - state.batches
@@ -173,7 +213,7 @@ def update(
         # its float32 mean becomes complex64 after the first complex batch).
         mean_dtype = jnp.promote_types(mean_dtype, batch.mean.dtype)
     mean = jnp.where(seen, mean, state.mean).astype(mean_dtype)
-    var = jnp.where(seen, var, state.var).astype(state.var.dtype)
+    var = jnp.where(var_ok, var, state.var).astype(state.var.dtype)
     return BatchStats(mean, var, count, batches)
 
 

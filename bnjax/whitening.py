@@ -140,6 +140,7 @@ class WhiteningConfig:
 
     def __post_init__(self):
         check_common(self)
+        check_choice("population", self.population, ("ema", "average"))
         check_choice("method", self.method, METHODS)
         if self.group_size is not None and (
             not isinstance(self.group_size, int) or self.group_size < 1

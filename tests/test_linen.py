@@ -357,3 +357,16 @@ def test_axis_name_initializes_in_train_mode_outside_a_mapped_context():
     )(x.reshape(2, 4, 3))
     ref = np.asarray(x, np.float64)
     np.testing.assert_allclose(upd["batch_stats"]["mean"][0], 0.01 * ref.mean(0), rtol=1e-5)
+
+
+def test_track_running_stats_false_has_no_state_and_uses_batch_statistics():
+    """PyTorch's track_running_stats=False: no batch_stats at all; train and eval both
+    normalize with the batch's statistics (flax's use_running_average=False)."""
+    x = jax.random.normal(jax.random.key(0), (6, 4)) * 2 + 1
+    bn = bnl.BatchNorm(track_running_stats=False)
+    variables = bn.init(jax.random.key(1), x)
+    assert set(variables) == {"params"}
+    ref = nn.BatchNorm(use_running_average=False)
+    y_ref, _ = ref.apply(ref.init(jax.random.key(1), x), x, mutable=["batch_stats"])
+    for train in (True, False):
+        np.testing.assert_allclose(bn.apply(variables, x, train=train), y_ref, atol=1e-6)

@@ -229,3 +229,59 @@ def test_update_keeps_dtypes_and_shapes():
         new = pop.update(state, m, population=est, momentum=0.9)
         assert isinstance(new, BatchStats)
         assert all(a.shape == (2, 3) and a.dtype == jnp.float32 for a in new)
+
+
+# --------------------------------------------------------------------------- PyTorch's rules
+
+
+def np_torch_running(batches, momentum, mean0, var0):
+    """PyTorch's running statistics (float64): unbiased batch variance
+    ``n/(n-1) sigma2_B``; ``momentum`` the weight of the batch, or ``None`` for the
+    cumulative average ``factor = 1 / num_batches_tracked``."""
+    mean, var = np.array(mean0, np.float64), np.array(var0, np.float64)
+    for k, (n, mu, s2) in enumerate(batches, start=1):
+        f = 1.0 / k if momentum is None else momentum
+        mean = (1 - f) * mean + f * mu
+        var = (1 - f) * var + f * s2 * n / (n - 1)
+    return mean, var
+
+
+@pytest.mark.parametrize("torch_momentum", [0.1, 0.5, None])
+def test_unbiased_and_cumulative_match_torch_rule(torch_momentum, rng):
+    """bnjax's PyTorch options against a NumPy transcription of torch's update, over
+    unequal batch sizes (no torch needed: tests/test_torch.py checks torch itself)."""
+    cfg = F.BatchNormConfig(
+        momentum=0.0 if torch_momentum is None else 1 - torch_momentum,
+        population="ema" if torch_momentum is not None else "cumulative",
+        running_variance="unbiased",
+    )
+    params, state = F.init(3, cfg)
+    batches = []
+    for n in (2, 9, 4, 5):
+        x = rng.normal(3.0, 2.0, (n, 3))
+        batches.append(np_batch(x, (0,)))
+        _, state = F.apply_train(params, state, jnp.asarray(x, jnp.float32), cfg)
+    mean, var = np_torch_running(batches, torch_momentum, np.zeros(3), np.ones(3))
+    np.testing.assert_allclose(state.mean, mean, rtol=2e-6)
+    np.testing.assert_allclose(state.var, var, rtol=2e-6)
+    np.testing.assert_array_equal(state.batches, 4)
+    if torch_momentum is None:  # every batch weighs the same: not the paper's average
+        avg, _ = np_algorithm2(batches)
+        assert np.max(np.abs(avg - mean)) > 1e-2
+
+
+def test_unbiased_variance_skips_a_feature_with_one_valid_element():
+    m = stats.Moments(jnp.array([1.0, 4.0]), jnp.array([2.0, 0.5]), jnp.array([0.0, 3.0]))
+    st = pop.update(bnjax.init_stats(2), m, population="ema", momentum=0.5, variance="unbiased")
+    np.testing.assert_allclose(st.var, [1.0, 0.5 * 1 + 0.5 * 1.0])
+    np.testing.assert_allclose(st.mean, [1.0, 0.25])
+
+
+def test_torch_options_rejected_with_names():
+    with pytest.raises(ValueError, match="running_variance must be one of.*'sample'"):
+        F.BatchNormConfig(running_variance="sample")
+    m = stats.Moments(jnp.ones(2), jnp.zeros(2), jnp.zeros(2))
+    with pytest.raises(ValueError, match="variance must be one of"):
+        pop.update(bnjax.init_stats(2), m, population="ema", momentum=0.9, variance="x")
+    with pytest.raises(ValueError, match="population must be one of.*'cumulative'"):
+        bnjax.WhiteningConfig(population="cumulative")

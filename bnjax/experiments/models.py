@@ -4,6 +4,8 @@
   sigmoid hidden units, weights from a small Gaussian, batch norm (optional)
   between each hidden ``Dense`` and its nonlinearity, ``z = g(BN(W u))`` (the
   hidden biases are dropped in the BN net: beta does their job).
+* :class:`ResNet18`: torchvision's ResNet-18, layer for layer (the PyTorch
+  porting test and guide, :mod:`bnjax.interop`).
 * :class:`ConvNet`: a small NHWC convnet (conv, BN, activation, max-pool) for
   the learning-rate experiments, BN per feature map as in Sec. 3.2.
 
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 from bnjax import activations
 from bnjax.linen import BatchNorm, BatchNormAct
 
-__all__ = ["ACTIVATIONS", "MLP", "NORMS", "ConvNet", "ResNet", "activation"]
+__all__ = ["ACTIVATIONS", "MLP", "NORMS", "ConvNet", "ResNet", "ResNet18", "activation"]
 
 Array = jax.Array
 
@@ -251,3 +253,68 @@ class ResNet(nn.Module):
                 x = block(width, strides, norm_act, norm, act)(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes)(x)
+
+
+class _TorchBasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``: ``conv1 bn1 relu conv2 bn2 (+ downsample) relu``,
+    its layers called (and named) in torchvision's order."""
+
+    width: int
+    strides: int
+    norm: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        pad1 = ((1, 1), (1, 1))
+        s = (self.strides, self.strides)
+        y = nn.Conv(self.width, (3, 3), s, padding=pad1, use_bias=False, name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = nn.Conv(self.width, (3, 3), padding=pad1, use_bias=False, name="conv2")(y)
+        y = self.norm(name="bn2")(y)
+        if x.shape != y.shape:
+            x = nn.Conv(self.width, (1, 1), s, padding="VALID", use_bias=False,
+                        name="downsample_0")(x)
+            x = self.norm(name="downsample_1")(x)
+        return nn.relu(y + x)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18`` in flax.linen, NHWC: same layers, order and names.
+
+    ``conv1`` (7x7, stride 2, padding 3) ``bn1`` ReLU, 3x3 max-pool (stride 2,
+    padding 1), ``layer1`` ... ``layer4`` of two basic blocks (64, 128, 256, 512
+    channels; stride 2 and a 1x1 ``downsample`` projection at the start of layers
+    2-4), global average pooling, ``fc``. Layer names follow torchvision's
+    (``layer2_0/downsample_1`` is torch's ``layer2.0.downsample.1``), and layers
+    are called in torchvision's order, so :func:`bnjax.interop.from_torch` pairs
+    them by call order.
+
+    The normalization is a ``functools.partial`` of the layer, as in flax's
+    examples; the model adds ``use_running_average=not train``::
+
+        ResNet18(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5))
+        ResNet18(norm=functools.partial(bnjax.linen.BatchNorm, **bnjax.interop.
+                                        batch_norm_kwargs(torch_model.bn1)))
+
+    Attributes:
+      num_classes: outputs of ``fc`` (default 10).
+      norm: the batch-norm layer (default flax's, with torch's momentum 0.1 =
+        flax's 0.9, and torch's epsilon).
+    """
+
+    num_classes: int = 10
+    norm: Callable[..., nn.Module] = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        norm = functools.partial(self.norm, use_running_average=not train)
+        x = nn.Conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+                    name="conv1")(x)
+        x = nn.relu(norm(name="bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, width in enumerate((64, 128, 256, 512)):
+            for b in range(2):
+                strides = 2 if (i > 0 and b == 0) else 1
+                x = _TorchBasicBlock(width, strides, norm, name=f"layer{i + 1}_{b}")(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="fc")(x)
