@@ -261,19 +261,20 @@ class _TorchBasicBlock(nn.Module):
 
     width: int
     strides: int
-    norm: Callable[..., nn.Module]
+    norm: Callable[..., Any]
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        conv = functools.partial(nn.Conv, self.width, use_bias=self.use_bias)
         pad1 = ((1, 1), (1, 1))
         s = (self.strides, self.strides)
-        y = nn.Conv(self.width, (3, 3), s, padding=pad1, use_bias=False, name="conv1")(x)
+        y = conv((3, 3), s, padding=pad1, name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
-        y = nn.Conv(self.width, (3, 3), padding=pad1, use_bias=False, name="conv2")(y)
+        y = conv((3, 3), padding=pad1, name="conv2")(y)
         y = self.norm(name="bn2")(y)
         if x.shape != y.shape:
-            x = nn.Conv(self.width, (1, 1), s, padding="VALID", use_bias=False,
-                        name="downsample_0")(x)
+            x = conv((1, 1), s, padding="VALID", name="downsample_0")(x)
             x = self.norm(name="downsample_1")(x)
         return nn.relu(y + x)
 
@@ -299,22 +300,30 @@ class ResNet18(nn.Module):
     Attributes:
       num_classes: outputs of ``fc`` (default 10).
       norm: the batch-norm layer (default flax's, with torch's momentum 0.1 =
-        flax's 0.9, and torch's epsilon).
+        flax's 0.9, and torch's epsilon); ``None``: no normalization and
+        convolutions with biases, the model that :func:`bnjax.fold`'s variables
+        (every batch norm folded into its convolution) belong to.
     """
 
     num_classes: int = 10
-    norm: Callable[..., nn.Module] = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+    norm: Callable[..., nn.Module] | None = functools.partial(
+        nn.BatchNorm, momentum=0.9, epsilon=1e-5
+    )
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
-        norm = functools.partial(self.norm, use_running_average=not train)
-        x = nn.Conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+        if self.norm is None:
+            norm = lambda name: (lambda y: y)  # noqa: E731
+        else:
+            norm = functools.partial(self.norm, use_running_average=not train)
+        use_bias = self.norm is None
+        x = nn.Conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=use_bias,
                     name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, width in enumerate((64, 128, 256, 512)):
             for b in range(2):
                 strides = 2 if (i > 0 and b == 0) else 1
-                x = _TorchBasicBlock(width, strides, norm, name=f"layer{i + 1}_{b}")(x)
+                x = _TorchBasicBlock(width, strides, norm, use_bias, name=f"layer{i + 1}_{b}")(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="fc")(x)

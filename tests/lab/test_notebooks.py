@@ -23,6 +23,11 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+TORCHVISION_SHIM = """import torch
+_lib = torch.library.Library("torchvision", "DEF")
+for _op in ("nms", "qnms"):
+    _lib.define(f"{_op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+"""
 
 
 def _pin_python3_kernel(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,6 +82,7 @@ def _data_available() -> bool:
         ("figure1.ipynb", 2),
         ("whitening.ipynb", 2),
         ("small_batch.ipynb", 2),
+        ("porting.ipynb", 2),
     ],
 )
 def test_notebook_runs(name, figures, tmp_path, monkeypatch):
@@ -89,6 +95,10 @@ def test_notebook_runs(name, figures, tmp_path, monkeypatch):
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
         f"{name} is stored with outputs; clear them before committing"
     )
+    if name == "porting.ipynb":
+        pytest.importorskip("torch", reason="porting.ipynb needs the torch extra")
+        # torchvision's CPU-torch import shim (tests only; see tests/test_torch.py)
+        nb.cells.insert(0, nbformat.v4.new_code_cell(TORCHVISION_SHIM))
     out = tmp_path / "out"
     _pin_python3_kernel(tmp_path / "jupyter", monkeypatch)
     monkeypatch.setenv("BNJAX_NOTEBOOK_QUICK", "1")
