@@ -24,10 +24,13 @@ the kernel, as is Batch Renormalization (Ioffe 2017)
 PyTorch's conventions (unbiased running variance, the cumulative average of
 ``momentum=None``, ``track_running_stats=False``) are options of the same layers,
 and :mod:`bnjax.interop` converts torch models' weights both ways.
+:mod:`bnjax.adapt` re-estimates the statistics on test data under distribution
+shift (prediction-time BN, prior-weighted statistics, TENT, robust BN).
 """
 
 from bnjax import (
     activations,
+    adapt,
     compat,
     diagnostics,
     folding,
@@ -78,6 +81,7 @@ __all__ = [
     "WhiteningConfig",
     "WhiteningStats",
     "activations",
+    "adapt",
     "affine",
     "compat",
     "apply",

@@ -46,7 +46,7 @@ ORDER: list[tuple[str, ...]] = [
     ("bnjax._module_common",),
     ("bnjax.linen", "bnjax.nnx"),
     ("bnjax.folding", "bnjax._capture", "bnjax.compat"),
-    ("bnjax.recalibration", "bnjax.diagnostics", "bnjax.interop"),
+    ("bnjax.recalibration", "bnjax.diagnostics", "bnjax.interop", "bnjax.adapt"),
     ("bnjax",),
     ("bnjax.training._rng",),
     ("bnjax.training.state",),
