@@ -118,6 +118,10 @@ class ConvNet(nn.Module):
       downsample: ``"max_pool"`` (default: a 3x3 conv then a 2x2 max-pool) or
         ``"stride"`` (a 3x3 conv of stride 2, no pooling: the same output sizes
         at about a quarter of the FLOPs, and much faster on a CPU).
+      norm: the normalization layer's class (default ``None``:
+        :class:`bnjax.linen.BatchNorm`), e.g. ``flax.linen.BatchNorm``; called as
+        ``norm(name="bn_<i>", **bn)(x, use_running_average=not train)``, so both
+        libraries' layers fit and keep the same variable names.
 
     Input ``(batch, H, W)`` or ``(batch, H, W, C)`` (MNIST: ``(batch, 28, 28)``);
     output ``(batch, num_classes)`` logits. Kernels use flax's default
@@ -131,6 +135,7 @@ class ConvNet(nn.Module):
     act: str = "relu"
     bn: Any = ()
     downsample: str = "max_pool"
+    norm: Any = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
@@ -155,7 +160,8 @@ class ConvNet(nn.Module):
                 x = nn.Conv(width, (3, 3), strides, use_bias=not self.use_bn, name=name)(x)
             if self.use_bn:
                 self.sow("intermediates", f"bn_in_{i}", x)
-                x = BatchNorm(name=f"bn_{i}", **dict(self.bn))(x, train=train)
+                norm = BatchNorm if self.norm is None else self.norm
+                x = norm(name=f"bn_{i}", **dict(self.bn))(x, use_running_average=not train)
             self.sow("intermediates", f"act_in_{i}", x)
             x = g(x)
             if name != "dense" and self.downsample == "max_pool":

@@ -83,6 +83,7 @@ def _data_available() -> bool:
         ("whitening.ipynb", 2),
         ("small_batch.ipynb", 2),
         ("porting.ipynb", 2),
+        ("shift.ipynb", 2),
     ],
 )
 def test_notebook_runs(name, figures, tmp_path, monkeypatch):
