@@ -11,18 +11,18 @@ parallel on N devices and N processes).
 
 The lab (data, reference models, training-dynamics probes, the paper's
 experiments) is :mod:`bnjax.experiments`; it uses only this package's public
-names, and ``import bnjax`` loads none of it (nor :mod:`bnjax.training`).
+names, and `import bnjax` loads none of it (nor :mod:`bnjax.training`).
 
 Batch norm fused with an invertible activation (In-Place Activated BN:
-``BatchNormConfig(activation=...)``, :mod:`bnjax.activations`, the modules
-``bnjax.linen.BatchNormAct`` / ``bnjax.nnx.BatchNormAct``) is another option of
+`BatchNormConfig(activation=...)`, :mod:`bnjax.activations`, the modules
+`bnjax.linen.BatchNormAct` / `bnjax.nnx.BatchNormAct`) is another option of
 the kernel, as is Batch Renormalization (Ioffe 2017)
 (:class:`~bnjax.RenormConfig`, :func:`~bnjax.renorm_schedule`,
-:class:`~bnjax.RenormStats`) with the modules ``bnjax.linen.BatchRenorm`` and
-``bnjax.nnx.BatchRenorm``.
+:class:`~bnjax.RenormStats`) with the modules `bnjax.linen.BatchRenorm` and
+`bnjax.nnx.BatchRenorm`.
 
 PyTorch's conventions (unbiased running variance, the cumulative average of
-``momentum=None``, ``track_running_stats=False``) are options of the same layers,
+`momentum=None`, `track_running_stats=False`) are options of the same layers,
 and :mod:`bnjax.interop` converts torch models' weights both ways.
 :mod:`bnjax.adapt` re-estimates the statistics on test data under distribution
 shift (prediction-time BN, prior-weighted statistics, TENT, robust BN).

@@ -1,14 +1,14 @@
 """Capturing every batch-norm layer of a Flax model (private).
 
-One traced forward pass of a linen model (through ``flax.linen.intercept_methods``)
+One traced forward pass of a linen model (through `flax.linen.intercept_methods`)
 or of an NNX model (through :func:`bnjax.nnx.intercept`) hands each batch-norm
 call's input, mask, functional config, parameters and statistics to a
-``record`` function, which returns the layer's output (the pass goes on with
-it) and a record; the pass returns ``{layer path: [record, ...]}``. Used by
+`record` function, which returns the layer's output (the pass goes on with
+it) and a record; the pass returns `{layer path: [record, ...]}`. Used by
 :mod:`bnjax.recalibration` (PreciseBN) and :mod:`bnjax.diagnostics`.
 
-Handles ``bnjax.linen.BatchNorm`` / ``BatchRenorm`` and ``flax.linen.BatchNorm``
-in linen models, and ``bnjax.nnx.BatchNorm`` / ``BatchRenorm`` in NNX models.
+Handles `bnjax.linen.BatchNorm` / `BatchRenorm` and `flax.linen.BatchNorm`
+in linen models, and `bnjax.nnx.BatchNorm` / `BatchRenorm` in NNX models.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ Recorder = Callable[..., tuple[Array, Any]]
 
 
 def local(cfg: F.BatchNormConfig) -> F.BatchNormConfig:
-    """``cfg`` without cross-device pooling (statistics of this device's data)."""
+    """`cfg` without cross-device pooling (statistics of this device's data)."""
     return dataclasses.replace(cfg, axis_name=None, axis_index_groups=None)
 
 
 def linen_config(mod: nn.Module) -> F.BatchNormConfig | None:
-    """The local functional config of a bnjax or flax linen batch norm, else ``None``."""
+    """The local functional config of a bnjax or flax linen batch norm, else `None`."""
     if isinstance(mod, bnlinen.BatchNorm):
         return local(mod.config())
     if isinstance(mod, nn.BatchNorm):
@@ -71,7 +71,7 @@ def _linen_stats(mod: nn.Module, cfg: F.BatchNormConfig, path: str):
 
 
 def linen_tracer(model: nn.Module, apply_kwargs: Mapping[str, Any]) -> Callable:
-    """``trace(variables, args, upstream, record) -> {path: [record, ...]}`` for linen."""
+    """`trace(variables, args, upstream, record) -> {path: [record, ...]}` for linen."""
 
     def trace(variables, args, upstream, record):
         out: dict[str, list] = {}
@@ -100,7 +100,7 @@ def linen_tracer(model: nn.Module, apply_kwargs: Mapping[str, Any]) -> Callable:
 
 
 def nnx_layers(model: nnx.Module) -> dict[str, bnnnx.BatchNorm]:
-    """The batch-norm layers of an NNX model by path (``"block/bn"``)."""
+    """The batch-norm layers of an NNX model by path (`"block/bn"`)."""
     return {
         "/".join(map(str, p)): m
         for p, m in nnx.iter_modules(model)
@@ -109,7 +109,7 @@ def nnx_layers(model: nnx.Module) -> dict[str, bnnnx.BatchNorm]:
 
 
 def nnx_tracer(graphdef: Any, call_kwargs: Mapping[str, Any]) -> Callable:
-    """``trace(state, args, upstream, record) -> {path: [record, ...]}`` for NNX."""
+    """`trace(state, args, upstream, record) -> {path: [record, ...]}` for NNX."""
 
     def trace(state, args, upstream, record):
         model = nnx.merge(graphdef, state)
@@ -157,13 +157,13 @@ def compiled(
     record: Recorder,
     fold: Callable | None = None,
 ) -> tuple[Callable, Callable]:
-    """``(trace, jitted step)`` for a linen model or NNX graphdef, cached.
+    """`(trace, jitted step)` for a linen model or NNX graphdef, cached.
 
     Equal models (flax modules and graphdefs compare by structure) with equal
     hashable keyword arguments share one compiled step, so recalibrating again
     (e.g. every epoch) does not recompile. The step is
-    ``(carry, args) -> {path: [record]}``, or with ``fold``
-    ``(acc, carry, args) -> fold(acc, {path: [record]})`` (an accumulation).
+    `(carry, args) -> {path: [record]}`, or with `fold`
+    `(acc, carry, args) -> fold(acc, {path: [record]})` (an accumulation).
     """
     items = tuple(sorted(kwargs.items()))
     try:

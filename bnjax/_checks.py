@@ -1,6 +1,6 @@
 """Input checks shared by every layer (private): axes, masks, dtypes, feature shapes.
 
-Each raises a ``TypeError`` / ``ValueError`` that names the argument and the
+Each raises a `TypeError` / `ValueError` that names the argument and the
 shapes involved, so a bad call never gives a silently wrong answer.
 """
 
@@ -18,10 +18,10 @@ Array = jax.Array
 def canonicalize_axes(
     ndim: int, axes: int | Sequence[int], *, name: str = "axis"
 ) -> tuple[int, ...]:
-    """Normalizes ``axes`` to a sorted tuple of non-negative ints.
+    """Normalizes `axes` to a sorted tuple of non-negative ints.
 
     Raises:
-      ValueError: naming ``name``, if an axis is out of range for ``ndim`` or repeated.
+      ValueError: naming `name`, if an axis is out of range for `ndim` or repeated.
     """
     if isinstance(axes, int):
         axes = (axes,)
@@ -40,7 +40,7 @@ def canonicalize_axes(
 
 
 def check_mask(mask: Array, shape: tuple[int, ...]) -> Array:
-    """Checks that ``mask`` is boolean and broadcastable to ``shape``."""
+    """Checks that `mask` is boolean and broadcastable to `shape`."""
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
@@ -58,7 +58,7 @@ def check_mask(mask: Array, shape: tuple[int, ...]) -> Array:
 
 
 def check_input(x: Array, layer: str = "batch norm", *, complex_ok: bool = True) -> None:
-    """A floating (or, if ``complex_ok``, complex) input; else a ``TypeError`` naming ``layer``."""
+    """A floating (or, if `complex_ok`, complex) input; else a `TypeError` naming `layer`."""
     dt = jnp.result_type(x)
     ok = jnp.issubdtype(dt, jnp.floating) or (
         complex_ok and jnp.issubdtype(dt, jnp.complexfloating)
@@ -72,8 +72,8 @@ def check_input(x: Array, layer: str = "batch norm", *, complex_ok: bool = True)
 
 
 def check_shape(arr: Array | None, want: tuple[int, ...], name: str, x_shape, what: str) -> None:
-    """``arr`` (unless ``None``) has shape ``want``; else a ``ValueError`` naming ``name``,
-    the input shape ``x_shape`` and ``what`` the expected shape stands for."""
+    """`arr` (unless `None`) has shape `want`; else a `ValueError` naming `name`,
+    the input shape `x_shape` and `what` the expected shape stands for."""
     if arr is not None and tuple(arr.shape) != tuple(want):
         raise ValueError(
             f"{name} has shape {tuple(arr.shape)} but the input of shape {tuple(x_shape)} "
@@ -82,7 +82,7 @@ def check_shape(arr: Array | None, want: tuple[int, ...], name: str, x_shape, wh
 
 
 def check_use_flags(params: Any, config: Any) -> None:
-    """``params`` (a ``BNParams``) holds exactly what ``config.use_scale`` / ``use_bias`` say."""
+    """`params` (a `BNParams`) holds exactly what `config.use_scale` / `use_bias` say."""
     if config.use_scale != (params.scale is not None) or config.use_bias != (
         params.bias is not None
     ):
@@ -94,7 +94,7 @@ def check_use_flags(params: Any, config: Any) -> None:
 
 
 def out_dtype(x: Array, params: Any, config: Any):
-    """The output dtype: ``config.dtype``, or ``result_type(x, params)`` as flax."""
+    """The output dtype: `config.dtype`, or `result_type(x, params)` as flax."""
     if config.dtype is not None:
         return jnp.dtype(config.dtype)
     return jnp.result_type(x, *(p for p in params if p is not None))

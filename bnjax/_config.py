@@ -10,10 +10,10 @@ from bnjax.population import POPULATIONS
 def check_common(config: Any) -> None:
     """Validates (and normalizes) the fields that every bnjax layer config has.
 
-    ``population`` in :data:`bnjax.population.POPULATIONS`, ``epsilon >= 0``,
-    ``momentum`` in ``[0, 1]``; ``axis_index_groups`` becomes a tuple of tuples
-    of ints (hashable). ``config`` is a frozen dataclass, set through
-    ``object.__setattr__`` from its ``__post_init__``.
+    `population` in :data:`bnjax.population.POPULATIONS`, `epsilon >= 0`,
+    `momentum` in `[0, 1]`; `axis_index_groups` becomes a tuple of tuples
+    of ints (hashable). `config` is a frozen dataclass, set through
+    `object.__setattr__` from its `__post_init__`.
 
     Raises:
       ValueError: naming the field and its value.
@@ -30,6 +30,6 @@ def check_common(config: Any) -> None:
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    """``value`` is one of ``choices``; else a ``ValueError`` naming ``name``."""
+    """`value` is one of `choices`; else a `ValueError` naming `name`."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

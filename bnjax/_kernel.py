@@ -1,11 +1,11 @@
 """The normalizing kernel of batch norm (private): Algorithm 1's forward pass and its
-gradient, as ``jax.custom_vjp`` (the paper's fused backward), ``jax.custom_jvp``
+gradient, as `jax.custom_vjp` (the paper's fused backward), `jax.custom_jvp`
 (its linearization) or plain autodiff; the rules are documented in
 :mod:`bnjax.functional`, which prepares every call (shapes, ghost batches, the
 running statistics) and is this module's only user.
 
-Inputs are already reshaped so that ``spec.stat_axes`` are the reduced axes and
-the parameters broadcast against ``x``; everything here works in the statistics
+Inputs are already reshaped so that `spec.stat_axes` are the reduced axes and
+the parameters broadcast against `x`; everything here works in the statistics
 dtype (at least float32; complex inputs: complex mean, real variance).
 """
 
@@ -49,17 +49,17 @@ class Spec:
 
 
 def _forward(spec: Spec, x, mask, scale, bias, run=None, bounds=None):
-    """Algorithm 1 on (possibly reshaped) ``x``. Returns (y, moments, mean, inv, rd).
+    """Algorithm 1 on (possibly reshaped) `x`. Returns (y, moments, mean, inv, rd).
 
-    ``run`` is ``None`` or the running ``(mean, var)`` (broadcast to ``x``'s rank),
+    `run` is `None` or the running `(mean, var)` (broadcast to `x`'s rank),
     passed with a mask or Batch Renorm. With a mask, a feature without a valid
-    element (pooled count 0) is normalized with them: ``mean``/``inv`` are then the
+    element (pooled count 0) is normalized with them: `mean`/`inv` are then the
     running ones (the inference map; see :func:`bnjax.functional.apply_train`).
-    ``bounds`` is ``None`` (batch norm; ``rd`` is ``None``) or Batch Renorm's
-    ``(r_max, d_max)``; then ``rd = (r, d)``. The returned moments are the batch's in every case.
+    `bounds` is `None` (batch norm; `rd` is `None`) or Batch Renorm's
+    `(r_max, d_max)`; then `rd = (r, d)`. The returned moments are the batch's in every case.
 
-    Complex ``x``: the statistics dtype ``dt`` is complex (mean, ``x - mean``, the
-    output), its real part ``rdt`` holds the variance and ``inv``.
+    Complex `x`: the statistics dtype `dt` is complex (mean, `x - mean`, the
+    output), its real part `rdt` holds the variance and `inv`.
     """
     dt = stats_dtype(x.dtype)
     rdt = real_dtype(dt)  # dt itself for real inputs
@@ -99,11 +99,11 @@ def _forward(spec: Spec, x, mask, scale, bias, run=None, bounds=None):
 
 
 def _renorm_rd(spec: Spec, m: Moments, var_eps, run, bounds):
-    """Batch Renorm's per-feature ``(r, d)`` (gradient stopped), keepdims shape.
+    """Batch Renorm's per-feature `(r, d)` (gradient stopped), keepdims shape.
 
-    ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma,
-    -d_max, d_max)`` with the running ``mu``, ``sigma = sqrt(var + eps)``; a feature
-    without a valid element gets ``r = 1``, ``d = 0``: with its running statistics
+    `r = clip(sigma_B / sigma, 1/r_max, r_max)`, `d = clip((mu_B - mu) / sigma,
+    -d_max, d_max)` with the running `mu`, `sigma = sqrt(var + eps)`; a feature
+    without a valid element gets `r = 1`, `d = 0`: with its running statistics
     as the normalizing ones (batch norm's rule for empty features), its output is
     the inference map.
     """
@@ -119,7 +119,7 @@ def _renorm_rd(spec: Spec, m: Moments, var_eps, run, bounds):
 
 
 def _centre(spec: Spec, xf, mask, j: int):
-    """Data point ``j`` of each feature (see :func:`bnjax._numerics.data_point`), or None.
+    """Data point `j` of each feature (see :func:`bnjax._numerics.data_point`), or None.
 
     Masked inputs may hold padding anywhere, so they are centred on the mean.
     """
@@ -127,14 +127,14 @@ def _centre(spec: Spec, xf, mask, j: int):
 
 
 def _centred_affine(xf, a, b, mean, c):
-    """``a * (x - mean) + b`` (``b`` may be None), formed as ``a (x - c) + (a (c - mean) + b)``.
+    """`a * (x - mean) + b` (`b` may be None), formed as `a (x - c) + (a (c - mean) + b)`.
 
-    The full-size broadcast is of the data point ``c``, not of ``mean``, which a
+    The full-size broadcast is of the data point `c`, not of `mean`, which a
     statistics reduction also broadcasts: one broadcast shared by a reduction and
     another full-size consumer is materialized by XLA:CPU (an extra write and read
-    of the whole input). With ``|x - c|`` of the order of the spread, the rounding
+    of the whole input). With `|x - c|` of the order of the spread, the rounding
     error stays at that of the float32 mean itself (about half the error of the
-    folded ``a x + (b - a mean)`` when ``|mean| >> std``).
+    folded `a x + (b - a mean)` when `|mean| >> std`).
     """
     if c is None:
         y = (xf - mean) * a
@@ -207,16 +207,16 @@ def _typed_like(x, scale, bias, dx, dscale, dbias):
 class _Cotangents:
     """The per-feature algebra of batch norm's backward, shared by both vjp kernels.
 
-    From the local sums ``sum(dy)`` and ``sum(dy xhat)`` (one all-reduce over
-    ``axis_name``, with the cotangents of the returned moments), the parameter
+    From the local sums `sum(dy)` and `sum(dy xhat)` (one all-reduce over
+    `axis_name`, with the cotangents of the returned moments), the parameter
     gradients and the per-feature coefficients of
-    ``dx = gamma_inv dy + w (p + q (x - mean))`` (``w`` the mask): batch norm's
-    ``dx = gamma / (m sigma) (m dy - sum(dy) - xhat sum(dy xhat))`` plus the
-    moments' cotangents. Complex ``x``: ``dx = gamma_inv dy + w (p + q conj(x - mean))``
-    with a real ``q = -inv Re(gamma_inv sum(dy xhat)) / m`` (the variance is real).
-    A feature without a valid element (``w = 0``) gets the inference map's ``dx``.
-    Batch Renorm (``rd = (r, d)``, constant): ``gamma -> gamma r`` and
-    ``dgamma = sum(dy (r xhat + d))``.
+    `dx = gamma_inv dy + w (p + q (x - mean))` (`w` the mask): batch norm's
+    `dx = gamma / (m sigma) (m dy - sum(dy) - xhat sum(dy xhat))` plus the
+    moments' cotangents. Complex `x`: `dx = gamma_inv dy + w (p + q conj(x - mean))`
+    with a real `q = -inv Re(gamma_inv sum(dy xhat)) / m` (the variance is real).
+    A feature without a valid element (`w = 0`) gets the inference map's `dx`.
+    Batch Renorm (`rd = (r, d)`, constant): `gamma -> gamma r` and
+    `dgamma = sum(dy (r xhat + d))`.
     """
 
     def __init__(self, spec, x, scale, bias, inv, count, rd, gm, sum_dy, sum_dy_xhat):
@@ -284,14 +284,14 @@ def _bn_act_vjp_fwd(spec, x, mask, scale, bias, run, bounds):
 
 
 def _bn_act_vjp_bwd(spec, res, cts):
-    """Batch norm's backward recomputed from the output ``z = f(y)``.
+    """Batch norm's backward recomputed from the output `z = f(y)`.
 
-    ``y = f^-1(z)`` is the affine map's output ``A (x - mean) + B`` (``A = gamma r /
-    sigma``, ``B = gamma d + beta``; ``r = 1``, ``d = 0`` without Batch Renorm), so
-    ``x - mean = (y - B) / A``; ``dy = dz f'(z)``; then the same per-feature algebra
-    as :func:`_bn_vjp_bwd`. ``gamma`` is never 0 here (the functional layer uses an
-    effective scale bounded away from 0); a feature with ``A = 0`` (a constant
-    feature with ``epsilon = 0``) has ``x - mean = 0``.
+    `y = f^-1(z)` is the affine map's output `A (x - mean) + B` (`A = gamma r /
+    sigma`, `B = gamma d + beta`; `r = 1`, `d = 0` without Batch Renorm), so
+    `x - mean = (y - B) / A`; `dy = dz f'(z)`; then the same per-feature algebra
+    as :func:`_bn_vjp_bwd`. `gamma` is never 0 here (the functional layer uses an
+    effective scale bounded away from 0); a feature with `A = 0` (a constant
+    feature with `epsilon = 0`) has `x - mean = 0`.
     """
     z, mask, scale, bias, inv, count, rd = res
     gz, gm = cts
@@ -379,8 +379,8 @@ _KERNELS = {"vjp": _bn_vjp, "jvp": _bn_jvp, "autodiff": _bn_autodiff}
 
 
 def normalize(grad: str, spec: Spec, x, mask, scale, bias, run=None, bounds=None):
-    """``(y, batch moments)`` of one normalization call, differentiated by the rule ``grad``
-    (``"vjp"``, ``"jvp"`` or ``"autodiff"``); the arguments are those of :func:`_forward`."""
+    """`(y, batch moments)` of one normalization call, differentiated by the rule `grad`
+    (`"vjp"`, `"jvp"` or `"autodiff"`); the arguments are those of :func:`_forward`."""
     if grad == "vjp" and spec.activation is not None:
         return _bn_act_vjp(spec, x, mask, scale, bias, run, bounds)
     return _KERNELS[grad](spec, x, mask, scale, bias, run, bounds)

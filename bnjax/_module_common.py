@@ -36,24 +36,24 @@ def resolve_use_running_average(
     missing: str,
     hint: str = "",
 ) -> Any:
-    """The ``use_running_average`` that one call of a layer runs with.
+    """The `use_running_average` that one call of a layer runs with.
 
     Args:
-      use_running_average: the value given for this call, or ``None``.
-      train: bnjax's explicit switch, ``train = not use_running_average``, or
-        ``None``; it overrides ``default``, and contradicting
-        ``use_running_average`` is an error.
+      use_running_average: the value given for this call, or `None`.
+      train: bnjax's explicit switch, `train = not use_running_average`, or
+        `None`; it overrides `default`, and contradicting
+        `use_running_average` is an error.
       default: used when neither switch is given (the module's attribute).
       missing: the error message when no switch is given at all.
       hint: appended to the message of the contradiction error.
 
     Returns:
-      ``not train`` if ``train`` is given, else ``use_running_average`` if given,
-      else ``default``.
+      `not train` if `train` is given, else `use_running_average` if given,
+      else `default`.
 
     Raises:
-      ValueError: ``train`` and ``use_running_average`` contradict each other,
-        or the result is ``None`` (message ``missing``).
+      ValueError: `train` and `use_running_average` contradict each other,
+        or the result is `None` (message `missing`).
     """
     if train is not None:
         if use_running_average is not None and use_running_average == bool(train):
@@ -70,12 +70,12 @@ def resolve_use_running_average(
 
 
 def config_from(module: Any, config_type: type, *, local: bool = False, **extra: Any) -> Any:
-    """``config_type`` (a frozen config dataclass) from the module's attributes of the same
-    names, plus ``extra`` fields; ``local=True`` leaves out ``axis_name`` and
-    ``axis_index_groups`` (statistics of this device only, e.g. at ``init``).
+    """`config_type` (a frozen config dataclass) from the module's attributes of the same
+    names, plus `extra` fields; `local=True` leaves out `axis_name` and
+    `axis_index_groups` (statistics of this device only, e.g. at `init`).
 
-    Works for bnjax's modules and for ``flax.linen.BatchNorm`` / ``flax.nnx.BatchNorm``,
-    whose shared attributes (``axis``, ``epsilon``, ``momentum``, ``use_scale``, ...)
+    Works for bnjax's modules and for `flax.linen.BatchNorm` / `flax.nnx.BatchNorm`,
+    whose shared attributes (`axis`, `epsilon`, `momentum`, `use_scale`, ...)
     have the config's names. The config validates the values.
     """
     names = {f.name for f in dataclasses.fields(config_type)} - set(extra)
@@ -88,13 +88,13 @@ def config_from(module: Any, config_type: type, *, local: bool = False, **extra:
 
 
 def batch_stats(stored: Mapping[str, Array], renorm: bool = False) -> BatchStats | RenormStats:
-    """Stored batch-norm statistics ``{name: array}`` as a :class:`~bnjax.BatchStats`.
+    """Stored batch-norm statistics `{name: array}` as a :class:`~bnjax.BatchStats`.
 
-    ``mean`` and ``var`` must be present; ``count`` and ``batches`` that are not
-    stored (``population="ema"``, or flax variables) are zeros like ``mean``.
-    With ``renorm=True`` a :class:`~bnjax.RenormStats`, whose ``steps`` is the
+    `mean` and `var` must be present; `count` and `batches` that are not
+    stored (`population="ema"`, or flax variables) are zeros like `mean`.
+    With `renorm=True` a :class:`~bnjax.RenormStats`, whose `steps` is the
     stored one or 0 where none is stored (a batch-norm checkpoint); a stored
-    ``steps`` that is not an integer scalar is a ``ValueError``.
+    `steps` that is not an integer scalar is a `ValueError`.
     """
     zeros = jnp.zeros_like(stored["mean"])
     st = BatchStats(
@@ -113,22 +113,22 @@ class Layer:
     """What the Flax modules need to know about one kind of layer.
 
     Attributes:
-      config: ``(module, local) -> config``: the functional config a module runs
-        (``local=True``: without ``axis_name``, as at ``init``).
-      stat_names: ``(config, module) -> names`` of the stored statistics
-        (``batch_stats``); empty for a layer that keeps none
-        (``track_running_stats=False``: batch statistics always).
+      config: `(module, local) -> config`: the functional config a module runs
+        (`local=True`: without `axis_name`, as at `init`).
+      stat_names: `(config, module) -> names` of the stored statistics
+        (`batch_stats`); empty for a layer that keeps none
+        (`track_running_stats=False`: batch statistics always).
       eval_stats: the statistics inference reads; the others may be missing
         from a checkpoint (their fresh values are used).
-      feature_shape: ``(x, config) -> shape`` of ``scale`` / ``bias`` for input ``x``
+      feature_shape: `(x, config) -> shape` of `scale` / `bias` for input `x`
         (validates the input's layout).
-      fresh: ``(feature_shape, config, dtype) -> state``: fresh statistics for
-        inputs of ``dtype`` (``None``: real float32).
-      state: ``(stored, fresh) -> state``: stored statistics ``{name: array}``
+      fresh: `(feature_shape, config, dtype) -> state`: fresh statistics for
+        inputs of `dtype` (`None`: real float32).
+      state: `(stored, fresh) -> state`: stored statistics `{name: array}`
         as the functional state.
-      degenerate: ``(x, feature_shape, config) -> bool``: the batch is too small
-        for batch statistics (``init`` on it evaluates instead).
-      check_input: ``x -> None``, raising on a bad dtype.
+      degenerate: `(x, feature_shape, config) -> bool`: the batch is too small
+        for batch statistics (`init` on it evaluates instead).
+      check_input: `x -> None`, raising on a bad dtype.
       intercepted: calls go through :func:`bnjax.nnx.intercept` (batch norm).
     """
 
@@ -147,16 +147,16 @@ class Layer:
 
 
 def tracks_running_stats(module: Any) -> bool:
-    """False for a layer built with ``track_running_stats=False`` (PyTorch's option:
+    """False for a layer built with `track_running_stats=False` (PyTorch's option:
     no stored statistics, batch statistics in training and at inference)."""
     return getattr(module, "track_running_stats", True)
 
 
 def _bn_stat_names(cfg: F.BatchNormConfig, module: Any) -> tuple[str, ...]:
-    """``mean``, ``var``; with ``population="average"`` also ``count`` and ``batches``;
-    with ``"cumulative"`` or ``count_batches=True`` also ``batches`` (PyTorch's
-    ``num_batches_tracked``); with Batch Renorm the step counter ``steps``; nothing
-    with ``track_running_stats=False``."""
+    """`mean`, `var`; with `population="average"` also `count` and `batches`;
+    with `"cumulative"` or `count_batches=True` also `batches` (PyTorch's
+    `num_batches_tracked`); with Batch Renorm the step counter `steps`; nothing
+    with `track_running_stats=False`."""
     if not tracks_running_stats(module):
         return ()
     names = ("mean", "var")
@@ -212,8 +212,8 @@ BATCH_RENORM = dataclasses.replace(BATCH_NORM, config=_renorm_config)
 
 
 def _whitening_stat_names(cfg: W.WhiteningConfig, module: Any = None) -> tuple[str, ...]:
-    """``mean`` and ``whitening`` (the inference map), and with ``population="average"``
-    also ``cov``, ``count`` and ``batches`` (the exact running average)."""
+    """`mean` and `whitening` (the inference map), and with `population="average"`
+    also `cov`, `count` and `batches` (the exact running average)."""
     extra = ("cov", "count", "batches") if cfg.population == "average" else ()
     return ("mean", "whitening") + extra
 

@@ -1,7 +1,7 @@
-"""Sharding-type helpers (private): varying axes under ``shard_map`` and explicit meshes.
+"""Sharding-type helpers (private): varying axes under `shard_map` and explicit meshes.
 
-Inside ``shard_map(check_vma=True)`` every value carries the set of manual mesh
-axes over which it varies; a ``custom_vjp`` needs inputs and cotangents of
+Inside `shard_map(check_vma=True)` every value carries the set of manual mesh
+axes over which it varies; a `custom_vjp` needs inputs and cotangents of
 matching types. Under an explicit-axis-type mesh, slicing a sharded axis is not
 allowed. These queries and casts are the only places bnjax touches either rule.
 """
@@ -27,9 +27,9 @@ Array = jax.Array
 
 
 def varying_axes(a: Array) -> frozenset:
-    """The manual mesh axes over which ``a`` varies (``shard_map(check_vma=True)``).
+    """The manual mesh axes over which `a` varies (`shard_map(check_vma=True)`).
 
-    Empty outside ``shard_map``, under ``pmap`` and with ``check_vma=False``.
+    Empty outside `shard_map`, under `pmap` and with `check_vma=False`.
     """
     t = jax.typeof(a)
     v = getattr(t, "vma", None)
@@ -45,12 +45,12 @@ def _pvary(a: Array, axes: tuple) -> Array:
 
 
 def match_varying(*arrays: Array | None, like: Sequence[Array | None] = ()) -> tuple:
-    """Casts ``arrays`` to vary over the union of their (and ``like``'s) varying axes.
+    """Casts `arrays` to vary over the union of their (and `like`'s) varying axes.
 
-    Inside ``shard_map(check_vma=True)`` a ``custom_vjp``/``custom_jvp`` needs
+    Inside `shard_map(check_vma=True)` a `custom_vjp`/`custom_jvp` needs
     inputs and cotangents of matching types; an invariant (replicated) parameter
     cast to varying gets, by JAX's transpose of the cast, the *sum* over devices
-    of its per-device cotangents. A no-op elsewhere. ``None`` passes through.
+    of its per-device cotangents. A no-op elsewhere. `None` passes through.
     """
     present = [a for a in (*arrays, *like) if a is not None]
     union = frozenset().union(*(varying_axes(a) for a in present))
@@ -62,27 +62,27 @@ def match_varying(*arrays: Array | None, like: Sequence[Array | None] = ()) -> t
 
 
 def explicitly_sharded(a: Array, axes: tuple[int, ...]) -> bool:
-    """Whether one of ``axes`` of ``a`` is split over a mesh axis of explicit type."""
+    """Whether one of `axes` of `a` is split over a mesh axis of explicit type."""
     spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
     return spec is not None and any(i < len(spec) and spec[i] is not None for i in axes)
 
 
 def unmapped(tree, axis_name, axis_index_groups=None, *, like: Array):
     """Pooled (device-identical) values as one unmapped value per group: the copy of the
-    first device of each group (one all-gather of ``tree``'s float leaves), exactly,
+    first device of each group (one all-gather of `tree`'s float leaves), exactly,
     not an average.
 
     The pooled statistics come out of :func:`bnjax.stats.all_reduce` as one copy per
-    device in untyped contexts (``vmap``, ``pmap``, ``shard_map(check_vma=False)``),
+    device in untyped contexts (`vmap`, `pmap`, `shard_map(check_vma=False)`),
     so that the kernel's backward can sum their cotangents; what the *state* update
     takes from them should be unmapped, as flax's pooled statistics are, so that a
-    replicated state leaves ``vmap`` / ``shard_map`` unmapped (``out_axes=None``,
-    ``out_specs=P()``). Done under ``vmap`` only (where the all-gather is a reshape,
-    not communication): ``pmap`` returns per-device outputs anyway, and
-    ``shard_map(check_vma=False)`` accepts the copies with ``out_specs=P()``; there
+    replicated state leaves `vmap` / `shard_map` unmapped (`out_axes=None`,
+    `out_specs=P()`). Done under `vmap` only (where the all-gather is a reshape,
+    not communication): `pmap` returns per-device outputs anyway, and
+    `shard_map(check_vma=False)` accepts the copies with `out_specs=P()`; there
     the layer keeps its one collective. Only pooled values may pass through here (a per-device value
-    would be replaced by device 0's). A no-op where ``like`` (the layer's input) is
-    typed varying over ``axis_name`` (``shard_map(check_vma=True)``): the statistics
+    would be replaced by device 0's). A no-op where `like` (the layer's input) is
+    typed varying over `axis_name` (`shard_map(check_vma=True)`): the statistics
     are typed invariant there already. The cotangent of the result reaches device 0's
     copy only; the kernel's backward sums the copies' cotangents, so the total is kept.
     """
@@ -106,7 +106,7 @@ def unmapped(tree, axis_name, axis_index_groups=None, *, like: Array):
 
 
 def _explicit_spec(a: Array):
-    """``a``'s PartitionSpec on a mesh with explicit axes, else None."""
+    """`a`'s PartitionSpec on a mesh with explicit axes, else None."""
     sharding = getattr(jax.typeof(a), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or not getattr(mesh, "axis_types", None):
@@ -117,9 +117,9 @@ def _explicit_spec(a: Array):
 
 
 def like_sharding(a: Array, ref: Array) -> Array:
-    """``a`` resharded as ``ref`` (same shape) under an explicit-axis mesh, else ``a``.
+    """`a` resharded as `ref` (same shape) under an explicit-axis mesh, else `a`.
 
-    Explicit sharding types every value; ``jnp.where`` needs its branches sharded
+    Explicit sharding types every value; `jnp.where` needs its branches sharded
     alike, so a replicated running statistic meets the batch's feature-sharded one
     only after this (values unchanged).
     """
@@ -131,7 +131,7 @@ def like_sharding(a: Array, ref: Array) -> Array:
 
 
 def replicated_out(x: Array) -> object | None:
-    """``out_sharding`` for a contraction over ``x``'s sharded axes: replicated under an
+    """`out_sharding` for a contraction over `x`'s sharded axes: replicated under an
     explicit-axis mesh (the co-moment matrices are small), else None (the compiler's)."""
     spec = _explicit_spec(x)
     if spec is None or all(s is None for s in spec):

@@ -1,28 +1,28 @@
 """Invertible activations that batch norm can fuse with (In-Place Activated BN).
 
-``BatchNormConfig(activation=...)`` (and ``bnjax.linen.BatchNormAct`` /
-``bnjax.nnx.BatchNormAct``) computes ``z = f(gamma xhat + beta)`` in one layer
-and keeps only its output ``z`` for the backward pass (Rota Bulò, Porzi and
-Kontschieder, CVPR 2018): the pre-activation is recovered as ``y = f^-1(z)``,
-``f'(y)`` from ``z`` alone, and batch norm's backward from ``y``. That needs an
-invertible ``f`` whose derivative is a function of its output (the second form
+`BatchNormConfig(activation=...)` (and `bnjax.linen.BatchNormAct` /
+`bnjax.nnx.BatchNormAct`) computes `z = f(gamma xhat + beta)` in one layer
+and keeps only its output `z` for the backward pass (Rota Bulò, Porzi and
+Kontschieder, CVPR 2018): the pre-activation is recovered as `y = f^-1(z)`,
+`f'(y)` from `z` alone, and batch norm's backward from `y`. That needs an
+invertible `f` whose derivative is a function of its output (the second form
 holds below 0):
 
-| activation | ``f(y)`` | ``f^-1(z)`` | ``f'`` from ``z`` |
+| activation | `f(y)` | `f^-1(z)` | `f'` from `z` |
 |---|---|---|---|
-| :class:`Identity` | ``y`` | ``z`` | ``1`` |
-| :class:`LeakyReLU` (a) | ``y`` or ``a y`` | ``z`` or ``z / a`` | ``1`` or ``a`` |
-| :class:`ELU` (a) | ``y``, ``a(e^y-1)`` | ``z``, ``log1p(z/a)`` | ``1``, ``z+a`` |
+| :class:`Identity` | `y` | `z` | `1` |
+| :class:`LeakyReLU` (a) | `y` or `a y` | `z` or `z / a` | `1` or `a` |
+| :class:`ELU` (a) | `y`, `a(e^y-1)` | `z`, `log1p(z/a)` | `1`, `z+a` |
 
-Plain ReLU is not invertible (``y`` is lost wherever ``z = 0``, and batch norm's
+Plain ReLU is not invertible (`y` is lost wherever `z = 0`, and batch norm's
 input gradient needs it everywhere): :func:`resolve` rejects it and names
-``leaky_relu`` as the alternative.
+`leaky_relu` as the alternative.
 
-Precision: ELU saturates; for ``y`` below about ``log(eps)`` of the dtype
-(``-16`` in float32) ``z = -alpha`` to rounding, so ``y`` is not recoverable
-there. The inverse is clamped to ``log(eps)`` (finite), and the gradient of
-such elements is then approximate (their own ``f'`` is ``~0``; only the
-``xhat`` term of the other elements' gradients sees the clamp).
+Precision: ELU saturates; for `y` below about `log(eps)` of the dtype
+(`-16` in float32) `z = -alpha` to rounding, so `y` is not recoverable
+there. The inverse is clamped to `log(eps)` (finite), and the gradient of
+such elements is then approximate (their own `f'` is `~0`; only the
+`xhat` term of the other elements' gradients sees the clamp).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ Array = jax.Array
 class Activation:
     """An invertible activation (frozen, hashable: a static part of a config).
 
-    Subclasses define ``__call__(y)``, ``inverse(z)`` and ``derivative(z)`` (the
-    derivative at ``y = inverse(z)``, from the output alone).
+    Subclasses define `__call__(y)`, `inverse(z)` and `derivative(z)` (the
+    derivative at `y = inverse(z)`, from the output alone).
     """
 
     name = "activation"
@@ -60,7 +60,7 @@ class Activation:
 
 @dataclasses.dataclass(frozen=True)
 class Identity(Activation):
-    """``f(y) = y``: batch norm alone, recomputed from its output (no input kept)."""
+    """`f(y) = y`: batch norm alone, recomputed from its output (no input kept)."""
 
     name = "identity"
 
@@ -76,7 +76,7 @@ class Identity(Activation):
 
 @dataclasses.dataclass(frozen=True)
 class LeakyReLU(Activation):
-    """``f(y) = y`` for ``y >= 0``, ``negative_slope * y`` below (``flax.linen.leaky_relu``).
+    """`f(y) = y` for `y >= 0`, `negative_slope * y` below (`flax.linen.leaky_relu`).
 
     Attributes:
       negative_slope: the slope below 0; must be > 0 (0 is ReLU, not invertible).
@@ -106,7 +106,7 @@ class LeakyReLU(Activation):
 
 @dataclasses.dataclass(frozen=True)
 class ELU(Activation):
-    """``f(y) = y`` for ``y > 0``, ``alpha (e^y - 1)`` below (``flax.linen.elu``).
+    """`f(y) = y` for `y > 0`, `alpha (e^y - 1)` below (`flax.linen.elu`).
 
     Attributes:
       alpha: the negative saturation value's magnitude; must be > 0.
@@ -137,11 +137,11 @@ _BY_NAME = {"identity": Identity, "leaky_relu": LeakyReLU, "elu": ELU}
 
 
 def resolve(activation: Any) -> Activation | None:
-    """An :class:`Activation` from ``activation``: ``None``, an :class:`Activation`, or
-    one of the names ``"identity"``, ``"leaky_relu"``, ``"elu"`` (default parameters).
+    """An :class:`Activation` from `activation`: `None`, an :class:`Activation`, or
+    one of the names `"identity"`, `"leaky_relu"`, `"elu"` (default parameters).
 
     Raises:
-      ValueError: ``"relu"`` (not invertible; use ``"leaky_relu"``) or an unknown name.
+      ValueError: `"relu"` (not invertible; use `"leaky_relu"`) or an unknown name.
       TypeError: anything else.
     """
     if activation is None or isinstance(activation, Activation):

@@ -4,53 +4,54 @@ A batch-norm network's inference map is frozen at the training distribution's
 statistics. Under a covariate shift (noise, blur, contrast, a new sensor) the
 statistics of every layer move, and re-estimating them on the test stream
 recovers much of the lost accuracy. Every method here has one interface, pure
-and ``jit``-compiled, whose state is a pytree (so resetting is handing back the
-source)::
+and `jit`-compiled, whose state is a pytree (so resetting is handing back the
+source):
 
-    adapter = bnjax.adapt.norm(prior=16.0)           # or tent(optax.sgd(1e-3, 0.9)), robust()
-    state = adapter.init(model, variables, train=False)  # a linen Module + its variables
-    logits, state = adapter.step(state, x)           # predict this batch, then adapt
-    state = adapter.reset(state)                     # back to the source model, exactly
-    variables = adapter.variables(state)             # the adapted variables
+```python
+adapter = bnjax.adapt.norm(prior=16.0)           # or tent(optax.sgd(1e-3, 0.9)), robust()
+state = adapter.init(model, variables, train=False)  # a linen Module + its variables
+logits, state = adapter.step(state, x)           # predict this batch, then adapt
+state = adapter.reset(state)                     # back to the source model, exactly
+variables = adapter.variables(state)             # the adapted variables
+```
 
-For an NNX model, ``adapter.init(model, **call_kwargs)``; the model itself is never
+For an NNX model, `adapter.init(model, **call_kwargs)`; the model itself is never
 modified (its state is split off and merged into a copy at every step). Keyword
-arguments of ``init`` are passed to the model on every call (e.g. ``train=False``).
+arguments of `init` are passed to the model on every call (e.g. `train=False`).
 The source variables are never modified or donated.
 
-Methods (per batch-norm layer, with ``n`` the number of *examples* in the batch
-and ``mu_B``, ``sigma2_B`` the batch's per-feature mean and biased variance over
+Methods (per batch-norm layer, with `n` the number of *examples* in the batch
+and `mu_B`, `sigma2_B` the batch's per-feature mean and biased variance over
 every reduced axis, i.e. over examples and spatial positions for a convolution):
 
-:func:`norm` ``(prior=N)`` (Schneider et al., NeurIPS 2020)
-    ``mu = (N mu_s + n mu_B) / (N + n)``, ``var = (N var_s + n sigma2_B) / (N + n)``
-    with the source (running) ``mu_s, var_s``; ``prior=0`` is prediction-time BN
-    (Nado et al. 2020), ``prior=inf`` the source model. ``n`` counts examples, not
-    spatial positions: for a convolution, ``N`` is a number of pseudo-*images*,
-    as in Schneider et al.
-:func:`tent` ``(optimizer, steps=1, episodic=False)`` (Wang et al., ICLR 2021)
-    Test-batch statistics (``prior=0``) and ``steps`` optax updates per batch of
-    the batch-norm scales and biases only, minimizing the mean entropy of the
-    predictions. The returned logits are the prediction *before* this batch's
-    updates. ``episodic=True`` resets after every batch.
-:func:`robust` ``(momentum=0.05, prior=...)`` (RoTTA's robust batch norm, Yuan et
-    al., CVPR 2023)
-    Statistics estimated *across* batches: an exponential moving average of the
-    test batches' statistics, started at the source statistics,
-    ``mu <- (1 - momentum) mu + momentum mu_B`` (the same for the variance, and
-    for the within-batch variance a feature with a single value per batch
-    keeps its estimate), and every batch normalized with the updated estimate.
-    A small batch moves the estimate a little, and a label-shifted stream (whose
-    batch statistics carry the batch's classes) is averaged over many batches,
-    the two known failures of prediction-time BN and TENT.
+* :func:`norm` `(prior=N)` (Schneider et al., NeurIPS 2020):
+  `mu = (N mu_s + n mu_B) / (N + n)`, `var = (N var_s + n sigma2_B) / (N + n)`
+  with the source (running) `mu_s, var_s`; `prior=0` is prediction-time BN
+  (Nado et al. 2020), `prior=inf` the source model. `n` counts examples, not
+  spatial positions: for a convolution, `N` is a number of pseudo-*images*,
+  as in Schneider et al.
+* :func:`tent` `(optimizer, steps=1, episodic=False)` (Wang et al., ICLR 2021):
+  test-batch statistics (`prior=0`) and `steps` optax updates per batch of
+  the batch-norm scales and biases only, minimizing the mean entropy of the
+  predictions. The returned logits are the prediction *before* this batch's
+  updates. `episodic=True` resets after every batch.
+* :func:`robust` `(momentum=0.05)` (RoTTA's robust batch norm, Yuan et al., CVPR 2023):
+  statistics estimated *across* batches: an exponential moving average of the
+  test batches' statistics, started at the source statistics,
+  `mu <- (1 - momentum) mu + momentum mu_B` (the same for the variance; a
+  feature with a single value in the batch keeps its variance estimate), and
+  every batch normalized with the updated estimate. A small batch moves the
+  estimate a little, and a label-shifted stream (whose batch statistics carry
+  the batch's classes) is averaged over many batches: the two known failures
+  of prediction-time BN and TENT.
 
-Supported layers: ``bnjax.linen.BatchNorm`` / ``BatchRenorm`` / ``BatchNormAct``
-and ``flax.linen.BatchNorm`` (linen models), ``bnjax.nnx.BatchNorm`` (and its
-subclasses) and ``flax.nnx.BatchNorm`` (NNX models), at any depth. Every layer
+Supported layers: `bnjax.linen.BatchNorm` / `BatchRenorm` / `BatchNormAct`
+and `flax.linen.BatchNorm` (linen models), `bnjax.nnx.BatchNorm` (and its
+subclasses) and `flax.nnx.BatchNorm` (NNX models), at any depth. Every layer
 is adapted with its own rule above, its call reduced over its own axes (masks
-too). ``BatchWhitening`` is not supported (a ``TypeError`` naming the layer);
-a model without a batch-norm layer is a ``ValueError``. Cross-device pooling
-(``axis_name``) is ignored: each device adapts on its own batch.
+too). `BatchWhitening` is not supported (a `TypeError` naming the layer);
+a model without a batch-norm layer is a `ValueError`. Cross-device pooling
+(`axis_name`) is ignored: each device adapts on its own batch.
 """
 
 from __future__ import annotations
@@ -85,13 +86,13 @@ class Adapter(NamedTuple):
     """A test-time adaptation method: four pure functions (optax's style).
 
     Attributes:
-      init: ``(model, variables, **call_kwargs) -> AdaptState`` for a linen
-        model; ``(model, **call_kwargs) -> AdaptState`` for an NNX model.
-      step: ``(state, x) -> (logits, state)``: predict the batch ``x``, then adapt
-        (``jit``-compiled; also usable inside ``jax.lax.scan``).
-      reset: ``state -> state``: the source model's state, exactly.
-      variables: ``state -> variables``: the adapted linen variables (NNX: an
-        ``nnx.State`` for ``nnx.update``). For :func:`norm` these are the source
+      init: `(model, variables, **call_kwargs) -> AdaptState` for a linen
+        model; `(model, **call_kwargs) -> AdaptState` for an NNX model.
+      step: `(state, x) -> (logits, state)`: predict the batch `x`, then adapt
+        (`jit`-compiled; also usable inside `jax.lax.scan`).
+      reset: `state -> state`: the source model's state, exactly.
+      variables: `state -> variables`: the adapted linen variables (NNX: an
+        `nnx.State` for `nnx.update`). For :func:`norm` these are the source
         variables (its statistics depend on each batch); for :func:`tent` the
         adapted scales and biases with the source statistics; for :func:`robust`
         the source parameters with the adapted statistics.
@@ -128,12 +129,12 @@ class AdaptState:
     """The state of an :class:`Adapter`: a pytree (jit / scan carry).
 
     Attributes:
-      source: the source variables (linen) or ``nnx.State`` (NNX), never modified.
-      params: the adapted batch-norm scales and biases ``{path: array}`` (``tent``;
+      source: the source variables (linen) or `nnx.State` (NNX), never modified.
+      params: the adapted batch-norm scales and biases `{path: array}` (`tent`;
         empty for the others).
-      stats: the adapted statistics ``{layer: (mean, var)}`` (``robust``; empty
+      stats: the adapted statistics `{layer: (mean, var)}` (`robust`; empty
         for the others).
-      opt_state: the optimizer's state (``tent``; ``()`` otherwise).
+      opt_state: the optimizer's state (`tent`; `()` otherwise).
       steps: int32 scalar, batches adapted on since the last reset.
       static: the model and its call arguments (static metadata).
     """
@@ -153,7 +154,7 @@ Rule = Callable[..., tuple[Array, Any]]
 
 
 def _batch(x: Array, mask: Array | None, cfg: F.BatchNormConfig):
-    """``(n examples, mu_B, sigma2_B, values per feature)`` of one layer's input."""
+    """`(n examples, mu_B, sigma2_B, values per feature)` of one layer's input."""
     m = F.batch_moments(x, cfg, mask=mask)
     faxes = F.feature_axes(x.ndim, cfg.axis)
     per_example = math.prod(s for i, s in enumerate(x.shape) if i not in faxes and i != 0)
@@ -166,7 +167,7 @@ def _batch(x: Array, mask: Array | None, cfg: F.BatchNormConfig):
 
 
 def _normalize(x, cfg, params: F.BNParams, mean, var) -> Array:
-    """The layer's inference map with statistics ``(mean, var)`` (its activation too)."""
+    """The layer's inference map with statistics `(mean, var)` (its activation too)."""
     count = jnp.zeros_like(var)
     return F.apply_eval(params, BatchStats(mean, var, count, count), x, cfg)
 
@@ -222,7 +223,7 @@ def _unsupported(path: str, module: Any) -> TypeError:
 
 
 def _linen_forward(static: _Static, variables, x, rule: Rule, stats: dict):
-    """``(logits, new stats)``: the linen model with every batch norm replaced by ``rule``."""
+    """`(logits, new stats)`: the linen model with every batch norm replaced by `rule`."""
     current = dict(stats)
 
     def interceptor(next_fun, args, kwargs, context):
@@ -257,8 +258,8 @@ def _linen_forward(static: _Static, variables, x, rule: Rule, stats: dict):
 @contextlib.contextmanager
 def _nnx_hooks(hook: Callable) -> Iterator[None]:
     """Routes every NNX batch-norm call (bnjax's through :func:`bnjax.nnx.intercept`,
-    flax's ``nnx.BatchNorm`` by a temporary wrapper of its ``__call__``) through
-    ``hook(module, x, mask)``."""
+    flax's `nnx.BatchNorm` by a temporary wrapper of its `__call__`) through
+    `hook(module, x, mask)`."""
     flax_call = nnx.BatchNorm.__dict__["__call__"]
 
     def flax_bn(self, x, use_running_average=None, *, mask=None):
@@ -273,7 +274,7 @@ def _nnx_hooks(hook: Callable) -> Iterator[None]:
 
 
 def _nnx_layer(mod: Any):
-    """``(config, params, source stats)`` of an NNX batch-norm layer (flax's or bnjax's)."""
+    """`(config, params, source stats)` of an NNX batch-norm layer (flax's or bnjax's)."""
     if isinstance(mod, bnnnx.BatchNorm):
         return local(mod.config()), mod.bn_params(), mod.bn_state()
     cfg = config_from(mod, F.BatchNormConfig, local=True)
@@ -304,7 +305,7 @@ def _nnx_forward(static: _Static, state, x, rule: Rule, stats: dict):
 
 
 def _forward(static: _Static, source, params: dict, x, rule: Rule, stats: dict):
-    """The model on ``x`` with the adapted ``params`` merged into ``source``."""
+    """The model on `x` with the adapted `params` merged into `source`."""
     return (_linen_forward if static.kind == "linen" else _nnx_forward)(
         static, _merge(static, source, params), x, rule, stats
     )
@@ -314,13 +315,13 @@ def _forward(static: _Static, source, params: dict, x, rule: Rule, stats: dict):
 
 
 def _layers(static: _Static, source) -> dict[str, tuple[Path, Path, Any]]:
-    """Every batch-norm layer of the model by path: ``(scale path, bias path, (mean,
-    var))`` with the flat paths of its parameters (``None`` where unused) and its source
+    """Every batch-norm layer of the model by path: `(scale path, bias path, (mean,
+    var))` with the flat paths of its parameters (`None` where unused) and its source
     statistics; read from the variables' structure (a linen batch norm stores
-    ``params/{scale,bias}`` and ``batch_stats/{mean,var}`` at one path).
+    `params/{scale,bias}` and `batch_stats/{mean,var}` at one path).
 
     Raises:
-      TypeError: a ``BatchWhitening`` layer.
+      TypeError: a `BatchWhitening` layer.
       ValueError: no batch-norm layer.
     """
     out: dict[str, tuple[Path, Path, Any]] = {}
@@ -359,7 +360,7 @@ def _layers(static: _Static, source) -> dict[str, tuple[Path, Path, Any]]:
 
 
 def _bn_params(static: _Static, source) -> dict[Path, Array]:
-    """The batch-norm scales and biases ``{flat path: value}`` of the source."""
+    """The batch-norm scales and biases `{flat path: value}` of the source."""
     if static.kind == "linen":
         flat = traverse_util.flatten_dict(unfreeze(dict(source)))
     else:
@@ -373,7 +374,7 @@ def _bn_params(static: _Static, source) -> dict[Path, Array]:
 
 
 def _merge(static: _Static, source, params: dict):
-    """``source`` with the flat ``params`` replacing its values."""
+    """`source` with the flat `params` replacing its values."""
     if not params:
         return source
     if static.kind == "linen":
@@ -385,7 +386,7 @@ def _merge(static: _Static, source, params: dict):
 
 
 def _split(model: Any, variables: Any, call_kwargs: Mapping[str, Any]):
-    """``(static, source)`` for a linen model + variables, or an NNX model."""
+    """`(static, source)` for a linen model + variables, or an NNX model."""
     if isinstance(model, nn.Module):
         if variables is None:
             raise TypeError("adapter.init(model, variables, ...) needs the linen model's variables")
@@ -412,8 +413,8 @@ def _adapter(
     episodic: bool = False,
     running: bool = False,
 ) -> Adapter:
-    """The :class:`Adapter` of a layer ``rule`` (with ``optimizer``: TENT's updates of
-    the batch-norm parameters; with ``running``: statistics carried across batches)."""
+    """The :class:`Adapter` of a layer `rule` (with `optimizer`: TENT's updates of
+    the batch-norm parameters; with `running`: statistics carried across batches)."""
 
     def fresh(static: _Static, source) -> AdaptState:
         layers = _layers(static, source)  # validates the model
@@ -488,22 +489,22 @@ def _check_prior(prior: Any) -> float:
 def norm(prior: float = 16.0) -> Adapter:
     """Statistics mixed from the source and the test batch (Schneider et al. 2020).
 
-    Every batch-norm layer normalizes with ``mu = (N mu_s + n mu_B) / (N + n)`` and
-    ``var = (N var_s + n sigma2_B) / (N + n)``: ``N = prior`` pseudo-examples of the
-    source statistics, ``n`` the number of examples in the batch (for a convolution
-    ``n`` counts images, not positions), ``sigma2_B`` the biased batch variance.
+    Every batch-norm layer normalizes with `mu = (N mu_s + n mu_B) / (N + n)` and
+    `var = (N var_s + n sigma2_B) / (N + n)`: `N = prior` pseudo-examples of the
+    source statistics, `n` the number of examples in the batch (for a convolution
+    `n` counts images, not positions), `sigma2_B` the biased batch variance.
     Nothing is learned; the state only counts batches.
 
     Args:
-      prior: ``N >= 0``; ``0`` is prediction-time BN (the batch's own statistics),
-        ``math.inf`` the source model.
+      prior: `N >= 0`; `0` is prediction-time BN (the batch's own statistics),
+        `math.inf` the source model.
 
     Raises:
-      TypeError, ValueError: a prior that is not a number ``>= 0``. ``step`` with
-        ``prior=0`` on a batch with one value per feature (e.g. one example of a
-        dense layer) raises a ``ValueError`` naming the layer and the shape.
+      TypeError, ValueError: a prior that is not a number `>= 0`. `step` with
+        `prior=0` on a batch with one value per feature (e.g. one example of a
+        dense layer) raises a `ValueError` naming the layer and the shape.
 
-    Example:
+    Examples:
       >>> adapter = norm(prior=16.0)                         # doctest: +SKIP
       >>> state = adapter.init(model, variables, train=False)
       >>> logits, state = adapter.step(state, x_test_batch)
@@ -517,20 +518,20 @@ def tent(
     """TENT (Wang et al., ICLR 2021): test-batch statistics and entropy minimization of
     the batch-norm scales and biases.
 
-    Every batch-norm layer normalizes with the test batch's statistics (``norm(prior=0)``);
-    per batch, ``steps`` updates of ``optimizer`` on the batch-norm ``scale`` / ``bias``
+    Every batch-norm layer normalizes with the test batch's statistics (`norm(prior=0)`);
+    per batch, `steps` updates of `optimizer` on the batch-norm `scale` / `bias`
     only (every other parameter and every running statistic stays the source's)
-    minimize the mean entropy ``-mean_i sum_c p_ic log p_ic`` of the predictions.
+    minimize the mean entropy `-mean_i sum_c p_ic log p_ic` of the predictions.
 
     Args:
-      optimizer: an optax transformation, e.g. ``optax.sgd(1e-3, momentum=0.9)``
-        (TENT's) or ``optax.adam(1e-3)``.
-      steps: updates per batch (``>= 1``).
+      optimizer: an optax transformation, e.g. `optax.sgd(1e-3, momentum=0.9)`
+        (TENT's) or `optax.adam(1e-3)`.
+      steps: updates per batch (`>= 1`).
       episodic: reset to the source after every batch (each batch adapted alone).
 
     Raises:
-      TypeError: ``optimizer`` is not an optax ``GradientTransformation``.
-      ValueError: ``steps < 1``.
+      TypeError: `optimizer` is not an optax `GradientTransformation`.
+      ValueError: `steps < 1`.
     """
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
@@ -546,22 +547,22 @@ def robust(momentum: float = 0.05) -> Adapter:
     """Statistics estimated across test batches: RoTTA's robust batch norm (Yuan et al.,
     CVPR 2023).
 
-    Every batch-norm layer keeps test statistics ``(mu, var)``, started at the
+    Every batch-norm layer keeps test statistics `(mu, var)`, started at the
     source's, and per batch moves them towards the batch's,
-    ``mu <- (1 - m) mu + m mu_B`` and ``var <- (1 - m) var + m sigma2_B``
-    (``m = momentum``; a feature with one value in the batch keeps its ``var``,
+    `mu <- (1 - m) mu + m mu_B` and `var <- (1 - m) var + m sigma2_B`
+    (`m = momentum`; a feature with one value in the batch keeps its `var`,
     one without a valid value keeps both), then normalizes with the updated
-    estimate. A batch of one example moves the estimate by ``m`` only and a
-    label-shifted stream is averaged over about ``1 / m`` batches, which is what
+    estimate. A batch of one example moves the estimate by `m` only and a
+    label-shifted stream is averaged over about `1 / m` batches, which is what
     prediction-time BN and TENT lack on small and non-i.i.d. batches. (RoTTA adds
     a class-balanced memory bank and a teacher-student pair on top; this is its
     normalization layer alone.)
 
     Args:
-      momentum: ``m`` in ``(0, 1]`` (RoTTA's default 0.05).
+      momentum: `m` in `(0, 1]` (RoTTA's default 0.05).
 
     Raises:
-      ValueError: ``momentum`` out of range.
+      ValueError: `momentum` out of range.
     """
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise TypeError(f"momentum must be a float in (0, 1], got {momentum!r}")

@@ -4,25 +4,27 @@ A batch-norm network is trained with batch statistics (Algorithm 1) and deployed
 with population statistics (Algorithm 2). When the two disagree (stale EMA,
 small or non-i.i.d. batches, a distribution shift), eval-mode accuracy suffers.
 :func:`consistency` (linen) and :func:`consistency_nnx` measure, on given data and
-for every batch-norm layer, per batch ``B`` and feature ``c``:
+for every batch-norm layer, per batch `B` and feature `c`:
 
-* ``mean_shift``: ``|mu_B - mean| / sqrt(var + eps)``, the batch mean's distance
+* `mean_shift`: `|mu_B - mean| / sqrt(var + eps)`, the batch mean's distance
   from the population mean in population standard deviations;
-* ``var_ratio``: ``sigma2_B / var`` (biased batch variance over the population
-  variance; with ``"average"`` statistics and equal batches its expectation is
-  ``(m - 1) / m``, not 1);
-* ``output_gap``: ``max |y_train - y_eval|`` over the layer's output, batch
+* `var_ratio`: `sigma2_B / var` (biased batch variance over the population
+  variance; with `"average"` statistics and equal batches its expectation is
+  `(m - 1) / m`, not 1);
+* `output_gap`: `max |y_train - y_eval|` over the layer's output, batch
   statistics vs population statistics, on the same input.
 
-``upstream="eval"`` (default) feeds each layer the input of the inference network
-(earlier layers with population statistics); ``upstream="train"`` that of the
+`upstream="eval"` (default) feeds each layer the input of the inference network
+(earlier layers with population statistics); `upstream="train"` that of the
 training network (earlier layers with batch statistics).
 
-Example::
+Example:
 
-    report = consistency(model, variables, batches, train=False)
-    print(format_table(report))
-    report["Block_0/BatchNorm_0"].mean_shift
+```python
+report = consistency(model, variables, batches, train=False)
+print(format_table(report))
+report["Block_0/BatchNorm_0"].mean_shift
+```
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ class LayerConsistency(NamedTuple):
     """Train/eval gap of one batch-norm layer, over the features and batches seen.
 
     Attributes:
-      mean_shift: mean over features and batches of ``|mu_B - mean| / sqrt(var + eps)``.
+      mean_shift: mean over features and batches of `|mu_B - mean| / sqrt(var + eps)`.
       mean_shift_max: its maximum.
-      var_ratio: mean over features and batches of ``sigma2_B / var``.
-      var_ratio_min, var_ratio_max: its extremes.
-      output_gap: maximum ``|y_train - y_eval|`` over all outputs.
+      var_ratio: mean over features and batches of `sigma2_B / var`.
+      var_ratio_min: its extremes.
+      var_ratio_max: its extremes.
+      output_gap: maximum `|y_train - y_eval|` over all outputs.
       batches: number of calls (batches) measured.
     """
 
@@ -115,14 +118,14 @@ def consistency(
     """Per batch-norm layer of a linen model, the gap between batch and population stats.
 
     Args:
-      model: the ``flax.linen`` module (unbound); bnjax and flax batch norms are measured.
+      model: the `flax.linen` module (unbound); bnjax and flax batch norms are measured.
       variables: its variables.
       batches: iterable of inputs (arrays, or tuples of positional arguments).
-      upstream: ``"eval"`` or ``"train"`` (see the module docstring).
-      **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
+      upstream: `"eval"` or `"train"` (see the module docstring).
+      **apply_kwargs: passed to `model.apply` (e.g. `train=False`).
 
     Returns:
-      ``{layer path: LayerConsistency}``, sorted by path.
+      `{layer path: LayerConsistency}`, sorted by path.
     """
     return _collect("linen", model, apply_kwargs, variables, batches, upstream)
 
@@ -130,7 +133,7 @@ def consistency(
 def consistency_nnx(
     model: nnx.Module, batches: Iterable, *, upstream: str = "eval", **call_kwargs: Any
 ) -> dict[str, LayerConsistency]:
-    """:func:`consistency` for an NNX model with ``bnjax.nnx.BatchNorm`` layers (no mutation)."""
+    """:func:`consistency` for an NNX model with `bnjax.nnx.BatchNorm` layers (no mutation)."""
     graphdef, state = nnx.split(model)
     return _collect("nnx", graphdef, call_kwargs, state, batches, upstream)
 
@@ -148,8 +151,8 @@ _COLUMNS: tuple[tuple[str, Callable[[LayerConsistency], str]], ...] = (
 def format_table(report: Mapping[str, LayerConsistency]) -> str:
     """A Markdown table of a :func:`consistency` report, one row per layer.
 
-    Columns: mean shift (mean and max of ``|mu_B - mean| / sigma``), var ratio
-    (mean and range of ``sigma2_B / var``), output gap (max ``|y_train - y_eval|``).
+    Columns: mean shift (mean and max of `|mu_B - mean| / sigma`), var ratio
+    (mean and range of `sigma2_B / var`), output gap (max `|y_train - y_eval|`).
     """
     header = ["layer"] + [c[0] for c in _COLUMNS]
     rows = [[path] + [c[1](r) for c in _COLUMNS] for path, r in report.items()]

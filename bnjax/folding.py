@@ -1,31 +1,33 @@
 """Algorithm 2, line 11: batch norm at inference is one affine map; fold it away.
 
-At inference a batch-norm layer computes ``y = a * x + b`` per feature with
-``a = gamma / sqrt(var + eps)`` and ``b = beta - mean * a``
-(:func:`bnjax.functional.inference_affine`). When ``x = u @ W + c`` comes
+At inference a batch-norm layer computes `y = a * x + b` per feature with
+`a = gamma / sqrt(var + eps)` and `b = beta - mean * a`
+(:func:`bnjax.functional.inference_affine`). When `x = u @ W + c` comes
 straight from a Dense or Conv layer, the map can be folded into that layer:
-``W' = W * a`` (on the output-feature axis) and ``c' = a * c + b``. The result
+`W' = W * a` (on the output-feature axis) and `c' = a * c + b`. The result
 is a network without batch norm whose outputs equal the eval-mode network.
 
-The kernel layouts handled are flax's: Dense ``(in, out)`` and Conv
-``(*window, in // groups, out)`` (any spatial rank, any ``feature_group_count``
+The kernel layouts handled are flax's: Dense `(in, out)` and Conv
+`(*window, in // groups, out)` (any spatial rank, any `feature_group_count`
 including depthwise). In all of them the output feature is the *last* axis and
-batch norm scales output features, so ``kernel[..., o] *= a[o]`` is the whole
+batch norm scales output features, so `kernel[..., o] *= a[o]` is the whole
 fold whatever the group count. The fold is computed in at least float32 and cast
-back to the kernel's dtype (or ``dtype=``).
+back to the kernel's dtype (or `dtype=`).
 
-Three levels::
+Three levels:
 
-    a, b = affine(bn_params, bn_stats, epsilon)                 # per-feature map
-    kernel, bias = fold_linear(kernel, bias, a, b)               # one layer
-    new_variables = fold(variables, [("Dense_0", "BatchNorm_0")])  # a Flax tree
-    seq2, vars2 = fold_sequential(seq, variables)                # an nn.Sequential
-    pairs = find_pairs(model, variables, x, train=False)         # detect the pairs
+```python
+a, b = affine(bn_params, bn_stats, epsilon)                 # per-feature map
+kernel, bias = fold_linear(kernel, bias, a, b)               # one layer
+new_variables = fold(variables, [("Dense_0", "BatchNorm_0")])  # a Flax tree
+seq2, vars2 = fold_sequential(seq, variables)                # an nn.Sequential
+pairs = find_pairs(model, variables, x, train=False)         # detect the pairs
+```
 
 The folded variables drop the batch-norm entries and give every folded layer a
-``bias``; they belong to the same model *without* those batch-norm layers and
-with ``use_bias=True`` on the folded Dense/Conv layers (flax's automatic names
-``Dense_0``, ``Conv_1``... do not change when the ``BatchNorm_k`` layers are
+`bias`; they belong to the same model *without* those batch-norm layers and
+with `use_bias=True` on the folded Dense/Conv layers (flax's automatic names
+`Dense_0`, `Conv_1`... do not change when the `BatchNorm_k` layers are
 removed, since each type is counted separately).
 """
 
@@ -65,15 +67,15 @@ class FoldPair(NamedTuple):
     """A Dense/Conv layer followed directly by a batch-norm layer.
 
     Attributes:
-      linear: path of the Dense/Conv layer in the params tree (``"block/Conv_0"``
-        or ``("block", "Conv_0")``).
+      linear: path of the Dense/Conv layer in the params tree (`"block/Conv_0"`
+        or `("block", "Conv_0")`).
       bn: path of the batch-norm layer.
       epsilon: the batch-norm layer's epsilon.
       activation: the activation fused into the batch-norm layer
-        (``bnjax.linen.BatchNormAct``; :mod:`bnjax.activations`), or ``None``. It is
+        (`bnjax.linen.BatchNormAct`; :mod:`bnjax.activations`), or `None`. It is
         not folded: the model without the batch-norm layer applies it right after
         the folded Dense/Conv (:func:`fold_sequential` inserts it).
-      scale_epsilon: with an activation, the fused layer's ``scale_epsilon`` (its
+      scale_epsilon: with an activation, the fused layer's `scale_epsilon` (its
         effective scale, :func:`bnjax.functional.effective_params`, is folded).
     """
 
@@ -106,19 +108,19 @@ def affine(
     bn_stats: F.BatchStats | Mapping[str, Array],
     epsilon: float = 1e-5,
 ) -> tuple[Array, Array]:
-    """The per-feature inference map ``y = a * x + b`` of one batch-norm layer.
+    """The per-feature inference map `y = a * x + b` of one batch-norm layer.
 
     Args:
       bn_params: :class:`~bnjax.BNParams` or a Flax params subtree with optional
-        ``scale`` / ``bias`` of shape ``(C,)``.
-      bn_stats: :class:`~bnjax.BatchStats` or a ``batch_stats`` subtree with
-        ``mean`` and ``var`` of shape ``(C,)``.
+        `scale` / `bias` of shape `(C,)`.
+      bn_stats: :class:`~bnjax.BatchStats` or a `batch_stats` subtree with
+        `mean` and `var` of shape `(C,)`.
       epsilon: the layer's epsilon.
 
     Returns:
-      ``(a, b)``, each ``(C,)``, in at least float32.
+      `(a, b)`, each `(C,)`, in at least float32.
 
-    Example:
+    Examples:
       >>> a, b = affine({"scale": jnp.ones(3)}, {"mean": jnp.zeros(3), "var": jnp.ones(3)})
       >>> a.shape
       (3,)
@@ -144,24 +146,25 @@ def fold_linear(
     *,
     dtype: Any = None,
 ) -> tuple[Array, Array]:
-    """Folds ``y = a * (x @ kernel + bias) + b`` into a new ``(kernel, bias)``.
+    """Folds `y = a * (x @ kernel + bias) + b` into a new `(kernel, bias)`.
 
     Args:
-      kernel: Dense ``(in, C)`` or Conv ``(*window, in // groups, C)`` kernel
+      kernel: Dense `(in, C)` or Conv `(*window, in // groups, C)` kernel
         (output features last, flax's layout; grouped/depthwise included).
-      bias: the layer's bias ``(C,)``, or ``None`` for ``use_bias=False``.
-      a, b: the batch-norm map from :func:`affine`, ``(C,)``.
+      bias: the layer's bias `(C,)`, or `None` for `use_bias=False`.
+      a: the batch-norm map from :func:`affine`, `(C,)`.
+      b: the batch-norm map from :func:`affine`, `(C,)`.
       dtype: dtype of the result (default: the kernel's). The fold itself is
         computed in at least float32.
 
     Returns:
-      ``(kernel * a, a * bias + b)``; the bias is always present. A batch norm
-      trained on complex inputs has a complex ``b``: the new bias is then complex
+      `(kernel * a, a * bias + b)`; the bias is always present. A batch norm
+      trained on complex inputs has a complex `b`: the new bias is then complex
       (complex64 at least) even for a real kernel, whose new kernel stays real.
 
     Raises:
-      ValueError: if the kernel's output features, the bias and ``a``/``b``
-        do not all have ``C`` entries.
+      ValueError: if the kernel's output features, the bias and `a`/`b`
+        do not all have `C` entries.
     """
     kernel = jnp.asarray(kernel)
     a, b = jnp.asarray(a), jnp.asarray(b)
@@ -216,20 +219,20 @@ def fold(
     epsilon: float | Mapping[str, float] = 1e-5,
     dtype: Any = None,
 ) -> dict[str, Any]:
-    """Folds each ``(linear, bn)`` pair of a Flax variables tree; drops the BN entries.
+    """Folds each `(linear, bn)` pair of a Flax variables tree; drops the BN entries.
 
     Args:
-      variables: ``{"params": ..., "batch_stats": ...}`` of the model with batch norm.
-      pairs: :class:`FoldPair` s (e.g. from :func:`find_pairs`), or ``(linear, bn)``
-        path tuples; a path is ``"a/b/Dense_0"`` or a tuple of names.
+      variables: `{"params": ..., "batch_stats": ...}` of the model with batch norm.
+      pairs: :class:`FoldPair` s (e.g. from :func:`find_pairs`), or `(linear, bn)`
+        path tuples; a path is `"a/b/Dense_0"` or a tuple of names.
       epsilon: batch-norm epsilon for plain tuples (a float, or a mapping
-        ``"path/of/bn" -> eps``); :class:`FoldPair` s carry their own.
+        `"path/of/bn" -> eps`); :class:`FoldPair` s carry their own.
       dtype: dtype of the folded kernels and biases (default: each kernel's).
 
     Returns:
       New variables for the model without those batch-norm layers, where each
-      folded layer has ``use_bias=True``: its ``kernel`` and ``bias`` replaced and
-      the batch-norm ``params`` and ``batch_stats`` removed (empty parents too).
+      folded layer has `use_bias=True`: its `kernel` and `bias` replaced and
+      the batch-norm `params` and `batch_stats` removed (empty parents too).
       Other collections and layers are passed through unchanged.
 
     Raises:
@@ -280,12 +283,12 @@ _LINEAR = (nn.Dense, nn.Conv)
 
 
 def _is_bn(mod: Any) -> bool:
-    """``flax.linen.BatchNorm`` or ``bnjax.linen.BatchNorm``."""
+    """`flax.linen.BatchNorm` or `bnjax.linen.BatchNorm`."""
     return isinstance(mod, (nn.BatchNorm, LinenBatchNorm))
 
 
 def _pair(linear: Path, bn: Path, mod: nn.Module) -> FoldPair:
-    """The :class:`FoldPair` of a linear layer and the batch-norm module ``mod``."""
+    """The :class:`FoldPair` of a linear layer and the batch-norm module `mod`."""
     act = getattr(mod, "activation", None)
     if act is None:
         return FoldPair(linear, bn, float(mod.epsilon))
@@ -301,14 +304,14 @@ def _last_axis_only(bn: nn.Module) -> bool:
 def fold_sequential(
     model: nn.Sequential, variables: Mapping[str, Any], *, dtype: Any = None
 ) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Folds every Dense/Conv -> BatchNorm pair of an ``nn.Sequential``.
+    """Folds every Dense/Conv -> BatchNorm pair of an `nn.Sequential`.
 
-    A pair is a ``flax.linen.Dense`` or ``flax.linen.Conv`` immediately followed
-    by a ``bnjax.linen.BatchNorm`` or ``flax.linen.BatchNorm`` with ``axis=-1``.
-    Returns a new ``nn.Sequential`` without those batch-norm layers (the folded
-    layers cloned with ``use_bias=True``) and its variables (``layers_i`` renumbered).
+    A pair is a `flax.linen.Dense` or `flax.linen.Conv` immediately followed
+    by a `bnjax.linen.BatchNorm` or `flax.linen.BatchNorm` with `axis=-1`.
+    Returns a new `nn.Sequential` without those batch-norm layers (the folded
+    layers cloned with `use_bias=True`) and its variables (`layers_i` renumbered).
 
-    Example:
+    Examples:
       >>> seq = nn.Sequential([nn.Dense(4), bnjax.linen.BatchNorm(use_running_average=True)])
       >>> folded, folded_vars = fold_sequential(seq, variables)  # doctest: +SKIP
     """
@@ -342,22 +345,22 @@ def find_pairs(
 ) -> list[FoldPair]:
     """Detects the foldable Dense/Conv -> BatchNorm pairs by tracing one call.
 
-    Runs ``model.apply(variables, *args, **kwargs)`` abstractly (``jax.eval_shape``,
-    no FLOPs) and records every ``flax.linen.Dense``/``Conv`` whose output array
-    is passed *unchanged* as the input of a ``bnjax.linen.BatchNorm`` or
-    ``flax.linen.BatchNorm`` with ``axis=-1``. Pass the arguments of an eval-mode
-    call (e.g. ``train=False``).
+    Runs `model.apply(variables, *args, **kwargs)` abstractly (`jax.eval_shape`,
+    no FLOPs) and records every `flax.linen.Dense`/`Conv` whose output array
+    is passed *unchanged* as the input of a `bnjax.linen.BatchNorm` or
+    `flax.linen.BatchNorm` with `axis=-1`. Pass the arguments of an eval-mode
+    call (e.g. `train=False`).
 
     Limits (declare those pairs yourself and call :func:`fold`):
 
     * it cannot see whether the pre-normalization activation is *also* used
-      elsewhere (a skip connection, an auxiliary output, a ``sow``); folding
+      elsewhere (a skip connection, an auxiliary output, a `sow`); folding
       such a pair changes the other use, so check your model;
     * anything between the two layers, even a reshape or a cast, hides the pair;
-    * only ``nn.Dense`` and ``nn.Conv`` (and subclasses) are recognized, not
-      ``DenseGeneral``, ``Einsum``, ``ConvTranspose``, ``ConvLocal`` or custom layers;
+    * only `nn.Dense` and `nn.Conv` (and subclasses) are recognized, not
+      `DenseGeneral`, `Einsum`, `ConvTranspose`, `ConvLocal` or custom layers;
     * a layer called more than once (weight sharing) is never folded;
-    * only batch norms over the last axis (NHWC / ``(N, C)``) are folded.
+    * only batch norms over the last axis (NHWC / `(N, C)`) are folded.
     """
     outputs: dict[int, tuple[Any, tuple[str, ...]]] = {}
     calls: dict[tuple[str, ...], int] = {}
@@ -396,15 +399,15 @@ def whitening_affine(
     bw_params: F.BNParams | Mapping[str, Array],
     bw_stats: W.WhiteningStats | Mapping[str, Array],
 ) -> tuple[Array, Array]:
-    """The inference map of one batch-whitening layer: ``y_k = A_k x_k + b_k`` per group.
+    """The inference map of one batch-whitening layer: `y_k = A_k x_k + b_k` per group.
 
     Args:
-      bw_params: :class:`~bnjax.BNParams` or a Flax params subtree (``scale``/``bias``, ``(d,)``).
-      bw_stats: :class:`~bnjax.whitening.WhiteningStats` or a ``batch_stats``
-        subtree with ``mean (d,)`` and ``whitening (g, G, G)``.
+      bw_params: :class:`~bnjax.BNParams` or a Flax params subtree (`scale`/`bias`, `(d,)`).
+      bw_stats: :class:`~bnjax.whitening.WhiteningStats` or a `batch_stats`
+        subtree with `mean (d,)` and `whitening (g, G, G)`.
 
     Returns:
-      ``A (g, G, G)`` and ``b (d,)`` (:func:`bnjax.whitening.inference_affine`).
+      `A (g, G, G)` and `b (d,)` (:func:`bnjax.whitening.inference_affine`).
     """
     if not isinstance(bw_params, F.BNParams):
         bw_params = F.BNParams(bw_params.get("scale"), bw_params.get("bias"))
@@ -420,16 +423,18 @@ def fold_whitening(
 ) -> tuple[Array, Array]:
     """Folds a batch-whitening layer's inference map into the preceding Dense/Conv.
 
-    With ``x = u @ kernel + bias`` and per group ``y_k = A_k x_k + b_k``, the
-    block-diagonal ``A = blockdiag(A_1, ..., A_g)`` folds as
-    ``kernel' = kernel @ A^T`` (on the output-feature axis) and
-    ``bias' = A bias + b``. Dense ``(in, d)`` and ordinary Conv kernels
-    ``(*window, in, d)`` (``feature_group_count=1``: whitening mixes output
+    With `x = u @ kernel + bias` and per group `y_k = A_k x_k + b_k`, the
+    block-diagonal `A = blockdiag(A_1, ..., A_g)` folds as
+    `kernel' = kernel @ A^T` (on the output-feature axis) and
+    `bias' = A bias + b`. Dense `(in, d)` and ordinary Conv kernels
+    `(*window, in, d)` (`feature_group_count=1`: whitening mixes output
     channels, which a grouped convolution cannot express).
 
     Args:
-      kernel, bias: the linear layer's (``bias`` may be ``None``).
-      a, b: from :func:`whitening_affine`, ``(g, G, G)`` and ``(d,)``.
+      kernel: the linear layer's (`bias` may be `None`).
+      bias: the linear layer's (`bias` may be `None`).
+      a: from :func:`whitening_affine`, `(g, G, G)` and `(d,)`.
+      b: from :func:`whitening_affine`, `(g, G, G)` and `(d,)`.
       dtype: dtype of the result (default: the kernel's); computed in >= float32.
 
     Raises:

@@ -1,67 +1,68 @@
 """Functional batch normalization: Algorithm 1 (training), Algorithm 2 (inference).
 
-Pure functions on explicit pytrees, no hidden state, no Flax::
+Pure functions on explicit pytrees, no hidden state, no Flax:
 
-    cfg = BatchNormConfig(axis=-1, momentum=0.99)
-    params, state = init(100, cfg)                  # BNParams, BatchStats
-    y, state = apply_train(params, state, x, cfg)   # mini-batch statistics
-    y = apply_eval(params, state, x, cfg)           # frozen statistics, one affine map
+```python
+cfg = BatchNormConfig(axis=-1, momentum=0.99)
+params, state = init(100, cfg)                  # BNParams, BatchStats
+y, state = apply_train(params, state, x, cfg)   # mini-batch statistics
+y = apply_eval(params, state, x, cfg)           # frozen statistics, one affine map
+```
 
-``cfg`` is a frozen (hashable) dataclass, so it can be a static argument of
-``jax.jit`` and equal configs never retrace.
+`cfg` is a frozen (hashable) dataclass, so it can be a static argument of
+`jax.jit` and equal configs never retrace.
 
-Gradient (``cfg.grad``):
+Gradient (`cfg.grad`):
 
-``"vjp"`` (default)
-    A ``jax.custom_vjp`` implementing the paper's backward pass in its fused form
-    ``dx = gamma / (m sigma) * (m dy - sum(dy) - xhat sum(dy xhat))``,
-    ``dgamma = sum(dy xhat)``, ``dbeta = sum(dy)``, with masks (only valid
-    elements enter the statistics; ``m`` is their count) and with cotangents of
-    the returned batch statistics. It saves only ``x``, the mean and the inverse
-    standard deviation. The backward rule is plain ``jax.numpy``, so
-    reverse-over-reverse (Hessian-vector products by ``grad(grad(...))``) works;
-    forward mode (``jax.jvp``, ``jax.jacfwd``) is not available on a
-    ``custom_vjp``.
-``"jvp"``
-    A ``jax.custom_jvp`` whose tangent map is the linearization of the same
-    algebra, ``dy = gamma (dxhat) + dgamma xhat + dbeta`` with
-    ``dxhat = (dx - mean(dx) - xhat mean(dx xhat)) / sigma``; JAX transposes it
-    into exactly the fused backward above. Forward and reverse mode, any order.
-``"autodiff"``
-    Plain JAX autodiff of the forward computation (a reference).
+* `"vjp"` (default): A `jax.custom_vjp` implementing the paper's backward pass in its fused form
+  `dx = gamma / (m sigma) * (m dy - sum(dy) - xhat sum(dy xhat))`,
+  `dgamma = sum(dy xhat)`, `dbeta = sum(dy)`, with masks (only valid
+  elements enter the statistics; `m` is their count) and with cotangents of
+  the returned batch statistics. It saves only `x`, the mean and the inverse
+  standard deviation. The backward rule is plain `jax.numpy`, so
+  reverse-over-reverse (Hessian-vector products by `grad(grad(...))`) works;
+  forward mode (`jax.jvp`, `jax.jacfwd`) is not available on a
+  `custom_vjp`.
+* `"jvp"`: A `jax.custom_jvp` whose tangent map is the linearization of the same
+  algebra, `dy = gamma (dxhat) + dgamma xhat + dbeta` with
+  `dxhat = (dx - mean(dx) - xhat mean(dx xhat)) / sigma`; JAX transposes it
+  into exactly the fused backward above. Forward and reverse mode, any order.
+* `"autodiff"`: Plain JAX autodiff of the forward computation (a reference).
 
-Batch Renormalization (Ioffe 2017; ``BatchNormConfig(renorm=RenormConfig(...))``)
+Batch Renormalization (Ioffe 2017; `BatchNormConfig(renorm=RenormConfig(...))`)
 is an option of the same kernel, not a second copy of it. With the running
-statistics ``mu, sigma = sqrt(var + eps)`` *before* the update and the batch
-statistics ``mu_B, sigma_B = sqrt(sigma2_B + eps)`` (pooled over ``axis_name``,
-masked, per ghost batch with ``virtual_batch_size``), per feature::
+statistics `mu, sigma = sqrt(var + eps)` *before* the update and the batch
+statistics `mu_B, sigma_B = sqrt(sigma2_B + eps)` (pooled over `axis_name`,
+masked, per ghost batch with `virtual_batch_size`), per feature:
 
-    r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
-    d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
-    y = gamma * (r * xhat + d) + beta,     xhat = (x - mu_B) / sigma_B
+```python
+r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+y = gamma * (r * xhat + d) + beta,     xhat = (x - mu_B) / sigma_B
+```
 
-so the training map is the inference map ``gamma (x - mu) / sigma + beta``
-wherever the clips are inactive. The gradient is batch norm's with ``gamma``
-replaced by ``gamma r`` (``dgamma = sum(dy (r xhat + d))``, ``dbeta = sum(dy)``),
-in all three ``grad`` implementations; nothing flows into the running statistics
-through ``r`` and ``d``. The state is a :class:`~bnjax.population.RenormStats`
-(``BatchStats`` plus an int32 ``steps`` counter, incremented by every training
-call); for ``steps < warmup_steps`` the layer is plain batch norm (``r = 1``,
-``d = 0``, bit for bit), and ``r_max``/``d_max`` may be schedules of ``steps``
+so the training map is the inference map `gamma (x - mu) / sigma + beta`
+wherever the clips are inactive. The gradient is batch norm's with `gamma`
+replaced by `gamma r` (`dgamma = sum(dy (r xhat + d))`, `dbeta = sum(dy)`),
+in all three `grad` implementations; nothing flows into the running statistics
+through `r` and `d`. The state is a :class:`~bnjax.population.RenormStats`
+(`BatchStats` plus an int32 `steps` counter, incremented by every training
+call); for `steps < warmup_steps` the layer is plain batch norm (`r = 1`,
+`d = 0`, bit for bit), and `r_max`/`d_max` may be schedules of `steps`
 (:func:`renorm_schedule` is the paper's). Details in :class:`RenormConfig`.
 
 Masks and complex inputs: see :func:`apply_train` (a feature without a valid
 element is normalized with the running statistics; complex inputs follow flax:
-complex mean, real variance ``E|x - mu|^2``). For complex inputs the custom
+complex mean, real variance `E|x - mu|^2`). For complex inputs the custom
 rules use JAX's convention for complex cotangents (the pairing
-``Re(sum(ct * t))``): ``dx = gamma_inv dy + w (p + q conj(x - mean))``.
+`Re(sum(ct * t))`): `dx = gamma_inv dy + w (p + q conj(x - mean))`.
 
-``jax.vmap`` without an ``axis_name``: each mapped slice is normalized with its
+`jax.vmap` without an `axis_name`: each mapped slice is normalized with its
 own statistics and gets its own state (an ensemble of models). With
-``cfg.axis_name`` bound by ``vmap``/``pmap``/``shard_map``, statistics (and the
+`cfg.axis_name` bound by `vmap`/`pmap`/`shard_map`, statistics (and the
 backward reductions) are pooled exactly over that axis. Parameter gradients are
-the per-device contributions under ``pmap`` and ``shard_map(check_vma=False)``
-(psum them as usual); under ``shard_map`` with ``check_vma=True`` JAX already sums
+the per-device contributions under `pmap` and `shard_map(check_vma=False)`
+(psum them as usual); under `shard_map` with `check_vma=True` JAX already sums
 the gradients of replicated gamma/beta (see docs/multidevice.md).
 """
 
@@ -140,40 +141,40 @@ class RenormConfig:
     """Batch Renormalization (Ioffe 2017) options of a :class:`BatchNormConfig`.
 
     Attributes:
-      r_max: bound of ``r = clip(sigma_B / sigma, 1 / r_max, r_max)``: a float
-        ``>= 1``, or a schedule ``f(steps) -> value`` (a plain callable or an optax
-        schedule; traced under ``jit``, evaluated at the state's stored ``steps``).
-      d_max: bound of ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``: a float
-        ``>= 0`` or a schedule.
-      warmup_steps: the first ``warmup_steps`` training calls (``steps <
-        warmup_steps``) are plain batch norm (``r = 1``, ``d = 0``), while the
-        running statistics settle. An int ``>= 0``.
+      r_max: bound of `r = clip(sigma_B / sigma, 1 / r_max, r_max)`: a float
+        `>= 1`, or a schedule `f(steps) -> value` (a plain callable or an optax
+        schedule; traced under `jit`, evaluated at the state's stored `steps`).
+      d_max: bound of `d = clip((mu_B - mu) / sigma, -d_max, d_max)`: a float
+        `>= 0` or a schedule.
+      warmup_steps: the first `warmup_steps` training calls (`steps <
+        warmup_steps`) are plain batch norm (`r = 1`, `d = 0`), while the
+        running statistics settle. An int `>= 0`.
 
-    ``r_max = 1`` and ``d_max = 0`` is plain batch norm. Floats out of range (or
-    NaN) raise ``ValueError`` here; a schedule's values cannot be checked when
-    traced, so they are clamped at use (``r_max`` to ``>= 1``, ``d_max`` to
-    ``>= 0``), which is the nearest valid bound.
+    `r_max = 1` and `d_max = 0` is plain batch norm. Floats out of range (or
+    NaN) raise `ValueError` here; a schedule's values cannot be checked when
+    traced, so they are clamped at use (`r_max` to `>= 1`, `d_max` to
+    `>= 0`), which is the nearest valid bound.
 
     Behaviour at the edges (documented choices):
 
-    * ghost batches (``virtual_batch_size``): ``r`` and ``d`` are computed per
+    * ghost batches (`virtual_batch_size`): `r` and `d` are computed per
       ghost batch, from its own moments against the (shared) running statistics;
       the running statistics are updated with the whole batch, as for batch norm;
-    * a feature with no valid element in the batch (masks) gets ``r = 1``,
-      ``d = 0`` and, as in batch norm, is normalized with the running statistics:
-      its output is the inference map ``gamma (x - mu) / sigma + beta`` (batch
+    * a feature with no valid element in the batch (masks) gets `r = 1`,
+      `d = 0` and, as in batch norm, is normalized with the running statistics:
+      its output is the inference map `gamma (x - mu) / sigma + beta` (batch
       norm's output for it, bit for bit) and it keeps its state;
-    * complex inputs raise ``TypeError`` (the clips of ``r`` and ``d`` are defined
+    * complex inputs raise `TypeError` (the clips of `r` and `d` are defined
       for real statistics only);
     * a feature whose batch moments are not finite (a NaN or inf in the batch)
-      keeps its stored statistics (``mean``, ``var``, ``count``, ``batches``):
+      keeps its stored statistics (`mean`, `var`, `count`, `batches`):
       unlike batch norm, Batch Renorm's *training* output depends on the
       running statistics, so one bad batch would otherwise poison every later
       step. The bad batch itself is visible: its outputs (and loss) for that
-      feature are NaN, and that feature's ``count`` does not advance
-      (``steps`` does: it counts training calls).
+      feature are NaN, and that feature's `count` does not advance
+      (`steps` does: it counts training calls).
 
-    Example:
+    Examples:
       >>> cfg = BatchNormConfig(renorm=RenormConfig(r_max=3.0, d_max=5.0, warmup_steps=1000))
       >>> r_max, d_max = renorm_schedule()              # the paper's relaxation
       >>> cfg = BatchNormConfig(momentum=0.99, renorm=RenormConfig(r_max, d_max))
@@ -193,10 +194,10 @@ class RenormConfig:
             raise ValueError(f"warmup_steps must be >= 0, got warmup_steps={w}")
 
     def bounds(self, steps: Array, dtype=jnp.float32) -> tuple[Array, Array]:
-        """``(r_max, d_max)`` at the (possibly traced) step count ``steps``.
+        """`(r_max, d_max)` at the (possibly traced) step count `steps`.
 
-        Schedules are evaluated at ``steps`` and clamped into range; before
-        ``warmup_steps`` the bounds are ``(1, 0)`` (plain batch norm).
+        Schedules are evaluated at `steps` and clamped into range; before
+        `warmup_steps` the bounds are `(1, 0)` (plain batch norm).
         """
 
         def at(v, low):
@@ -221,21 +222,21 @@ def renorm_schedule(
 ) -> tuple[Schedule, Schedule]:
     """The paper's relaxation of the Batch Renorm bounds, as two optax schedules.
 
-    ``r_max`` is 1 and ``d_max`` 0 (plain batch norm) for the first ``start``
-    steps, then both grow linearly, reaching ``r_max`` at step ``r_max_steps``
-    and ``d_max`` at step ``d_max_steps`` and staying there. The defaults are
-    Ioffe (2017)'s Inception setting (plain BN for ~5k steps, ``r_max = 3`` by
-    ~40k, ``d_max = 5`` by ~25k); scale the step counts to your run length.
+    `r_max` is 1 and `d_max` 0 (plain batch norm) for the first `start`
+    steps, then both grow linearly, reaching `r_max` at step `r_max_steps`
+    and `d_max` at step `d_max_steps` and staying there. The defaults are
+    Ioffe (2017)'s Inception setting (plain BN for ~5k steps, `r_max = 3` by
+    ~40k, `d_max = 5` by ~25k); scale the step counts to your run length.
 
     Returns:
-      ``(r_max_fn, d_max_fn)`` (``optax.linear_schedule`` s), for
-      ``RenormConfig(r_max_fn, d_max_fn)`` or the modules' ``r_max=`` / ``d_max=``.
+      `(r_max_fn, d_max_fn)` (`optax.linear_schedule` s), for
+      `RenormConfig(r_max_fn, d_max_fn)` or the modules' `r_max=` / `d_max=`.
 
     Raises:
-      ValueError: ``r_max < 1``, ``d_max < 0``, ``start < 0``, or an end step
-        not after ``start``.
+      ValueError: `r_max < 1`, `d_max < 0`, `start < 0`, or an end step
+        not after `start`.
 
-    Example:
+    Examples:
       >>> r_fn, d_fn = renorm_schedule(start=100, r_max_steps=800, d_max_steps=500)
       >>> float(r_fn(100)), float(r_fn(450)), float(d_fn(10_000))
       (1.0, 2.0, 5.0)
@@ -258,41 +259,41 @@ class BatchNormConfig:
 
     Attributes:
       axis: feature axis or axes (one gamma/beta per feature); statistics are
-        taken over all other axes. ``-1`` for NHWC / (batch, features), ``1`` for NCHW.
+        taken over all other axes. `-1` for NHWC / (batch, features), `1` for NCHW.
       epsilon: added to the variance for numerical stability (>= 0; with 0 a
-        constant feature is mapped to ``beta`` rather than to ``0/0``).
-      momentum: EMA momentum, flax convention ``new = momentum * old + (1 - momentum) * batch``.
-      use_scale: learn ``gamma`` (else gamma = 1).
-      use_bias: learn ``beta`` (else beta = 0).
-      dtype: output dtype; ``None`` means ``result_type(x, params)`` like flax.
+        constant feature is mapped to `beta` rather than to `0/0`).
+      momentum: EMA momentum, flax convention `new = momentum * old + (1 - momentum) * batch`.
+      use_scale: learn `gamma` (else gamma = 1).
+      use_bias: learn `beta` (else beta = 0).
+      dtype: output dtype; `None` means `result_type(x, params)` like flax.
       param_dtype: dtype of gamma and beta made by :func:`init`.
-      population: ``"ema"``, ``"average"`` (the paper's Algorithm 2) or
-        ``"cumulative"`` (PyTorch's ``momentum=None``), see :mod:`bnjax.population`.
-      running_variance: the batch variance that ``"ema"`` and ``"cumulative"``
-        fold into ``var``: ``"biased"`` (``sigma2_B``, flax's; the default) or
-        ``"unbiased"`` (``m / (m - 1) sigma2_B``, PyTorch's ``running_var``). The
-        training output always uses the biased ``sigma2_B`` (both libraries do);
-        ``"average"`` always keeps the pooled unbiased variance.
-      axis_name: a named axis (``shard_map``/``pmap``/``vmap``) over which the
-        statistics are pooled exactly, or ``None``.
-      axis_index_groups: optional groups of indices of ``axis_name`` to pool within.
+      population: `"ema"`, `"average"` (the paper's Algorithm 2) or
+        `"cumulative"` (PyTorch's `momentum=None`), see :mod:`bnjax.population`.
+      running_variance: the batch variance that `"ema"` and `"cumulative"`
+        fold into `var`: `"biased"` (`sigma2_B`, flax's; the default) or
+        `"unbiased"` (`m / (m - 1) sigma2_B`, PyTorch's `running_var`). The
+        training output always uses the biased `sigma2_B` (both libraries do);
+        `"average"` always keeps the pooled unbiased variance.
+      axis_name: a named axis (`shard_map`/`pmap`/`vmap`) over which the
+        statistics are pooled exactly, or `None`.
+      axis_index_groups: optional groups of indices of `axis_name` to pool within.
       virtual_batch_size: ghost batch norm: normalize sub-batches of this many
-        examples along axis 0 independently (``None``: the whole batch).
-      stats_method: ``"auto"`` (default: ``"two_pass"`` on CPU, ``"shifted"`` on
-        GPU/TPU), ``"two_pass"`` or ``"shifted"``; all exact, see :mod:`bnjax.stats`.
-      grad: ``"vjp"``, ``"jvp"`` or ``"autodiff"`` (see the module docstring).
-      renorm: ``None`` (batch norm) or a :class:`RenormConfig`: Batch
+        examples along axis 0 independently (`None`: the whole batch).
+      stats_method: `"auto"` (default: `"two_pass"` on CPU, `"shifted"` on
+        GPU/TPU), `"two_pass"` or `"shifted"`; all exact, see :mod:`bnjax.stats`.
+      grad: `"vjp"`, `"jvp"` or `"autodiff"` (see the module docstring).
+      renorm: `None` (batch norm) or a :class:`RenormConfig`: Batch
         Renormalization, whose state is a :class:`~bnjax.population.RenormStats`.
-      activation: ``None``, or an invertible activation fused after the affine
-        map (In-Place Activated BN, :mod:`bnjax.activations`): ``"identity"``,
-        ``"leaky_relu"``, ``"elu"`` or an :class:`~bnjax.activations.Activation`;
-        the output is ``f(gamma' xhat + beta)`` and the backward pass
-        (``grad="vjp"``) keeps only that output, never the input.
+      activation: `None`, or an invertible activation fused after the affine
+        map (In-Place Activated BN, :mod:`bnjax.activations`): `"identity"`,
+        `"leaky_relu"`, `"elu"` or an :class:`~bnjax.activations.Activation`;
+        the output is `f(gamma' xhat + beta)` and the backward pass
+        (`grad="vjp"`) keeps only that output, never the input.
       scale_epsilon: with an activation, the scale used is
-        ``gamma' = gamma + scale_epsilon * sign(gamma)`` (``sign(0) = +1``), so
-        ``|gamma'| >= scale_epsilon`` and the affine map stays invertible; the
-        gradient with respect to ``gamma`` is unchanged (``d gamma' / d gamma = 1``).
-        A batch-norm checkpoint evaluates within ``scale_epsilon |xhat|`` of
+        `gamma' = gamma + scale_epsilon * sign(gamma)` (`sign(0) = +1`), so
+        `|gamma'| >= scale_epsilon` and the affine map stays invertible; the
+        gradient with respect to `gamma` is unchanged (`d gamma' / d gamma = 1`).
+        A batch-norm checkpoint evaluates within `scale_epsilon |xhat|` of
         plain batch norm. Must be > 0; unused without an activation.
     """
 
@@ -333,23 +334,23 @@ class BatchNormConfig:
             object.__setattr__(self, "axis", tuple(self.axis))
 
     def kernel(self) -> Kernel:
-        """This layer's pure functions, ``Kernel(apply_train, apply_eval)`` (see :func:`apply`)."""
+        """This layer's pure functions, `Kernel(apply_train, apply_eval)` (see :func:`apply`)."""
         return Kernel(apply_train, apply_eval)
 
 
 class BNParams(NamedTuple):
-    """Learned parameters: ``scale`` (gamma) and ``bias`` (beta), or ``None`` if unused."""
+    """Learned parameters: `scale` (gamma) and `bias` (beta), or `None` if unused."""
 
     scale: Array | None
     bias: Array | None
 
 
 class Kernel(NamedTuple):
-    """The two pure functions of a layer, as a config's ``kernel()`` names them.
+    """The two pure functions of a layer, as a config's `kernel()` names them.
 
     Attributes:
-      apply_train: ``(params, state, x, config, *, mask=None) -> (y, new_state)``.
-      apply_eval: ``(params, state, x, config) -> y``.
+      apply_train: `(params, state, x, config, *, mask=None) -> (y, new_state)`.
+      apply_eval: `(params, state, x, config) -> y`.
     """
 
     apply_train: Callable[..., tuple[Array, Any]]
@@ -360,7 +361,7 @@ class Kernel(NamedTuple):
 
 
 def feature_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
-    """The canonical (sorted, non-negative) feature axes of a rank-``ndim`` input."""
+    """The canonical (sorted, non-negative) feature axes of a rank-`ndim` input."""
     return canonicalize_axes(ndim, axis, name="axis")
 
 
@@ -369,7 +370,7 @@ def _feature_shape(shape: tuple[int, ...], faxes: tuple[int, ...]) -> tuple[int,
 
 
 def _bcast(a, shape, faxes):
-    """A feature-shaped ``a`` reshaped to broadcast against an input of ``shape``."""
+    """A feature-shaped `a` reshaped to broadcast against an input of `shape`."""
     if a is None:
         return None
     return jnp.reshape(a, tuple(s if i in faxes else 1 for i, s in enumerate(shape)))
@@ -386,19 +387,19 @@ def _check_features(x_shape, faxes, arr: Array | None, name: str) -> None:
 def init(
     feature_shape: int | Sequence[int], config: BatchNormConfig = BatchNormConfig()
 ) -> tuple[BNParams, BatchStats | RenormStats]:
-    """Parameters (gamma = 1, beta = 0) and fresh statistics for ``feature_shape``.
+    """Parameters (gamma = 1, beta = 0) and fresh statistics for `feature_shape`.
 
     Args:
       feature_shape: number of features, or the shape of the feature axes
-        (``(C,)`` for ``axis=-1``; ``(H, W)`` for ``axis=(1, 2)``).
-      config: the layer's :class:`BatchNormConfig` (``param_dtype``, ``use_scale``, ``use_bias``).
+        (`(C,)` for `axis=-1`; `(H, W)` for `axis=(1, 2)`).
+      config: the layer's :class:`BatchNormConfig` (`param_dtype`, `use_scale`, `use_bias`).
 
     Returns:
-      ``(BNParams, BatchStats)``; statistics are float32 (at least). With
-      ``config.renorm`` the state is a :class:`~bnjax.population.RenormStats`
-      with ``steps = 0``.
+      `(BNParams, BatchStats)`; statistics are float32 (at least). With
+      `config.renorm` the state is a :class:`~bnjax.population.RenormStats`
+      with `steps = 0`.
 
-    Example:
+    Examples:
       >>> params, state = init(64)
       >>> params.scale.shape, state.var.shape
       ((64,), (64,))
@@ -437,8 +438,8 @@ def _out_dtype(x, params: BNParams, config: BatchNormConfig):
 def _prepare(
     params: BNParams, x: Array, config: BatchNormConfig, state, *, train: bool = True
 ):
-    """``(x, feature axes)`` after every check of a call's arguments. At inference
-    (``train=False``) an unbatched example (every axis a feature axis) is accepted."""
+    """`(x, feature axes)` after every check of a call's arguments. At inference
+    (`train=False`) an unbatched example (every axis a feature axis) is accepted."""
     x = jnp.asarray(x)
     check_input(x)
     faxes = feature_axes(x.ndim, config.axis)
@@ -497,9 +498,9 @@ def _check_activation(config: BatchNormConfig, x: Array) -> None:
 
 
 def effective_params(params: BNParams, config: BatchNormConfig) -> BNParams:
-    """The parameters a layer applies: with ``config.activation`` the scale is
-    ``gamma + scale_epsilon * sign(gamma)`` (``sign(0) = +1``: never 0, so the
-    fused layer's affine map is invertible); else ``params`` unchanged.
+    """The parameters a layer applies: with `config.activation` the scale is
+    `gamma + scale_epsilon * sign(gamma)` (`sign(0) = +1`: never 0, so the
+    fused layer's affine map is invertible); else `params` unchanged.
 
     Use it with :func:`inference_affine` to get the inference map of a fused layer
     (the activation then follows the affine map).
@@ -515,9 +516,9 @@ def effective_params(params: BNParams, config: BatchNormConfig) -> BNParams:
 
 
 class _Call(NamedTuple):
-    """One kernel call's operands: ``x`` (grouped into ghost batches along a new axis 0
-    with ``virtual_batch_size``), its mask, the broadcast parameters, the reduced
-    axes and the axis to pool over (ghost batches are local: ``None``)."""
+    """One kernel call's operands: `x` (grouped into ghost batches along a new axis 0
+    with `virtual_batch_size`), its mask, the broadcast parameters, the reduced
+    axes and the axis to pool over (ghost batches are local: `None`)."""
 
     x: Array
     mask: Array | None
@@ -564,9 +565,9 @@ def _check_reduction(call: _Call, shape, mask, config: BatchNormConfig) -> None:
 
 
 def _running(state, call: _Call, x: Array, faxes, config: BatchNormConfig, mask):
-    """``(run, bounds)``: the running ``(mean, var)`` broadcast to the kernel's operands
-    (they normalize features without a valid element, and give Batch Renorm's ``r`` and
-    ``d``), and Batch Renorm's ``(r_max, d_max)`` at ``state.steps``; ``None`` if unused."""
+    """`(run, bounds)`: the running `(mean, var)` broadcast to the kernel's operands
+    (they normalize features without a valid element, and give Batch Renorm's `r` and
+    `d`), and Batch Renorm's `(r_max, d_max)` at `state.steps`; `None` if unused."""
     if mask is None and config.renorm is None:
         return None, None
     dt = stats_dtype(x.dtype)
@@ -604,7 +605,7 @@ def batch_moments(
     *,
     mask: Array | None = None,
 ) -> Moments:
-    """The (cross-device pooled) batch moments of ``x``, feature-shaped.
+    """The (cross-device pooled) batch moments of `x`, feature-shaped.
 
     What :func:`apply_train` folds into the running statistics; useful for
     population estimation (PreciseBN) and diagnostics.
@@ -629,51 +630,51 @@ def apply_train(
     *,
     mask: Array | None = None,
 ) -> tuple[Array, BatchStats]:
-    """Algorithm 1: normalize ``x`` with its mini-batch statistics; update the state.
+    """Algorithm 1: normalize `x` with its mini-batch statistics; update the state.
 
     Args:
-      params: :class:`BNParams` with feature-shaped ``scale``/``bias``.
+      params: :class:`BNParams` with feature-shaped `scale`/`bias`.
       state: :class:`BatchStats` (feature-shaped).
-      x: floating input, e.g. ``(N, C)``, NHWC ``(N, H, W, C)`` (``axis=-1``) or
-        NCHW (``axis=1``). Statistics are per feature over all other axes (the
-        paper's conv rule: ``m' = N H W`` per feature map).
+      x: floating input, e.g. `(N, C)`, NHWC `(N, H, W, C)` (`axis=-1`) or
+        NCHW (`axis=1`). Statistics are per feature over all other axes (the
+        paper's conv rule: `m' = N H W` per feature map).
       config: a :class:`BatchNormConfig`.
-      mask: optional boolean array broadcastable to ``x``: only ``True``
+      mask: optional boolean array broadcastable to `x`: only `True`
         elements enter the statistics (all elements are normalized).
 
-    Empty features (the rule): a feature with no valid element under ``mask``
-    (after pooling over ``axis_name``; per ghost batch with
-    ``virtual_batch_size``) is normalized with the running statistics, i.e. its
-    output is the inference map ``gamma (x - mean) / sqrt(var + eps) + beta`` of
-    :func:`apply_eval` (not ``x / sqrt(eps)``), its gradients are that map's (no
+    Empty features (the rule): a feature with no valid element under `mask`
+    (after pooling over `axis_name`; per ghost batch with
+    `virtual_batch_size`) is normalized with the running statistics, i.e. its
+    output is the inference map `gamma (x - mean) / sqrt(var + eps) + beta` of
+    :func:`apply_eval` (not `x / sqrt(eps)`), its gradients are that map's (no
     gradient reaches the running statistics), and its state is unchanged.
 
-    Complex ``x`` (complex64/complex128; flax's rule): complex mean, real variance
-    ``E|x - mu|^2``, statistics in complex64/float32 at least, output in the
-    complex dtype; ``new_state.mean`` is complex (a real stored mean turns
-    complex), ``new_state.var`` real. Real inputs trace the same program as
+    Complex `x` (complex64/complex128; flax's rule): complex mean, real variance
+    `E|x - mu|^2`, statistics in complex64/float32 at least, output in the
+    complex dtype; `new_state.mean` is complex (a real stored mean turns
+    complex), `new_state.var` real. Real inputs trace the same program as
     without complex support.
 
     Returns:
-      ``(y, new_state)``: ``y`` has ``x``'s shape (dtype ``config.dtype`` or
-      ``result_type(x, params)``); ``new_state`` has the population statistics
+      `(y, new_state)`: `y` has `x`'s shape (dtype `config.dtype` or
+      `result_type(x, params)`); `new_state` has the population statistics
       updated with the (biased) batch moments by the configured estimator.
       Features without a valid element keep their state.
 
-    With ``config.renorm`` (Batch Renormalization, see :class:`RenormConfig`)
-    ``state`` must be a :class:`~bnjax.population.RenormStats`; the output is
-    ``gamma (r xhat + d) + beta`` with ``r``, ``d`` from the batch and the
-    running statistics before the update, and ``new_state.steps`` is
-    ``state.steps + 1``.
+    With `config.renorm` (Batch Renormalization, see :class:`RenormConfig`)
+    `state` must be a :class:`~bnjax.population.RenormStats`; the output is
+    `gamma (r xhat + d) + beta` with `r`, `d` from the batch and the
+    running statistics before the update, and `new_state.steps` is
+    `state.steps + 1`.
 
     Raises:
       TypeError: integer input, non-boolean mask, complex parameters with a real
         input, or Batch Renorm on a complex input.
       ValueError: mismatched feature shapes, bad axis, bad mask shape, a real
-        ``config.dtype`` for a complex input, a
+        `config.dtype` for a complex input, a
         reduction of one element per feature, a virtual batch size that
         does not divide the batch, or (Batch Renorm) a state without a
-        scalar integer ``steps`` counter.
+        scalar integer `steps` counter.
     """
     x, faxes = _prepare(params, x, config, state)
     _check_renorm(config, state, x)
@@ -711,11 +712,11 @@ def apply_train(
 def inference_affine(
     params: BNParams, state: BatchStats, epsilon: float = 1e-5
 ) -> tuple[Array, Array]:
-    """Algorithm 2's per-feature affine map ``y = a * x + b``.
+    """Algorithm 2's per-feature affine map `y = a * x + b`.
 
-    ``a = gamma / sqrt(var + eps)``, ``b = beta - mean * a``, computed in at
-    least float32 whatever the parameter and state dtypes (``a = 0`` where
-    ``var + eps = 0``: a constant feature with ``epsilon = 0`` maps to ``beta``).
+    `a = gamma / sqrt(var + eps)`, `b = beta - mean * a`, computed in at
+    least float32 whatever the parameter and state dtypes (`a = 0` where
+    `var + eps = 0`: a constant feature with `epsilon = 0` maps to `beta`).
     """
     dt = stats_dtype(state.var.dtype)
     a = safe_rsqrt(state.var.astype(dt) + jnp.asarray(epsilon, dt))
@@ -737,13 +738,13 @@ def apply_eval(
     x: Array,
     config: BatchNormConfig = BatchNormConfig(),
 ) -> Array:
-    """Algorithm 2: ``y = a * x + b`` with the frozen population statistics.
+    """Algorithm 2: `y = a * x + b` with the frozen population statistics.
 
     Deterministic and per example (no batch statistics), so an unbatched example
-    (``x`` of the feature shape, e.g. ``(C,)``) works too. ``a, b`` come from
+    (`x` of the feature shape, e.g. `(C,)`) works too. `a, b` come from
     :func:`inference_affine` (of :func:`effective_params`); the product is formed
-    in at least float32 and cast to the output dtype. With ``config.activation``
-    the output is ``f(a * x + b)``.
+    in at least float32 and cast to the output dtype. With `config.activation`
+    the output is `f(a * x + b)`.
     """
     x, faxes = _prepare(params, x, config, state, train=False)
     _check_activation(config, x)
@@ -767,10 +768,10 @@ def apply(
     train: bool,
     mask: Array | None = None,
 ) -> tuple[Array, Any]:
-    """:func:`apply_train` if ``train`` else (:func:`apply_eval`, unchanged state).
+    """:func:`apply_train` if `train` else (:func:`apply_eval`, unchanged state).
 
-    One switch for every layer of bnjax: ``config`` is a :class:`BatchNormConfig`
-    or a :class:`bnjax.whitening.WhiteningConfig`, whose ``kernel()`` names the
+    One switch for every layer of bnjax: `config` is a :class:`BatchNormConfig`
+    or a :class:`bnjax.whitening.WhiteningConfig`, whose `kernel()` names the
     layer's two functions.
     """
     kernel = config.kernel()

@@ -1,31 +1,33 @@
 """PyTorch interop: torch's batch-norm semantics as bnjax options, torch weights converted.
 
 PyTorch and flax disagree on four batch-norm conventions that silently change
-results (BEYOND.md section 4, and the porting guide ``docs/porting.md``):
+results (BEYOND.md section 4, and the porting guide `docs/porting.md`):
 
-| torch (``nn.BatchNorm*d``)                | bnjax (``bnjax.linen.BatchNorm``)                    |
+| torch (`nn.BatchNorm*d`)                | bnjax (`bnjax.linen.BatchNorm`)                    |
 |-------------------------------------------|------------------------------------------------------|
-| ``momentum=0.1`` (weight of the batch)    | ``momentum=0.9`` (weight of the old value)           |
-| ``running_var``: EMA of the *unbiased*    | ``running_variance="unbiased"`` (flax's default is   |
-| batch variance ``m/(m-1) sigma2_B``       | the biased one)                                      |
-| ``momentum=None``: cumulative average     | ``population="cumulative"`` (counted by ``batches``) |
-| ``num_batches_tracked``                   | ``batch_stats/batches`` (``count_batches=True``)     |
-| ``track_running_stats=False``             | ``track_running_stats=False``                        |
-| ``affine=False``                          | ``use_scale=False, use_bias=False``                  |
-| ``eps``                                   | ``epsilon``                                          |
-| NCHW inputs, OIHW conv weights            | NHWC inputs (``axis=-1``), HWIO kernels              |
+| `momentum=0.1` (weight of the batch)    | `momentum=0.9` (weight of the old value)           |
+| `running_var`: EMA of the *unbiased*    | `running_variance="unbiased"` (flax's default is   |
+| batch variance `m/(m-1) sigma2_B`       | the biased one)                                      |
+| `momentum=None`: cumulative average     | `population="cumulative"` (counted by `batches`) |
+| `num_batches_tracked`                   | `batch_stats/batches` (`count_batches=True`)     |
+| `track_running_stats=False`             | `track_running_stats=False`                        |
+| `affine=False`                          | `use_scale=False, use_bias=False`                  |
+| `eps`                                   | `epsilon`                                          |
+| NCHW inputs, OIHW conv weights            | NHWC inputs (`axis=-1`), HWIO kernels              |
 
 :func:`batch_norm_kwargs` reads those off a torch layer; :func:`from_torch`
 converts a whole model's weights and statistics, :func:`to_torch` writes them
-back. ``torch`` is imported only when a function needs it (install the
-``torch`` extra).
+back. `torch` is imported only when a function needs it (install the
+`torch` extra).
 
-Example::
+Example:
 
-    kw = bnjax.interop.batch_norm_kwargs(torch_model.bn1)   # {"momentum": 0.9, ...}
-    variables = bnjax.interop.from_torch(torch_model, flax_model, x, train=False)
-    logits = flax_model.apply(variables, x, train=False)
-    bnjax.interop.to_torch(variables, flax_model, torch_model, x, train=False)
+```python
+kw = bnjax.interop.batch_norm_kwargs(torch_model.bn1)   # {"momentum": 0.9, ...}
+variables = bnjax.interop.from_torch(torch_model, flax_model, x, train=False)
+logits = flax_model.apply(variables, x, train=False)
+bnjax.interop.to_torch(variables, flax_model, torch_model, x, train=False)
+```
 """
 
 from __future__ import annotations
@@ -61,20 +63,20 @@ def _torch():
 
 def batch_norm_kwargs(torch_bn: Any, *, axis: int = -1) -> dict[str, Any]:
     """Keyword arguments of :class:`bnjax.linen.BatchNorm` (and :class:`bnjax.nnx.BatchNorm`)
-    that reproduce the torch layer ``torch_bn`` exactly, in training and at inference.
+    that reproduce the torch layer `torch_bn` exactly, in training and at inference.
 
     Args:
-      torch_bn: a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm``.
+      torch_bn: a `torch.nn.BatchNorm1d/2d/3d` or `SyncBatchNorm`.
       axis: the feature axis in the flax model's layout (-1: channels last).
 
     Returns:
-      ``epsilon``, ``momentum`` (``1 - torch's``) or ``population="cumulative"``
-      (torch's ``momentum=None``), ``running_variance="unbiased"``,
-      ``use_scale`` / ``use_bias`` (torch's ``affine``), ``track_running_stats``
-      and ``count_batches=True`` (``num_batches_tracked``).
+      `epsilon`, `momentum` (`1 - torch's`) or `population="cumulative"`
+      (torch's `momentum=None`), `running_variance="unbiased"`,
+      `use_scale` / `use_bias` (torch's `affine`), `track_running_stats`
+      and `count_batches=True` (`num_batches_tracked`).
 
     Raises:
-      TypeError: ``torch_bn`` is not a torch batch-norm layer.
+      TypeError: `torch_bn` is not a torch batch-norm layer.
     """
     torch = _torch()
     if not isinstance(torch_bn, torch.nn.modules.batchnorm._NormBase) or isinstance(
@@ -98,9 +100,9 @@ def batch_norm_kwargs(torch_bn: Any, *, axis: int = -1) -> dict[str, Any]:
 
 
 def torch_input(x: Any) -> Any:
-    """``x`` in the flax model's layout (channels last) as torch wants it (channels
-    first): ``(N, ..., C) -> (N, C, ...)`` for inputs of rank 3 or more, a float
-    ``torch.Tensor`` sharing nothing with ``x``."""
+    """`x` in the flax model's layout (channels last) as torch wants it (channels
+    first): `(N, ..., C) -> (N, C, ...)` for inputs of rank 3 or more, a float
+    `torch.Tensor` sharing nothing with `x`."""
     torch = _torch()
     a = np.asarray(x)
     if a.ndim >= 3:
@@ -121,7 +123,7 @@ class _Layer(NamedTuple):
 
 
 def _torch_layers(torch_module: Any, x: Any) -> list[_Layer]:
-    """The torch layers with their own parameters or buffers, in call order on ``x``
+    """The torch layers with their own parameters or buffers, in call order on `x`
     (run in eval mode, without gradients; the training flags are restored)."""
     torch = _torch()
     names = {id(m): n for n, m in torch_module.named_modules()}
@@ -184,8 +186,8 @@ def _flax_kind(module: Any) -> str | None:
 
 
 def _linen_layers(module: nn.Module, x: Any, call_kwargs: Mapping[str, Any]):
-    """``(layers, shapes)``: the linen model's convertible layers in call order (their
-    slots map names to flat variable paths) and the flat shapes of ``init``'s variables."""
+    """`(layers, shapes)`: the linen model's convertible layers in call order (their
+    slots map names to flat variable paths) and the flat shapes of `init`'s variables."""
     calls: list[tuple[str, Path]] = []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -210,7 +212,7 @@ def _linen_layers(module: nn.Module, x: Any, call_kwargs: Mapping[str, Any]):
 
 @contextlib.contextmanager
 def _record_nnx_calls(record: Callable[[Any], None]) -> Iterator[None]:
-    """Temporarily wraps ``__call__`` of flax's and bnjax's NNX Conv / Linear /
+    """Temporarily wraps `__call__` of flax's and bnjax's NNX Conv / Linear /
     BatchNorm classes to record each call's module."""
     classes = (nnx.Conv, nnx.Linear, nnx.BatchNorm, bnnnx.BatchNorm, bnnnx.BatchNormAct)
     saved = {c: c.__dict__.get("__call__") for c in classes}
@@ -271,7 +273,7 @@ def _layers(flax_module: Any, x: Any, call_kwargs: Mapping[str, Any]):
 
 
 def _pairs(torch_layers, flax_layers, name_map: Mapping[str, str] | None):
-    """The layers paired by call order (or by ``name_map``: torch name -> flax path)."""
+    """The layers paired by call order (or by `name_map`: torch name -> flax path)."""
     if name_map is not None:
         by_name = {f.name: f for f in flax_layers}
         pairs = []
@@ -312,7 +314,7 @@ def _pairs(torch_layers, flax_layers, name_map: Mapping[str, str] | None):
 
 
 def _flax_name(kind: str, name: str) -> str:
-    """The flax variable name of a torch layer's tensor ``name``."""
+    """The flax variable name of a torch layer's tensor `name`."""
     if kind in ("conv", "linear"):
         return "kernel" if name == "weight" else name
     if name == "num_batches_tracked":
@@ -344,33 +346,33 @@ def from_torch(
     name_map: Mapping[str, str] | None = None,
     **call_kwargs: Any,
 ) -> Any:
-    """The weights and batch-norm statistics of ``torch_module`` as ``flax_module``'s variables.
+    """The weights and batch-norm statistics of `torch_module` as `flax_module`'s variables.
 
-    Both models are traced on the example input ``x`` (given in the flax model's
+    Both models are traced on the example input `x` (given in the flax model's
     layout; the torch model gets :func:`torch_input` of it, channels first) and
-    their layers with parameters are paired by call order: torch ``Conv*d`` with
-    ``nn.Conv`` / ``nnx.Conv`` (OIHW -> HWIO), ``Linear`` with ``nn.Dense`` /
-    ``nnx.Linear`` (transposed), ``BatchNorm*d`` with any batch-norm layer of flax
-    or bnjax (``weight, bias, running_mean, running_var`` -> ``scale, bias, mean,
-    var``; ``num_batches_tracked`` -> ``batches`` where the layer stores it, e.g.
-    with :func:`batch_norm_kwargs`). A flax layer that stores ``count`` (the
-    paper's ``population="average"``) gets ``count = batches = 0``: torch does not
+    their layers with parameters are paired by call order: torch `Conv*d` with
+    `nn.Conv` / `nnx.Conv` (OIHW -> HWIO), `Linear` with `nn.Dense` /
+    `nnx.Linear` (transposed), `BatchNorm*d` with any batch-norm layer of flax
+    or bnjax (`weight, bias, running_mean, running_var` -> `scale, bias, mean,
+    var`; `num_batches_tracked` -> `batches` where the layer stores it, e.g.
+    with :func:`batch_norm_kwargs`). A flax layer that stores `count` (the
+    paper's `population="average"`) gets `count = batches = 0`: torch does not
     record element counts, so the average restarts from the loaded statistics.
 
     Args:
-      torch_module: a ``torch.nn.Module`` (left unchanged: traced in eval mode,
+      torch_module: a `torch.nn.Module` (left unchanged: traced in eval mode,
         its training flags restored).
-      flax_module: a ``flax.linen.Module`` or a ``flax.nnx.Module`` with the same
+      flax_module: a `flax.linen.Module` or a `flax.nnx.Module` with the same
         architecture.
       x: an example input in the flax layout (any batch size; values unused).
-      name_map: optional ``{torch module name: flax layer path}`` (linen paths
-        ``"layer1_0/conv1"``, NNX paths with ``/`` between attribute names),
+      name_map: optional `{torch module name: flax layer path}` (linen paths
+        `"layer1_0/conv1"`, NNX paths with `/` between attribute names),
         instead of pairing by call order.
-      **call_kwargs: passed to the flax model's call (e.g. ``train=False``).
+      **call_kwargs: passed to the flax model's call (e.g. `train=False`).
 
     Returns:
-      linen: the variables (``{"params": ..., "batch_stats": ...}``) for
-      ``flax_module.apply``. NNX: an ``nnx.State`` for ``nnx.update(model, state)``
+      linen: the variables (`{"params": ..., "batch_stats": ...}`) for
+      `flax_module.apply`. NNX: an `nnx.State` for `nnx.update(model, state)`
       (the model itself is not modified).
 
     Raises:
@@ -432,17 +434,21 @@ def to_torch(
     name_map: Mapping[str, str] | None = None,
     **call_kwargs: Any,
 ) -> Any:
-    """Writes ``variables`` into ``torch_module``'s parameters and buffers, in place:
+    """Writes `variables` into `torch_module`'s parameters and buffers, in place:
     the inverse of :func:`from_torch` (same pairing, same arguments), bit for bit
-    (``num_batches_tracked`` from ``batches`` where the flax layer stores it).
+    (`num_batches_tracked` from `batches` where the flax layer stores it).
 
     Args:
-      variables: linen variables, or for an NNX model its ``nnx.State`` (or ``None``:
+      variables: linen variables, or for an NNX model its `nnx.State` (or `None`:
         the model's current state).
-      flax_module, torch_module, x, name_map, call_kwargs: as :func:`from_torch`.
+      flax_module: as :func:`from_torch`.
+      torch_module: as :func:`from_torch`.
+      x: as :func:`from_torch`.
+      name_map: as :func:`from_torch`.
+      call_kwargs: as :func:`from_torch`.
 
     Returns:
-      ``torch_module``.
+      `torch_module`.
     """
     torch = _torch()
     torch_layers = _torch_layers(torch_module, x)

@@ -1,41 +1,43 @@
-"""``bnjax.nnx.BatchNorm``: a drop-in replacement for ``flax.nnx.BatchNorm``.
+"""`bnjax.nnx.BatchNorm`: a drop-in replacement for `flax.nnx.BatchNorm`.
 
-Same constructor, same variables (``scale``/``bias`` as :class:`flax.nnx.Param`,
-``mean``/``var`` as :class:`flax.nnx.BatchStat`, same shapes and dtypes), the
-same ``.train()`` / ``.eval()`` / :func:`flax.nnx.view` switching, so the state of
-a ``flax.nnx.BatchNorm`` loads unchanged (``nnx.update(bn, nnx.state(flax_bn))``).
+Same constructor, same variables (`scale`/`bias` as :class:`flax.nnx.Param`,
+`mean`/`var` as :class:`flax.nnx.BatchStat`, same shapes and dtypes), the
+same `.train()` / `.eval()` / :func:`flax.nnx.view` switching, so the state of
+a `flax.nnx.BatchNorm` loads unchanged (`nnx.update(bn, nnx.state(flax_bn))`).
 All numerics live in :mod:`bnjax.functional`; this module only maps NNX variables
 to the functional pytrees and back.
 
 Extra keyword arguments (defaults keep flax's behaviour):
 
-* ``population="average"``: the paper's exact population average (Algorithm 2)
-  instead of the EMA; adds ``count`` and ``batches`` as ``nnx.BatchStat``. What
-  ``var`` means in each mode is documented in :mod:`bnjax.population`: with
-  ``"ema"`` it is an EMA of the *biased* batch variance (flax's convention); with
-  ``"average"`` it is the pooled *unbiased* within-batch variance
-  ``sum_B n_B sigma2_B / sum_B (n_B - 1)`` (the paper's ``m/(m-1) E_B[sigma2_B]``
-  for equal batch sizes; ``n_B`` counts batch times spatial positions);
-* ``virtual_batch_size``: ghost batch norm; ``grad``: ``"vjp"`` (the paper's
-  backward pass), ``"jvp"`` or ``"autodiff"``.
+* `population="average"`: the paper's exact population average (Algorithm 2)
+  instead of the EMA; adds `count` and `batches` as `nnx.BatchStat`. What
+  `var` means in each mode is documented in :mod:`bnjax.population`: with
+  `"ema"` it is an EMA of the *biased* batch variance (flax's convention); with
+  `"average"` it is the pooled *unbiased* within-batch variance
+  `sum_B n_B sigma2_B / sum_B (n_B - 1)` (the paper's `m/(m-1) E_B[sigma2_B]`
+  for equal batch sizes; `n_B` counts batch times spatial positions);
+* `virtual_batch_size`: ghost batch norm; `grad`: `"vjp"` (the paper's
+  backward pass), `"jvp"` or `"autodiff"`.
 
 Complex inputs and masks behave as in :mod:`bnjax.linen` (complex mean, real
 variance; a fully masked feature is normalized with the running statistics). The
-float32 ``mean`` turns complex64 at the first complex training call, as
-``flax.linen.BatchNorm``'s does (``flax.nnx.BatchNorm`` keeps it float32 and so
+float32 `mean` turns complex64 at the first complex training call, as
+`flax.linen.BatchNorm`'s does (`flax.nnx.BatchNorm` keeps it float32 and so
 drops the imaginary part of the running mean).
 
-``use_fast_variance`` and ``promote_dtype`` are accepted and ignored: the
+`use_fast_variance` and `promote_dtype` are accepted and ignored: the
 variance is always exact and statistics are always at least float32.
 
-Example::
+Example:
 
-    >>> from flax import nnx
-    >>> import jax, jax.numpy as jnp
-    >>> bn = BatchNorm(6, rngs=nnx.Rngs(0))
-    >>> y = bn(jnp.ones((4, 6)) + jnp.arange(4.0)[:, None])   # train mode: batch stats
-    >>> bn.eval()
-    >>> y = bn(jnp.ones((1, 6)))                              # population stats
+```python
+>>> from flax import nnx
+>>> import jax, jax.numpy as jnp
+>>> bn = BatchNorm(6, rngs=nnx.Rngs(0))
+>>> y = bn(jnp.ones((4, 6)) + jnp.arange(4.0)[:, None])   # train mode: batch stats
+>>> bn.eval()
+>>> y = bn(jnp.ones((1, 6)))                              # population stats
+```
 """
 
 from __future__ import annotations
@@ -78,12 +80,12 @@ _INTERCEPTOR: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def intercept(fn: Callable[[BatchNorm, Array, Array | None, bool], Array]) -> Iterator[None]:
-    """Routes every :class:`BatchNorm` call through ``fn`` inside the ``with`` block.
+    """Routes every :class:`BatchNorm` call through `fn` inside the `with` block.
 
     The NNX counterpart of :func:`flax.linen.intercept_methods`, used by
     :mod:`bnjax.recalibration` and :mod:`bnjax.diagnostics` to capture each layer's
-    input. ``fn(module, x, mask, use_running_average)`` returns the layer's output
-    and must not mutate the module (it runs at trace time under ``jit``).
+    input. `fn(module, x, mask, use_running_average)` returns the layer's output
+    and must not mutate the module (it runs at trace time under `jit`).
     """
     token = _INTERCEPTOR.set(fn)
     try:
@@ -93,7 +95,7 @@ def intercept(fn: Callable[[BatchNorm, Array, Array | None, bool], Array]) -> It
 
 
 class _Layer(nnx.Module):
-    """The one call path of bnjax's NNX layers, driven by the class's ``_layer``
+    """The one call path of bnjax's NNX layers, driven by the class's `_layer`
     description (:mod:`bnjax._module_common`)."""
 
     _layer: ClassVar[Layer]
@@ -107,7 +109,7 @@ class _Layer(nnx.Module):
         inits: tuple[tuple[Callable, Mapping[str, Any]], tuple[Callable, Mapping[str, Any]]],
     ) -> None:
         """Sets the attributes, then the statistics and the parameters (flax's order of
-        ``rngs.params()`` draws: scale, then bias)."""
+        `rngs.params()` draws: scale, then bias)."""
         self.num_features = num_features
         for name, value in attributes.items():
             setattr(self, name, value)
@@ -150,7 +152,7 @@ class _Layer(nnx.Module):
         )
 
     def bn_params(self) -> F.BNParams:
-        """The current ``(scale, bias)`` as a :class:`~bnjax.BNParams`."""
+        """The current `(scale, bias)` as a :class:`~bnjax.BNParams`."""
         return self._params()
 
     def bn_state(self) -> Any:
@@ -158,7 +160,7 @@ class _Layer(nnx.Module):
         (:class:`~bnjax.RenormStats` for :class:`BatchRenorm`,
         :class:`~bnjax.whitening.WhiteningStats` for :class:`BatchWhitening`).
 
-        Statistics that are not stored (``count``/``batches`` in ``"ema"`` mode) are
+        Statistics that are not stored (`count`/`batches` in `"ema"` mode) are
         returned as their fresh values (zeros).
         """
         return self._state()
@@ -171,9 +173,9 @@ class _Layer(nnx.Module):
     def set_bn_state(self, state: Any) -> None:
         """Writes the stored statistics from a functional state (fields it lacks are kept).
 
-        A complex ``mean`` (complex inputs) replaces a real stored one: the float32
+        A complex `mean` (complex inputs) replaces a real stored one: the float32
         mean turns complex64 at the first complex training call (flax.linen's
-        convention; ``flax.nnx.BatchNorm`` 0.12 instead casts it back to float32,
+        convention; `flax.nnx.BatchNorm` 0.12 instead casts it back to float32,
         dropping its imaginary part).
         """
         self._set_state(state)
@@ -196,21 +198,21 @@ class _Layer(nnx.Module):
         train: bool | None = None,
         mask: Array | None = None,
     ) -> Array:
-        """Normalizes ``x``.
+        """Normalizes `x`.
 
         Args:
-          x: floating input, features on ``axis``, e.g. ``(N, C)`` or NHWC.
+          x: floating input, features on `axis`, e.g. `(N, C)` or NHWC.
           use_running_average: overrides the attribute for this call (flax's rule).
-          train: bnjax's explicit switch, ``train = not use_running_average``;
-            overrides the attribute, contradicting ``use_running_average`` is an error.
-          mask: optional boolean array broadcastable to ``x``; only ``True``
-            elements enter the batch statistics. A feature with no ``True``
+          train: bnjax's explicit switch, `train = not use_running_average`;
+            overrides the attribute, contradicting `use_running_average` is an error.
+          mask: optional boolean array broadcastable to `x`; only `True`
+            elements enter the batch statistics. A feature with no `True`
             element is normalized with the running statistics (the inference
             map) and keeps them.
 
         Returns:
-          The normalized ``x`` (same shape). In training mode the population
-          statistics are updated in place (with ``stop_gradient``).
+          The normalized `x` (same shape). In training mode the population
+          statistics are updated in place (with `stop_gradient`).
         """
         name = type(self).__name__
         if not tracks_running_stats(self):  # PyTorch's track_running_stats=False
@@ -238,11 +240,11 @@ class _Layer(nnx.Module):
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Sets the mode; used by :func:`flax.nnx.view`
-        (``nnx.view(model, use_running_average=True)``).
+        (`nnx.view(model, use_running_average=True)`).
 
         Args:
           use_running_average: if True, normalize with the population statistics
-            (inference); if False, with batch statistics (training). ``None``
+            (inference); if False, with batch statistics (training). `None`
             keeps the current mode.
         """
         if use_running_average is not None:
@@ -250,40 +252,54 @@ class _Layer(nnx.Module):
 
 
 class BatchNorm(_Layer):
-    """Batch normalization (Ioffe & Szegedy 2015) as a ``flax.nnx`` module.
+    """Batch normalization (Ioffe & Szegedy 2015) as a `flax.nnx` module.
 
     Args:
       num_features: number of features (an int; or a tuple, the feature shape
-        for several feature ``axis``).
+        for several feature `axis`).
       use_running_average: if True, use the population statistics (Algorithm 2);
         if False, normalize with batch statistics and update the population.
-        ``.train()`` / ``.eval()`` set it to False / True.
+        `.train()` / `.eval()` set it to False / True.
       axis: feature axis or axes (default -1).
       momentum: EMA momentum, flax convention (default 0.99).
       epsilon: default 1e-5.
-      dtype: output dtype (default: ``result_type(x, params)``).
+      dtype: output dtype (default: `result_type(x, params)`).
       param_dtype: dtype of scale and bias (default float32).
-      use_bias, use_scale: learn beta / gamma.
-      bias_init, scale_init: initializers (zeros / ones).
-      axis_name, axis_index_groups: pool statistics exactly over a named axis.
-      use_fast_variance, promote_dtype: accepted for flax compatibility, ignored.
-      rngs: :class:`flax.nnx.Rngs`; one ``params`` key is drawn for each of scale
+      use_bias: learn beta / gamma.
+      use_scale: learn beta / gamma.
+      bias_init: initializers (zeros / ones).
+      scale_init: initializers (zeros / ones).
+      axis_name: pool statistics exactly over a named axis.
+      axis_index_groups: pool statistics exactly over a named axis.
+      use_fast_variance: accepted for flax compatibility, ignored.
+      promote_dtype: accepted for flax compatibility, ignored.
+      rngs: :class:`flax.nnx.Rngs`; one `params` key is drawn for each of scale
         and bias, exactly as flax does (so the streams of later layers match).
         May be omitted (the initializers are deterministic).
-      bias_metadata, scale_metadata: metadata of the ``nnx.Param`` variables.
-      population: ``"ema"`` (default, flax's), ``"average"`` (the paper's) or
-        ``"cumulative"`` (PyTorch's ``momentum=None``).
-      virtual_batch_size: ghost batch size along axis 0 (``None``: whole batch).
-      grad: ``"vjp"`` (default), ``"jvp"`` or ``"autodiff"``.
-      running_variance, track_running_stats, count_batches: PyTorch's
+      bias_metadata: metadata of the `nnx.Param` variables.
+      scale_metadata: metadata of the `nnx.Param` variables.
+      population: `"ema"` (default, flax's), `"average"` (the paper's) or
+        `"cumulative"` (PyTorch's `momentum=None`).
+      virtual_batch_size: ghost batch size along axis 0 (`None`: whole batch).
+      grad: `"vjp"` (default), `"jvp"` or `"autodiff"`.
+      running_variance: PyTorch's
+        conventions, as :class:`bnjax.linen.BatchNorm`.
+      track_running_stats: PyTorch's
+        conventions, as :class:`bnjax.linen.BatchNorm`.
+      count_batches: PyTorch's
         conventions, as :class:`bnjax.linen.BatchNorm`.
 
     Attributes:
-      scale, bias: ``nnx.Param`` of shape ``(num_features,)`` (or ``None``).
-      mean, var: ``nnx.BatchStat`` float32 of shape ``(num_features,)`` (none
-        with ``track_running_stats=False``).
-      count, batches: ``nnx.BatchStat`` (``count`` with ``population="average"``;
-        ``batches`` also with ``"cumulative"`` or ``count_batches=True``).
+      scale: `nnx.Param` of shape `(num_features,)` (or `None`).
+      bias: `nnx.Param` of shape `(num_features,)` (or `None`).
+      mean: `nnx.BatchStat` float32 of shape `(num_features,)` (none
+        with `track_running_stats=False`).
+      var: `nnx.BatchStat` float32 of shape `(num_features,)` (none
+        with `track_running_stats=False`).
+      count: `nnx.BatchStat` (`count` with `population="average"`;
+        `batches` also with `"cumulative"` or `count_batches=True`).
+      batches: `nnx.BatchStat` (`count` with `population="average"`;
+        `batches` also with `"cumulative"` or `count_batches=True`).
     """
 
     def __init__(
@@ -344,40 +360,45 @@ class BatchNorm(_Layer):
 
 
 class BatchRenorm(BatchNorm):
-    """Batch Renormalization (Ioffe 2017) as a ``flax.nnx`` module.
+    """Batch Renormalization (Ioffe 2017) as a `flax.nnx` module.
 
-    :class:`BatchNorm` (same constructor, call, ``.train()`` / ``.eval()`` /
-    :func:`flax.nnx.view` switching, ``mask``, ``axis_name``, ghost batches) whose
-    training output is ``gamma (r xhat + d) + beta`` with ``r``, ``d`` clipped by
-    ``r_max``, ``d_max`` and constant for the gradient; inference is exactly
+    :class:`BatchNorm` (same constructor, call, `.train()` / `.eval()` /
+    :func:`flax.nnx.view` switching, `mask`, `axis_name`, ghost batches) whose
+    training output is `gamma (r xhat + d) + beta` with `r`, `d` clipped by
+    `r_max`, `d_max` and constant for the gradient; inference is exactly
     batch norm's Algorithm 2 map. Same numerics and rules as
     :class:`bnjax.linen.BatchRenorm` (see there and :class:`bnjax.RenormConfig`).
 
     Args:
       num_features: as :class:`BatchNorm`.
-      r_max: a float ``>= 1`` or a schedule ``f(steps)`` (default 3).
-      d_max: a float ``>= 0`` or a schedule (default 5).
-      warmup_steps: plain batch norm while ``steps < warmup_steps`` (default 0).
-      **kwargs: every other keyword argument of :class:`BatchNorm` (``momentum``,
-        ``epsilon``, ``axis``, ``axis_name``, ``rngs``, ...), same defaults.
+      r_max: a float `>= 1` or a schedule `f(steps)` (default 3).
+      d_max: a float `>= 0` or a schedule (default 5).
+      warmup_steps: plain batch norm while `steps < warmup_steps` (default 0).
+      **kwargs: every other keyword argument of :class:`BatchNorm` (`momentum`,
+        `epsilon`, `axis`, `axis_name`, `rngs`, ...), same defaults.
 
     Attributes:
-      scale, bias, mean, var (, count, batches): as :class:`BatchNorm`.
-      steps: ``nnx.BatchStat``, int32 scalar, training calls so far (the warm-up
+      scale: as :class:`BatchNorm`.
+      bias: as :class:`BatchNorm`.
+      mean: as :class:`BatchNorm`.
+      var: as :class:`BatchNorm` (and `count`, `batches` where it stores them).
+      steps: `nnx.BatchStat`, int32 scalar, training calls so far (the warm-up
         and the schedules are evaluated at it before it advances).
 
-    The state of a ``flax.nnx.BatchNorm`` or :class:`BatchNorm` loads with
-    ``nnx.update(brn, nnx.state(bn))``; ``steps`` is not in it and keeps its
+    The state of a `flax.nnx.BatchNorm` or :class:`BatchNorm` loads with
+    `nnx.update(brn, nnx.state(bn))`; `steps` is not in it and keeps its
     value (0 for a new layer: the warm-up starts from the beginning).
 
-    Example::
+    Example:
 
-        >>> from flax import nnx
-        >>> brn = BatchRenorm(6, momentum=0.9, r_max=3.0, d_max=5.0, rngs=nnx.Rngs(0))
-        >>> y = brn(jax.random.normal(jax.random.key(0), (8, 6)))   # train mode
-        >>> int(brn.steps[...])
-        1
-        >>> brn.eval(); y = brn(jnp.ones((1, 6)))                    # Algorithm 2
+    ```python
+    >>> from flax import nnx
+    >>> brn = BatchRenorm(6, momentum=0.9, r_max=3.0, d_max=5.0, rngs=nnx.Rngs(0))
+    >>> y = brn(jax.random.normal(jax.random.key(0), (8, 6)))   # train mode
+    >>> int(brn.steps[...])
+    1
+    >>> brn.eval(); y = brn(jnp.ones((1, 6)))                    # Algorithm 2
+    ```
     """
 
     def __init__(
@@ -398,25 +419,27 @@ class BatchRenorm(BatchNorm):
 
 
 class BatchNormAct(BatchNorm):
-    """Batch norm fused with an invertible activation (In-Place Activated BN) in ``flax.nnx``.
+    """Batch norm fused with an invertible activation (In-Place Activated BN) in `flax.nnx`.
 
     :class:`BatchNorm` (same constructor, call, switching, variables: the state
-    of a batch-norm layer loads) whose output is ``f(gamma' xhat + beta)`` and
+    of a batch-norm layer loads) whose output is `f(gamma' xhat + beta)` and
     whose backward pass keeps only that output; see
     :class:`bnjax.linen.BatchNormAct` for the rules.
 
     Args:
       num_features: as :class:`BatchNorm`.
-      activation: ``"leaky_relu"`` (default), ``"elu"``, ``"identity"`` or an
-        :class:`~bnjax.activations.Activation`; ``"relu"`` is an error.
-      scale_epsilon: ``gamma' = gamma + scale_epsilon sign(gamma)`` (default 1e-5).
+      activation: `"leaky_relu"` (default), `"elu"`, `"identity"` or an
+        :class:`~bnjax.activations.Activation`; `"relu"` is an error.
+      scale_epsilon: `gamma' = gamma + scale_epsilon sign(gamma)` (default 1e-5).
       **kwargs: every other keyword argument of :class:`BatchNorm`.
 
-    Example::
+    Example:
 
-        >>> from flax import nnx
-        >>> bn = BatchNormAct(6, activation="elu", rngs=nnx.Rngs(0))
-        >>> y = bn(jax.random.normal(jax.random.key(0), (8, 6)))   # train mode
+    ```python
+    >>> from flax import nnx
+    >>> bn = BatchNormAct(6, activation="elu", rngs=nnx.Rngs(0))
+    >>> y = bn(jax.random.normal(jax.random.key(0), (8, 6)))   # train mode
+    ```
     """
 
     def __init__(
@@ -433,34 +456,57 @@ class BatchNormAct(BatchNorm):
 
 
 class BatchWhitening(_Layer):
-    """Batch whitening (Decorrelated BN / IterNorm) as a ``flax.nnx`` module.
+    """Batch whitening (Decorrelated BN / IterNorm) as a `flax.nnx` module.
 
     Numerics in :mod:`bnjax.whitening`; the same options as
-    :class:`bnjax.linen.BatchWhitening` and the same ``.train()`` / ``.eval()`` /
+    :class:`bnjax.linen.BatchWhitening` and the same `.train()` / `.eval()` /
     :func:`flax.nnx.view` switching as :class:`BatchNorm`.
 
     Args:
-      num_features: number of features ``d`` (an int).
-      group_size: features per group (must divide ``d``; ``None``: all).
-      method: ``"zca"`` or ``"iternorm"``; iterations: Newton-Schulz steps (5).
-      use_running_average, axis, momentum, epsilon, dtype, param_dtype: as
-        :class:`BatchNorm` (``axis`` is one int here), and so are ``use_bias``,
-        ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
-        ``axis_index_groups``, ``rngs``, ``population``.
-      allow_singular: train on batches with no more examples than ``group_size``.
+      num_features: number of features `d` (an int).
+      group_size: features per group (must divide `d`; `None`: all).
+      method: `"zca"` or `"iternorm"`; iterations: Newton-Schulz steps (5).
+      use_running_average: as
+        :class:`BatchNorm` (`axis` is one int here), and so are `use_bias`,
+        `use_scale`, `bias_init`, `scale_init`, `axis_name`,
+        `axis_index_groups`, `rngs`, `population`.
+      axis: as
+        :class:`BatchNorm` (`axis` is one int here), and so are `use_bias`,
+        `use_scale`, `bias_init`, `scale_init`, `axis_name`,
+        `axis_index_groups`, `rngs`, `population`.
+      momentum: as
+        :class:`BatchNorm` (`axis` is one int here), and so are `use_bias`,
+        `use_scale`, `bias_init`, `scale_init`, `axis_name`,
+        `axis_index_groups`, `rngs`, `population`.
+      epsilon: as
+        :class:`BatchNorm` (`axis` is one int here), and so are `use_bias`,
+        `use_scale`, `bias_init`, `scale_init`, `axis_name`,
+        `axis_index_groups`, `rngs`, `population`.
+      dtype: as
+        :class:`BatchNorm` (`axis` is one int here), and so are `use_bias`,
+        `use_scale`, `bias_init`, `scale_init`, `axis_name`,
+        `axis_index_groups`, `rngs`, `population`.
+      param_dtype: as
+        :class:`BatchNorm` (`axis` is one int here), and so are `use_bias`,
+        `use_scale`, `bias_init`, `scale_init`, `axis_name`,
+        `axis_index_groups`, `rngs`, `population`.
+      allow_singular: train on batches with no more examples than `group_size`.
 
     Attributes:
-      scale, bias: ``nnx.Param`` of shape ``(d,)`` (or ``None``).
-      mean: ``nnx.BatchStat`` ``(d,)``; whitening: ``nnx.BatchStat``
-        ``(g, G, G)`` (the inference map per group); with
-        ``population="average"`` also ``cov``, ``count``, ``batches``.
+      scale: `nnx.Param` of shape `(d,)` (or `None`).
+      bias: `nnx.Param` of shape `(d,)` (or `None`).
+      mean: `nnx.BatchStat` `(d,)`; whitening: `nnx.BatchStat`
+        `(g, G, G)` (the inference map per group); with
+        `population="average"` also `cov`, `count`, `batches`.
 
-    Example::
+    Example:
 
-        >>> from flax import nnx
-        >>> bw = BatchWhitening(8, group_size=4, rngs=nnx.Rngs(0))
-        >>> y = bw(jax.random.normal(jax.random.key(0), (32, 8)))   # train mode
-        >>> bw.eval(); y = bw(jnp.ones((1, 8)))                      # population map
+    ```python
+    >>> from flax import nnx
+    >>> bw = BatchWhitening(8, group_size=4, rngs=nnx.Rngs(0))
+    >>> y = bw(jax.random.normal(jax.random.key(0), (32, 8)))   # train mode
+    >>> bw.eval(); y = bw(jnp.ones((1, 8)))                      # population map
+    ```
     """
 
     def __init__(

@@ -1,10 +1,10 @@
 """PreciseBN: recompute the population statistics of a trained network (Algorithm 2).
 
 The paper's inference rule (Algorithm 2, lines 8-10) freezes the trained weights,
-runs many training mini-batches of size ``m`` through the network and sets, for
+runs many training mini-batches of size `m` through the network and sets, for
 every batch-norm layer,
 
-    ``E[x] = E_B[mu_B]``  and  ``Var[x] = m / (m - 1) * E_B[sigma2_B]``.
+    `E[x] = E_B[mu_B]`  and  `Var[x] = m / (m - 1) * E_B[sigma2_B]`.
 
 Wu & Johnson's PreciseBN ("Rethinking 'Batch' in BatchNorm", 2021) is the same
 recipe after (or during) training. :func:`recalibrate` (Flax linen) and
@@ -12,63 +12,63 @@ recipe after (or during) training. :func:`recalibrate` (Flax linen) and
 of a model, wherever it is nested, leaving the parameters untouched:
 
 * batches are count-weighted exactly (unequal sizes and masks are fine): the
-  mean is ``sum_B n_B mu_B / sum_B n_B``;
-* ``variance="within"`` (default, the paper's rule) is the pooled *unbiased
-  within-batch* variance ``sum_B n_B sigma2_B / sum_B (n_B - 1)``, which is
-  ``m/(m-1) E_B[sigma2_B]`` for equal batch sizes: exactly what
-  ``population="average"`` accumulates during training (:mod:`bnjax.population`).
+  mean is `sum_B n_B mu_B / sum_B n_B`;
+* `variance="within"` (default, the paper's rule) is the pooled *unbiased
+  within-batch* variance `sum_B n_B sigma2_B / sum_B (n_B - 1)`, which is
+  `m/(m-1) E_B[sigma2_B]` for equal batch sizes: exactly what
+  `population="average"` accumulates during training (:mod:`bnjax.population`).
   It depends on the batch *size* by design (it is the variance that a
   mini-batch of that size sees, without the between-batch spread of the batch
-  means); feed batches of the training batch size. ``variance="total"`` is the
+  means); feed batches of the training batch size. `variance="total"` is the
   unbiased variance of all the inputs pooled (Chan merge of all batches),
   independent of how the data is split into batches.
 
 Both estimates are independent of the order of the batches (up to float rounding).
-``n_B`` counts valid elements (batch times spatial positions for convolutions).
+`n_B` counts valid elements (batch times spatial positions for convolutions).
 
-Which network produces each layer's inputs (``mode``):
+Which network produces each layer's inputs (`mode`):
 
-``"train"`` (default; the paper's Algorithm 2 and PreciseBN as published)
-    One pass; every layer sees its input as computed by the *training* network,
-    i.e. the earlier batch-norm layers normalize with their batch statistics.
-    The statistics are those of the activations the weights were trained on.
-``"layerwise"``
-    The statistics of each layer's input in the *inference* network whose
-    earlier layers already use their recalibrated statistics: layer ``k`` is
-    recalibrated in pass ``k`` over the data, so it takes as many passes as
-    there are batch-norm calls (in call order). The result is self-consistent:
-    on the calibration data, each layer's population statistics are exactly
-    the statistics of its eval-mode input.
-``"single_pass"``
-    One pass through the inference network with the *old* statistics upstream:
-    cheap, but a layer's new statistics describe inputs produced with the old
-    statistics of the layers before it, so it is only as good as those were.
+* `"train"` (default; the paper's Algorithm 2 and PreciseBN as published):
+  One pass; every layer sees its input as computed by the *training* network,
+  i.e. the earlier batch-norm layers normalize with their batch statistics.
+  The statistics are those of the activations the weights were trained on.
+* `"layerwise"`: The statistics of each layer's input in the *inference* network whose
+  earlier layers already use their recalibrated statistics: layer `k` is
+  recalibrated in pass `k` over the data, so it takes as many passes as
+  there are batch-norm calls (in call order). The result is self-consistent:
+  on the calibration data, each layer's population statistics are exactly
+  the statistics of its eval-mode input.
+* `"single_pass"`: One pass through the inference network with the *old* statistics upstream:
+  cheap, but a layer's new statistics describe inputs produced with the old
+  statistics of the layers before it, so it is only as good as those were.
 
-With ``"train"`` a small batch makes the inputs of deep layers noisier than at
-inference; ``"layerwise"`` removes that train/eval mismatch at the cost of
+With `"train"` a small batch makes the inputs of deep layers noisier than at
+inference; `"layerwise"` removes that train/eval mismatch at the cost of
 depth passes. On a well-trained network the three agree closely.
 
-Each batch step is ``jax.jit``-compiled once per input shape and cached per
+Each batch step is `jax.jit`-compiled once per input shape and cached per
 (model, keyword arguments, mode): the statistics are arguments, so neither the
-``"layerwise"`` passes nor a later recalibration (say, every epoch) recompile.
-Statistics are computed locally: ``axis_name`` of the layers is ignored (run
+`"layerwise"` passes nor a later recalibration (say, every epoch) recompile.
+Statistics are computed locally: `axis_name` of the layers is ignored (run
 the calibration data on one host). A feature that gets no valid element (or,
 for the variance, a single one) keeps its old statistics.
 
-Batch Renorm layers (``bnjax.linen.BatchRenorm``, ``bnjax.nnx.BatchRenorm``) are
-batch-norm layers here: in ``"train"`` mode they produce their Batch Renorm
-training output (at their stored ``steps``); their ``mean``/``var`` (and
-``count``/``batches``) are replaced and their ``steps`` counter is kept.
+Batch Renorm layers (`bnjax.linen.BatchRenorm`, `bnjax.nnx.BatchRenorm`) are
+batch-norm layers here: in `"train"` mode they produce their Batch Renorm
+training output (at their stored `steps`); their `mean`/`var` (and
+`count`/`batches`) are replaced and their `steps` counter is kept.
 
-Limits: only ``bnjax.nnx.BatchNorm`` layers are found in NNX models (not
-``flax.nnx.BatchNorm``; it has no interception hook); in linen models a batch
-norm inside a lifted transform (``nn.scan``, ``nn.vmap``) is intercepted per
+Limits: only `bnjax.nnx.BatchNorm` layers are found in NNX models (not
+`flax.nnx.BatchNorm`; it has no interception hook); in linen models a batch
+norm inside a lifted transform (`nn.scan`, `nn.vmap`) is intercepted per
 call of the transformed body, which is untested.
 
-Example::
+Example:
 
-    new_variables = recalibrate(model, variables, (x for x, _ in loader), train=False)
-    recalibrate_nnx(nnx_model, batches, mode="layerwise")   # in place
+```python
+new_variables = recalibrate(model, variables, (x for x, _ in loader), train=False)
+recalibrate_nnx(nnx_model, batches, mode="layerwise")   # in place
+```
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def _progress(it: Iterable, enabled: bool, desc: str) -> Iterable:
 
 
 def _zero_acc(recs):
-    """Zero accumulators shaped like the abstract records ``{path: [(Moments, state)]}``."""
+    """Zero accumulators shaped like the abstract records `{path: [(Moments, state)]}`."""
 
     def zeros(a):
         return jnp.zeros(a.shape, a.dtype)
@@ -217,7 +217,7 @@ def _check(mode: str, variance: str) -> None:
 
 
 def _run(kind, model, kwargs, carry, batches, mode, variance, progress, write):
-    """The driver shared by linen and NNX; ``write(carry, {path: BatchStats}) -> carry``."""
+    """The driver shared by linen and NNX; `write(carry, {path: BatchStats}) -> carry`."""
     stepper = _Stepper(kind, model, kwargs, "train" if mode == "train" else "eval")
     if mode != "layerwise":
         source = _batches_source(batches, 1)
@@ -249,35 +249,37 @@ def recalibrate(
 ) -> dict[str, Any]:
     """Recomputes the population statistics of every batch-norm layer of a linen model.
 
-    Handles ``bnjax.linen.BatchNorm`` and ``flax.linen.BatchNorm`` layers, nested
+    Handles `bnjax.linen.BatchNorm` and `flax.linen.BatchNorm` layers, nested
     in submodules at any depth; a layer called several times pools all its calls.
 
     Args:
-      model: the ``flax.linen`` module (unbound).
-      variables: its variables, ``{"params": ..., "batch_stats": ...}``.
+      model: the `flax.linen` module (unbound).
+      variables: its variables, `{"params": ..., "batch_stats": ...}`.
       batches: an iterable of inputs (each item an array passed as the one
         positional argument, or a tuple of positional arguments), or a callable
-        returning a fresh iterable. ``"layerwise"`` iterates it once per layer
+        returning a fresh iterable. `"layerwise"` iterates it once per layer
         (a one-shot iterator is kept in a list).
-      mode: ``"train"``, ``"layerwise"`` or ``"single_pass"`` (module docstring).
-      variance: ``"within"`` (the paper's) or ``"total"`` (module docstring).
+      mode: `"train"`, `"layerwise"` or `"single_pass"` (module docstring).
+      variance: `"within"` (the paper's) or `"total"` (module docstring).
       progress: show a tqdm progress bar per pass.
-      **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``, so
+      **apply_kwargs: passed to `model.apply` (e.g. `train=False`, so
         dropout is off). The batch-norm layers' own train/eval switch is ignored:
-        they run as ``mode`` says and nothing is mutated.
+        they run as `mode` says and nothing is mutated.
 
     Returns:
-      New variables: ``batch_stats`` ``mean``/``var`` replaced (and ``count``/
-      ``batches``, where stored, set to the totals of the calibration data);
+      New variables: `batch_stats` `mean`/`var` replaced (and `count`/
+      `batches`, where stored, set to the totals of the calibration data);
       everything else, params included, is the same objects.
 
     Raises:
-      ValueError: empty ``batches``, no batch-norm layer, a bad ``mode`` /
-        ``variance``, or inputs whose shapes do not match a layer (naming it).
+      ValueError: empty `batches`, no batch-norm layer, a bad `mode` /
+        `variance`, or inputs whose shapes do not match a layer (naming it).
 
-    Example::
+    Example:
 
-        new_vars = recalibrate(model, variables, (x for x, _ in train_batches), train=False)
+    ```python
+    new_vars = recalibrate(model, variables, (x for x, _ in train_batches), train=False)
+    ```
     """
     _check(mode, variance)
 
@@ -309,16 +311,16 @@ def recalibrate_nnx(
     progress: bool = False,
     **call_kwargs: Any,
 ) -> nnx.Module:
-    """Recomputes, in place, the statistics of every ``bnjax.nnx.BatchNorm`` in ``model``.
+    """Recomputes, in place, the statistics of every `bnjax.nnx.BatchNorm` in `model`.
 
-    The NNX counterpart of :func:`recalibrate` (same ``batches``, ``mode``,
-    ``variance`` and ``progress``); ``call_kwargs`` go to ``model(*args, **call_kwargs)``.
-    Only the ``mean``/``var`` (and ``count``/``batches``) ``nnx.BatchStat`` of the
+    The NNX counterpart of :func:`recalibrate` (same `batches`, `mode`,
+    `variance` and `progress`); `call_kwargs` go to `model(*args, **call_kwargs)`.
+    Only the `mean`/`var` (and `count`/`batches`) `nnx.BatchStat` of the
     batch-norm layers change; put dropout and the like in eval mode yourself
-    (``model.eval()``; the batch-norm layers ignore their own switch here).
+    (`model.eval()`; the batch-norm layers ignore their own switch here).
 
     Returns:
-      ``model`` (mutated in place).
+      `model` (mutated in place).
     """
     _check(mode, variance)
     graphdef, state = nnx.split(model)

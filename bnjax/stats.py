@@ -1,10 +1,10 @@
 """Per-feature moments: count, mean and centred second moment (M2).
 
-This is the bottom of bnjax's data path. Everything here is pure ``jax.numpy``
+This is the bottom of bnjax's data path. Everything here is pure `jax.numpy`
 and knows nothing about parameters, running statistics or Flax.
 
-A :class:`Moments` triple ``(count, mean, m2)`` is what Algorithm 1 of the paper
-needs (``mu_B = mean``, ``sigma2_B = m2 / count``) and, unlike a ``(mean, var)``
+A :class:`Moments` triple `(count, mean, m2)` is what Algorithm 1 of the paper
+needs (`mu_B = mean`, `sigma2_B = m2 / count`) and, unlike a `(mean, var)`
 pair, it can be merged *exactly* across batches or devices with the parallel
 formula of Chan et al. (:func:`merge`), whatever the element counts are.
 
@@ -12,19 +12,19 @@ Numerics:
 
 * Accumulation is in at least float32 (bf16/fp16 inputs get float32 moments;
   float64 inputs stay float64).
-* The variance is never computed as ``E[x^2] - E[x]^2``. Two exact methods:
-  ``algorithm="two_pass"`` takes the mean first and then ``sum((x - mean)^2)``;
-  ``algorithm="shifted"`` accumulates ``sum(x - a)`` and ``sum((x - b)^2)`` around
-  per-feature shifts ``a``, ``b`` taken from the data itself (the max and min of
-  the first two elements of each feature), so both sums are of order ``std``
-  rather than ``|mean|`` and the cancellation is harmless; its two reductions are
-  independent (one pass over ``x`` on GPU/TPU, where XLA fuses them). The default
-  ``algorithm="auto"`` is ``"two_pass"`` on CPU and ``"shifted"`` elsewhere: on
-  XLA:CPU a plain ``sum(x)`` runs at about twice the speed of a reduction with a
+* The variance is never computed as `E[x^2] - E[x]^2`. Two exact methods:
+  `algorithm="two_pass"` takes the mean first and then `sum((x - mean)^2)`;
+  `algorithm="shifted"` accumulates `sum(x - a)` and `sum((x - b)^2)` around
+  per-feature shifts `a`, `b` taken from the data itself (the max and min of
+  the first two elements of each feature), so both sums are of order `std`
+  rather than `|mean|` and the cancellation is harmless; its two reductions are
+  independent (one pass over `x` on GPU/TPU, where XLA fuses them). The default
+  `algorithm="auto"` is `"two_pass"` on CPU and `"shifted"` elsewhere: on
+  XLA:CPU a plain `sum(x)` runs at about twice the speed of a reduction with a
   fused subtraction, so the two-pass form (one plain, one centred reduction) is
   the faster one there (benchmarks/ops.py, docs/benchmarks.md).
   With a mask the shift element may be an invalid (padding) value, so masked
-  inputs always use the two-pass form. (``BatchNormConfig.stats_method`` picks
+  inputs always use the two-pass form. (`BatchNormConfig.stats_method` picks
   the algorithm for a layer.)
 """
 
@@ -68,13 +68,13 @@ class Moments(NamedTuple):
 
     All three fields have the same shape (the feature shape, or the keepdims
     shape of the reduction) and the statistics dtype (at least float32). For
-    complex inputs ``mean`` is complex (complex64 at least) while ``count`` and
-    ``m2`` are real (float32 for complex64), as is :meth:`var`.
+    complex inputs `mean` is complex (complex64 at least) while `count` and
+    `m2` are real (float32 for complex64), as is :meth:`var`.
 
     Attributes:
-      count: number of valid elements ``n`` (a float, so it can be summed).
-      mean: ``sum(x) / n`` (0 where ``n == 0``).
-      m2: centred sum of squares ``sum(|x - mean|^2)`` (0 where ``n == 0``).
+      count: number of valid elements `n` (a float, so it can be summed).
+      mean: `sum(x) / n` (0 where `n == 0`).
+      m2: centred sum of squares `sum(|x - mean|^2)` (0 where `n == 0`).
     """
 
     count: Array
@@ -82,7 +82,7 @@ class Moments(NamedTuple):
     m2: Array
 
     def var(self, ddof: int = 0) -> Array:
-        """Variance ``m2 / (count - ddof)``; 0 where ``count <= ddof``."""
+        """Variance `m2 / (count - ddof)`; 0 where `count <= ddof`."""
         denom = self.count - ddof
         return jnp.where(denom > 0, self.m2 / jnp.where(denom > 0, denom, 1), 0)
 
@@ -98,24 +98,24 @@ def moments(
     mask: Array | None = None,
     algorithm: Algorithm = "auto",
 ) -> Moments:
-    """Count, mean and centred M2 of ``x`` over ``reduction_axes`` (keepdims shape).
+    """Count, mean and centred M2 of `x` over `reduction_axes` (keepdims shape).
 
     Args:
-      x: input of any float dtype, shape ``(..., )``.
+      x: input of any float dtype, shape `(..., )`.
       reduction_axes: the axes to reduce (for batch norm: all but the feature axes).
-      mask: optional boolean array broadcastable to ``x``; ``False`` marks elements
+      mask: optional boolean array broadcastable to `x`; `False` marks elements
         that must not contribute.
-      algorithm: ``"auto"`` (default: ``"two_pass"`` on CPU, else ``"shifted"``),
-        ``"two_pass"`` or ``"shifted"`` (see the module docstring).
+      algorithm: `"auto"` (default: `"two_pass"` on CPU, else `"shifted"`),
+        `"two_pass"` or `"shifted"` (see the module docstring).
 
-    An input with no element to reduce gives ``count = mean = m2 = 0``, like a
+    An input with no element to reduce gives `count = mean = m2 = 0`, like a
     fully masked one.
 
     Returns:
-      :class:`Moments` whose fields have ``x``'s shape with size 1 on the reduced
-      axes, in the statistics dtype of ``x.dtype`` (at least float32).
+      :class:`Moments` whose fields have `x`'s shape with size 1 on the reduced
+      axes, in the statistics dtype of `x.dtype` (at least float32).
 
-    Example:
+    Examples:
       >>> x = 1e4 + jax.random.normal(jax.random.key(0), (256, 8))
       >>> m = moments(x, (0,))
       >>> m.mean.shape, m.var().shape
@@ -159,7 +159,7 @@ def moments(
 
 
 def resolve_algorithm(algorithm: Algorithm) -> Literal["two_pass", "shifted"]:
-    """``"two_pass"`` or ``"shifted"`` for ``algorithm`` (``"auto"``: by JAX's default backend).
+    """`"two_pass"` or `"shifted"` for `algorithm` (`"auto"`: by JAX's default backend).
 
     Raises:
       ValueError: for an unknown algorithm.
@@ -175,11 +175,11 @@ def _shifts(xf: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     """Two per-feature shifts taken from the data (keepdims shape).
 
     The max and the min of the first two elements of each feature, so each shift
-    is an actual data value and ``|x - shift|`` is of the order of the spread
-    rather than of ``|mean|``. They are *different* small reductions on purpose:
-    XLA:CPU fuses a reduction such as ``sum(x - a)`` into one pass over ``x`` only
+    is an actual data value and `|x - shift|` is of the order of the spread
+    rather than of `|mean|`. They are *different* small reductions on purpose:
+    XLA:CPU fuses a reduction such as `sum(x - a)` into one pass over `x` only
     if the broadcast shift is not shared with another large consumer; one shared
-    shift ``k`` makes it materialize ``x - k`` or the broadcast ``k`` (an extra
+    shift `k` makes it materialize `x - k` or the broadcast `k` (an extra
     write and read of a whole input). The values are unchanged by this; only speed.
     """
     if explicitly_sharded(xf, axes):
@@ -194,9 +194,9 @@ def _shifts(xf: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
 def merge(a: Moments, b: Moments) -> Moments:
     """Exact combination of two sets of moments (Chan, Golub & LeVeque).
 
-    ``n = n_a + n_b``, ``d = mean_b - mean_a``, ``mean = mean_a + d n_b / n``,
-    ``M2 = M2_a + M2_b + |d|^2 n_a n_b / n``. Exact for unequal counts; a side
-    with ``n == 0`` contributes nothing, and ``n_a = n_b = 0`` gives zeros.
+    `n = n_a + n_b`, `d = mean_b - mean_a`, `mean = mean_a + d n_b / n`,
+    `M2 = M2_a + M2_b + |d|^2 n_a n_b / n`. Exact for unequal counts; a side
+    with `n == 0` contributes nothing, and `n_a = n_b = 0` gives zeros.
     """
     n = a.count + b.count
     safe = jnp.where(n > 0, n, 1)
@@ -207,11 +207,11 @@ def merge(a: Moments, b: Moments) -> Moments:
 
 
 def merge_along(m: Moments, axis: int, *, keepdims: bool = False) -> Moments:
-    """Exactly merges moments stacked along ``axis`` (e.g. per device or per ghost batch).
+    """Exactly merges moments stacked along `axis` (e.g. per device or per ghost batch).
 
-    Uses the pooled form ``mean = sum(n_i mean_i) / n`` and
-    ``M2 = sum(M2_i) + sum(n_i |mean_i - mean|^2)``, which is Chan's formula
-    applied to all parts at once (no ``E[x^2]`` cancellation).
+    Uses the pooled form `mean = sum(n_i mean_i) / n` and
+    `M2 = sum(M2_i) + sum(n_i |mean_i - mean|^2)`, which is Chan's formula
+    applied to all parts at once (no `E[x^2]` cancellation).
     """
     n = jnp.sum(m.count, axis=axis, keepdims=True)
     safe = jnp.where(n > 0, n, 1)
@@ -232,14 +232,14 @@ def all_reduce(
 ) -> Moments:
     """Exactly merges per-device moments over a named axis with one collective.
 
-    The three fields are stacked and all-gathered in a single ``all_gather``
-    (``3 x features`` floats per device; 4 for a complex mean, gathered as its
+    The three fields are stacked and all-gathered in a single `all_gather`
+    (`3 x features` floats per device; 4 for a complex mean, gathered as its
     real and imaginary parts), then merged with :func:`merge_along`.
     This is exact for unequal per-device counts and ignores devices without
     valid elements, unlike averaging per-device means.
 
     Raises:
-      NameError: if ``axis_name`` is not bound (from JAX, re-raised with context).
+      NameError: if `axis_name` is not bound (from JAX, re-raised with context).
     """
     if axis_name is None:
         return m
@@ -259,10 +259,10 @@ def all_reduce(
 def _gather(
     stacked: Array, axis_name: AxisName, axis_index_groups: Sequence[Sequence[int]] | None
 ) -> tuple[Array, bool]:
-    """All-gathers ``stacked`` over ``axis_name`` (one collective): ``(gathered, typed)``.
+    """All-gathers `stacked` over `axis_name` (one collective): `(gathered, typed)`.
 
-    ``typed``: inside ``shard_map(check_vma=True)`` with ``stacked`` varying over
-    ``axis_name``; then the result is typed invariant (the same on every device).
+    `typed`: inside `shard_map(check_vma=True)` with `stacked` varying over
+    `axis_name`; then the result is typed invariant (the same on every device).
     """
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     typed = set(names) <= varying_axes(stacked)
@@ -283,7 +283,7 @@ def _gather(
 
 
 def _per_device(fields: tuple[Array, ...], axis_name: AxisName) -> tuple[Array, ...]:
-    """``fields`` as one copy per device of ``axis_name`` (values unchanged).
+    """`fields` as one copy per device of `axis_name` (values unchanged).
 
     Also under vmap (whose all_gather result is a single unbatched value): then
     every untyped context (pmap, vmap, shard_map with check_vma=False) hands each
@@ -299,13 +299,13 @@ class CoMoments(NamedTuple):
     :class:`Moments`, merged exactly by :func:`merge_comoments_along` /
     :func:`all_reduce_comoments` (Chan's formula with outer products).
 
-    For ``g`` groups of ``G`` features:
+    For `g` groups of `G` features:
 
     Attributes:
-      count: ``(g,)`` number of valid examples ``n`` per group (a float).
-      mean: ``(g, G)`` mean of each group's features (0 where ``n == 0``).
-      c2: ``(g, G, G)`` centred co-moment matrix ``sum((x - mean)(x - mean)^T)``
-        (0 where ``n == 0``); ``c2 / n`` is the (biased) covariance.
+      count: `(g,)` number of valid examples `n` per group (a float).
+      mean: `(g, G)` mean of each group's features (0 where `n == 0`).
+      c2: `(g, G, G)` centred co-moment matrix `sum((x - mean)(x - mean)^T)`
+        (0 where `n == 0`); `c2 / n` is the (biased) covariance.
     """
 
     count: Array
@@ -313,26 +313,26 @@ class CoMoments(NamedTuple):
     c2: Array
 
     def cov(self) -> Array:
-        """The biased covariance ``c2 / n`` (0 where ``n == 0``), ``(g, G, G)``."""
+        """The biased covariance `c2 / n` (0 where `n == 0`), `(g, G, G)`."""
         n = self.count[..., None, None]
         return jnp.where(n > 0, self.c2 / jnp.where(n > 0, n, 1), 0)
 
 
 def comoments(x: Array, group_size: int, *, weights: Array | None = None) -> CoMoments:
-    """Count, mean and centred co-moment matrix of contiguous feature groups of ``x``.
+    """Count, mean and centred co-moment matrix of contiguous feature groups of `x`.
 
     Args:
-      x: ``(m, d)`` rows (examples, or examples times positions), any float dtype;
-        ``d`` must be a multiple of ``group_size``. Group ``k`` is features
-        ``k G .. (k + 1) G - 1``.
-      group_size: ``G``.
-      weights: optional ``(m,)`` 0/1 weights of the rows (a mask of examples).
+      x: `(m, d)` rows (examples, or examples times positions), any float dtype;
+        `d` must be a multiple of `group_size`. Group `k` is features
+        `k G .. (k + 1) G - 1`.
+      group_size: `G`.
+      weights: optional `(m,)` 0/1 weights of the rows (a mask of examples).
 
     Two passes in the statistics dtype, at least float32 (the mean first, then the
-    products of the centred rows), so the covariance stays exact when ``|mean| >> std``.
+    products of the centred rows), so the covariance stays exact when `|mean| >> std`.
 
     Returns:
-      :class:`CoMoments` with ``count (g,)``, ``mean (g, G)``, ``c2 (g, G, G)``.
+      :class:`CoMoments` with `count (g,)`, `mean (g, G)`, `c2 (g, G, G)`.
     """
     m, d = x.shape
     if d % group_size:
@@ -356,11 +356,11 @@ def comoments(x: Array, group_size: int, *, weights: Array | None = None) -> CoM
 
 
 def merge_comoments_along(c: CoMoments, axis: int = 0) -> CoMoments:
-    """Exactly merges co-moments stacked along ``axis`` (per device or per batch).
+    """Exactly merges co-moments stacked along `axis` (per device or per batch).
 
-    ``n = sum n_i``, ``mean = sum(n_i mean_i) / n``,
-    ``C2 = sum(C2_i) + sum(n_i (mean_i - mean)(mean_i - mean)^T)``: :func:`merge_along`
-    with outer products; exact for unequal counts, parts with ``n_i = 0`` ignored.
+    `n = sum n_i`, `mean = sum(n_i mean_i) / n`,
+    `C2 = sum(C2_i) + sum(n_i (mean_i - mean)(mean_i - mean)^T)`: :func:`merge_along`
+    with outer products; exact for unequal counts, parts with `n_i = 0` ignored.
     """
     count = jnp.moveaxis(c.count, axis, 0)
     mean_i = jnp.moveaxis(c.mean, axis, 0)

@@ -1,54 +1,58 @@
 """Batch whitening: Decorrelated BN (ZCA per group) and IterNorm (Newton-Schulz).
 
 The route the paper set aside (PAPER.md, "Why not whitening"; BEYOND.md §2):
-normalize groups of features *jointly*. The ``d`` features are split into
-``d / G`` contiguous groups of ``G = group_size`` (features ``0 .. G-1`` form the
+normalize groups of features *jointly*. The `d` features are split into
+`d / G` contiguous groups of `G = group_size` (features `0 .. G-1` form the
 first group, as in DBN); per group, over the mini-batch (all non-feature axes:
-``m = N H W`` for a convolution, like BN)::
+`m = N H W` for a convolution, like BN):
 
-    mu = mean(x),  xc = x - mu,  Sigma = xc xc^T / m + eps I
-    W  = Sigma^(-1/2)                        method="zca"      (eigendecomposition)
-    W  = P_T / sqrt(tr Sigma)                method="iternorm" (T Newton-Schulz steps)
-    y  = gamma * (W xc) + beta               per-feature gamma, beta as in BN
+```python
+mu = mean(x),  xc = x - mu,  Sigma = xc xc^T / m + eps I
+W  = Sigma^(-1/2)                        method="zca"      (eigendecomposition)
+W  = P_T / sqrt(tr Sigma)                method="iternorm" (T Newton-Schulz steps)
+y  = gamma * (W xc) + beta               per-feature gamma, beta as in BN
+```
 
-Pure functions on explicit pytrees, like :mod:`bnjax.functional`::
+Pure functions on explicit pytrees, like :mod:`bnjax.functional`:
 
-    cfg = WhiteningConfig(group_size=16, method="zca")
-    params, state = init(64, cfg)                    # BNParams, WhiteningStats
-    y, state = apply_train(params, state, x, cfg)    # batch statistics, state updated
-    y = apply_eval(params, state, x, cfg)            # y = gamma W_pop (x - mu_pop) + beta
+```python
+cfg = WhiteningConfig(group_size=16, method="zca")
+params, state = init(64, cfg)                    # BNParams, WhiteningStats
+y, state = apply_train(params, state, x, cfg)    # batch statistics, state updated
+y = apply_eval(params, state, x, cfg)            # y = gamma W_pop (x - mu_pop) + beta
+```
 
 Numerics: statistics in at least float32 (bf16 input -> float32 covariance);
 the covariance is centred in two passes (:func:`bnjax.stats.comoments`), never
-``E[x x^T] - mu mu^T``.
+`E[x x^T] - mu mu^T`.
 
-Gradients. ``"zca"``: :func:`inv_sqrtm` is a ``jax.custom_jvp`` whose tangent is
-the exact Fréchet derivative of ``S -> S^(-1/2)`` in the eigenbasis,
-``dW = U (K o (U^T dS U)) U^T`` with the divided differences
-``K_ij = (l_i^(-1/2) - l_j^(-1/2)) / (l_i - l_j) = -1 / (s_i s_j (s_i + s_j))``,
-``s = sqrt(l)``: finite and correct when eigenvalues repeat (``K_ii = -l^(-3/2)/2``),
-unlike autodiff through ``eigh``; JAX transposes it for reverse mode.
-``"iternorm"``: plain autodiff through the matrix products.
+Gradients. `"zca"`: :func:`inv_sqrtm` is a `jax.custom_jvp` whose tangent is
+the exact Fréchet derivative of `S -> S^(-1/2)` in the eigenbasis,
+`dW = U (K o (U^T dS U)) U^T` with the divided differences
+`K_ij = (l_i^(-1/2) - l_j^(-1/2)) / (l_i - l_j) = -1 / (s_i s_j (s_i + s_j))`,
+`s = sqrt(l)`: finite and correct when eigenvalues repeat (`K_ii = -l^(-3/2)/2`),
+unlike autodiff through `eigh`; JAX transposes it for reverse mode.
+`"iternorm"`: plain autodiff through the matrix products.
 
-Population statistics (:class:`WhiteningStats`): ``mean``, and the whitening
-matrix ``whitening`` used at inference; ``population="ema"`` (default, as in DBN
+Population statistics (:class:`WhiteningStats`): `mean`, and the whitening
+matrix `whitening` used at inference; `population="ema"` (default, as in DBN
 and IterNorm) keeps exponential moving averages of the batch mean and of the
-batch whitening matrix ``W_B``; ``population="average"`` keeps the paper's exact
+batch whitening matrix `W_B`; `population="average"` keeps the paper's exact
 running average (:mod:`bnjax.population`): the count-weighted mean and the pooled
-unbiased within-batch covariance ``cov = sum_B C2_B / sum_B (n_B - 1)``, and sets
-``whitening`` to the method's whitening matrix of ``cov`` (+ eps I) after every
+unbiased within-batch covariance `cov = sum_B C2_B / sum_B (n_B - 1)`, and sets
+`whitening` to the method's whitening matrix of `cov` (+ eps I) after every
 batch. :func:`bnjax.reset_population` starts a fresh average, so a frozen
 network's statistics can be recomputed exactly by train-mode passes
-(PreciseBN-style; ``bnjax.recalibrate`` itself handles batch-norm layers only).
+(PreciseBN-style; `bnjax.recalibrate` itself handles batch-norm layers only).
 
-Cross-device: with ``axis_name`` the co-moment matrices are merged exactly
+Cross-device: with `axis_name` the co-moment matrices are merged exactly
 (:func:`bnjax.stats.all_reduce_comoments`, Chan's formula with outer products),
-for unequal per-device counts too. Masks: a boolean ``mask`` broadcastable to
-``x`` with size 1 on the feature axis (whole examples / positions in or out).
+for unequal per-device counts too. Masks: a boolean `mask` broadcastable to
+`x` with size 1 on the feature axis (whole examples / positions in or out).
 
-Singular covariance (the paper's argument): with ``m <= G`` examples the batch
-covariance of a group has rank at most ``m - 1 < G``; training then raises a
-``ValueError`` naming both numbers unless ``allow_singular=True`` (eps alone
+Singular covariance (the paper's argument): with `m <= G` examples the batch
+covariance of a group has rank at most `m - 1 < G`; training then raises a
+`ValueError` naming both numbers unless `allow_singular=True` (eps alone
 then regularizes it).
 """
 
@@ -105,20 +109,22 @@ class WhiteningConfig:
     """Static (hashable) configuration of a batch-whitening layer.
 
     Attributes:
-      group_size: features per group ``G`` (must divide the feature count);
-        ``None``: one group of all features (full whitening).
-      method: ``"zca"`` (``Sigma^(-1/2)`` by an eigendecomposition, DBN) or
-        ``"iternorm"`` (``iterations`` Newton-Schulz steps, IterNorm).
-      iterations: Newton-Schulz steps ``T`` of ``"iternorm"`` (default 5, the
+      group_size: features per group `G` (must divide the feature count);
+        `None`: one group of all features (full whitening).
+      method: `"zca"` (`Sigma^(-1/2)` by an eigendecomposition, DBN) or
+        `"iternorm"` (`iterations` Newton-Schulz steps, IterNorm).
+      iterations: Newton-Schulz steps `T` of `"iternorm"` (default 5, the
         paper's; more is not safer, the iteration drifts in floating point).
       axis: the feature axis (one int). Statistics over all other axes.
       epsilon: added to the diagonal of the covariance (>= 0).
-      momentum: EMA momentum (flax convention ``new = momentum old + (1 - momentum) batch``).
-      use_scale, use_bias: learn per-feature gamma / beta.
-      dtype: output dtype (``None``: ``result_type(x, params)``).
+      momentum: EMA momentum (flax convention `new = momentum old + (1 - momentum) batch`).
+      use_scale: learn per-feature gamma / beta.
+      use_bias: learn per-feature gamma / beta.
+      dtype: output dtype (`None`: `result_type(x, params)`).
       param_dtype: dtype of gamma and beta made by :func:`init`.
-      population: ``"ema"`` or ``"average"`` (see the module docstring).
-      axis_name, axis_index_groups: pool the co-moments exactly over a named axis.
+      population: `"ema"` or `"average"` (see the module docstring).
+      axis_name: pool the co-moments exactly over a named axis.
+      axis_index_groups: pool the co-moments exactly over a named axis.
       allow_singular: train even when a mini-batch holds no more examples than
         the group size (singular batch covariance, regularized by eps only).
     """
@@ -158,15 +164,15 @@ class WhiteningConfig:
             raise TypeError(f"axis must be an int, got {self.axis!r}")
 
     def kernel(self) -> Kernel:
-        """This layer's pure functions, ``Kernel(apply_train, apply_eval)``
+        """This layer's pure functions, `Kernel(apply_train, apply_eval)`
         (see :func:`bnjax.apply`)."""
         return Kernel(apply_train, apply_eval)
 
     def groups(self, num_features: int) -> tuple[int, int]:
-        """``(number of groups, group size)`` for ``num_features`` features.
+        """`(number of groups, group size)` for `num_features` features.
 
         Raises:
-          ValueError: ``group_size`` does not divide ``num_features``.
+          ValueError: `group_size` does not divide `num_features`.
         """
         size = num_features if self.group_size is None else self.group_size
         if num_features % size:
@@ -177,16 +183,18 @@ class WhiteningConfig:
 
 
 class WhiteningStats(NamedTuple):
-    """Population statistics of one batch-whitening layer (``g`` groups of ``G``).
+    """Population statistics of one batch-whitening layer (`g` groups of `G`).
 
     Attributes:
-      mean: ``(d,)`` population mean ``mu_pop``.
-      whitening: ``(g, G, G)`` the whitening matrix ``W_pop`` of each group
-        used at inference (EMA of the batch ``W_B``, or computed from ``cov``).
-      cov: ``(g, G, G)`` population covariance: EMA of the biased batch
-        covariance (``"ema"``), or the pooled unbiased within-batch covariance
-        (``"average"``).
-      count, batches: ``(d,)`` examples and batches seen since the last reset
+      mean: `(d,)` population mean `mu_pop`.
+      whitening: `(g, G, G)` the whitening matrix `W_pop` of each group
+        used at inference (EMA of the batch `W_B`, or computed from `cov`).
+      cov: `(g, G, G)` population covariance: EMA of the biased batch
+        covariance (`"ema"`), or the pooled unbiased within-batch covariance
+        (`"average"`).
+      count: `(d,)` examples and batches seen since the last reset
+        (:func:`bnjax.reset_population`), as in :class:`bnjax.BatchStats`.
+      batches: `(d,)` examples and batches seen since the last reset
         (:func:`bnjax.reset_population`), as in :class:`bnjax.BatchStats`.
     """
 
@@ -206,15 +214,15 @@ def _sym(a: Array) -> Array:
 
 @jax.custom_jvp
 def inv_sqrtm(s: Array) -> Array:
-    """``S^(-1/2)`` of symmetric positive definite matrices ``(..., G, G)`` by ``eigh``.
+    """`S^(-1/2)` of symmetric positive definite matrices `(..., G, G)` by `eigh`.
 
-    The symmetric (ZCA) inverse square root ``U diag(l^(-1/2)) U^T``. Its
+    The symmetric (ZCA) inverse square root `U diag(l^(-1/2)) U^T`. Its
     derivative is a custom rule (the module docstring), finite and exact for
     repeated eigenvalues; forward and reverse mode, any order of reverse mode.
     Eigenvalues are clamped at the smallest normal float (a singular input with
     eps = 0 gives huge, not infinite, values).
 
-    Example:
+    Examples:
       >>> s = jnp.array([[2.0, 0.0], [0.0, 2.0]])          # repeated eigenvalue
       >>> jax.grad(lambda s: inv_sqrtm(s)[0, 0])(s)[0, 0]  # -(1/2) 2^(-3/2)
       Array(-0.17677669, dtype=float32)
@@ -243,10 +251,10 @@ def _inv_sqrtm_jvp(primals, tangents):
 
 
 def newton_schulz(s: Array, iterations: int = 5) -> Array:
-    """IterNorm's whitening matrix: ``iterations`` Newton-Schulz steps, ``(..., G, G)``.
+    """IterNorm's whitening matrix: `iterations` Newton-Schulz steps, `(..., G, G)`.
 
-    ``S_N = S / tr(S)``, ``P_0 = I``, ``P_k = (3 P_{k-1} - P_{k-1}^3 S_N) / 2``,
-    ``W = P_T / sqrt(tr(S))``: approximately ``S^(-1/2)`` (exactly in the limit,
+    `S_N = S / tr(S)`, `P_0 = I`, `P_k = (3 P_{k-1} - P_{k-1}^3 S_N) / 2`,
+    `W = P_T / sqrt(tr(S))`: approximately `S^(-1/2)` (exactly in the limit,
     before floating-point drift), only matrix products; differentiated by autodiff.
     """
     tr = jnp.trace(s, axis1=-2, axis2=-1)[..., None, None]
@@ -260,7 +268,7 @@ def newton_schulz(s: Array, iterations: int = 5) -> Array:
 
 
 def whitening_matrix(cov: Array, config: WhiteningConfig) -> Array:
-    """The whitening matrix of ``cov + eps I`` by ``config.method``, ``(..., G, G)``."""
+    """The whitening matrix of `cov + eps I` by `config.method`, `(..., G, G)`."""
     s = cov + config.epsilon * jnp.eye(cov.shape[-1], dtype=cov.dtype)
     if config.method == "zca":
         return inv_sqrtm(s)
@@ -275,11 +283,11 @@ def _check_input(x: Array) -> None:
 
 
 def feature_layout(x: Array, config: WhiteningConfig) -> tuple[int, int, int, int]:
-    """``(feature axis, d, groups, G)`` of an input ``x``; validates the axis and the grouping.
+    """`(feature axis, d, groups, G)` of an input `x`; validates the axis and the grouping.
 
     Raises:
       ValueError: an input without a batch and a feature axis, a bad axis, or a
-        ``group_size`` that does not divide the ``d`` features.
+        `group_size` that does not divide the `d` features.
     """
     if x.ndim < 2:
         raise ValueError(
@@ -296,7 +304,7 @@ def feature_layout(x: Array, config: WhiteningConfig) -> tuple[int, int, int, in
 
 
 def _rows(x: Array, faxis: int) -> Array:
-    """``x`` as ``(m, d)`` rows: the feature axis last, all others flattened."""
+    """`x` as `(m, d)` rows: the feature axis last, all others flattened."""
     return jnp.moveaxis(x, faxis, -1).reshape(-1, x.shape[faxis])
 
 
@@ -306,7 +314,7 @@ def _unrows(r: Array, shape: tuple[int, ...], faxis: int) -> Array:
 
 
 def _row_weights(mask: Array | None, shape: tuple[int, ...], faxis: int) -> Array | None:
-    """A mask (size 1 on the feature axis) as ``(m,)`` row weights."""
+    """A mask (size 1 on the feature axis) as `(m,)` row weights."""
     if mask is None:
         return None
     mask = check_mask(mask, shape)
@@ -353,9 +361,9 @@ def init_stats(
 def init(
     num_features: int, config: WhiteningConfig = WhiteningConfig()
 ) -> tuple[BNParams, WhiteningStats]:
-    """Parameters (gamma = 1, beta = 0, shape ``(d,)``) and fresh statistics.
+    """Parameters (gamma = 1, beta = 0, shape `(d,)`) and fresh statistics.
 
-    Example:
+    Examples:
       >>> params, state = init(64, WhiteningConfig(group_size=16))
       >>> params.scale.shape, state.whitening.shape
       ((64,), (4, 16, 16))
@@ -374,10 +382,10 @@ def init(
 def batch_comoments(
     x: Array, config: WhiteningConfig = WhiteningConfig(), *, mask: Array | None = None
 ) -> CoMoments:
-    """The (cross-device pooled) co-moments of ``x``'s feature groups.
+    """The (cross-device pooled) co-moments of `x`'s feature groups.
 
     Returns:
-      :class:`bnjax.stats.CoMoments`: ``count (g,)``, ``mean (g, G)``, ``c2 (g, G, G)``.
+      :class:`bnjax.stats.CoMoments`: `count (g,)`, `mean (g, G)`, `c2 (g, G, G)`.
     """
     x = jnp.asarray(x)
     _check_input(x)
@@ -431,24 +439,24 @@ def apply_train(
     *,
     mask: Array | None = None,
 ) -> tuple[Array, WhiteningStats]:
-    """Whitens ``x`` per group with its mini-batch statistics; updates the state.
+    """Whitens `x` per group with its mini-batch statistics; updates the state.
 
     Args:
-      params: :class:`bnjax.BNParams` with ``scale``/``bias`` of shape ``(d,)``.
+      params: :class:`bnjax.BNParams` with `scale`/`bias` of shape `(d,)`.
       state: :class:`WhiteningStats` (from :func:`init`).
-      x: floating input, features on ``config.axis``: ``(N, d)``, NHWC
-        ``(N, H, W, d)`` or NCHW with ``axis=1``; statistics over all other axes.
+      x: floating input, features on `config.axis`: `(N, d)`, NHWC
+        `(N, H, W, d)` or NCHW with `axis=1`; statistics over all other axes.
       config: a :class:`WhiteningConfig`.
-      mask: optional boolean array broadcastable to ``x`` with size 1 on the
-        feature axis; only ``True`` examples enter the statistics (all are whitened).
+      mask: optional boolean array broadcastable to `x` with size 1 on the
+        feature axis; only `True` examples enter the statistics (all are whitened).
 
     Returns:
-      ``(y, new_state)``, ``y`` of ``x``'s shape.
+      `(y, new_state)`, `y` of `x`'s shape.
 
     Raises:
       TypeError: integer input, non-boolean mask.
-      ValueError: bad axis, ``group_size`` not dividing the features, mismatched
-        params/state shapes, or (without ``allow_singular``) no more examples
+      ValueError: bad axis, `group_size` not dividing the features, mismatched
+        params/state shapes, or (without `allow_singular`) no more examples
         than the group size (a singular batch covariance).
       NotImplementedError: a mask that varies along the feature axis.
     """
@@ -487,11 +495,11 @@ def apply_train(
 
 
 def inference_affine(params: BNParams, state: WhiteningStats) -> tuple[Array, Array]:
-    """The inference map ``y = A x + b`` per group, in at least float32.
+    """The inference map `y = A x + b` per group, in at least float32.
 
-    ``A_k = diag(gamma_k) W_pop,k`` of shape ``(g, G, G)`` and ``b = beta - A mu_pop``
-    of shape ``(d,)``; ``y_k = A_k x_k + b_k`` for each group ``k`` (a
-    block-diagonal ``d x d`` map, see :func:`bnjax.folding.fold_whitening`).
+    `A_k = diag(gamma_k) W_pop,k` of shape `(g, G, G)` and `b = beta - A mu_pop`
+    of shape `(d,)`; `y_k = A_k x_k + b_k` for each group `k` (a
+    block-diagonal `d x d` map, see :func:`bnjax.folding.fold_whitening`).
     """
     g, size, _ = state.whitening.shape
     dt = stats_dtype(state.whitening.dtype)
@@ -510,7 +518,7 @@ def apply_eval(
     x: Array,
     config: WhiteningConfig = WhiteningConfig(),
 ) -> Array:
-    """Inference: ``y = gamma * W_pop (x - mu_pop) + beta`` per group, per example.
+    """Inference: `y = gamma * W_pop (x - mu_pop) + beta` per group, per example.
 
     No batch statistics (a batch of one works); formed in at least float32 and at
     least the input's precision (a float64 input is whitened in float64).

@@ -1,18 +1,20 @@
 """Helpers shared by the experiment programs: command line, data, training, outputs.
 
-An experiment module defines ``get_config()`` (an ``ml_collections.ConfigDict``
-with the defaults), ``quick_config(config)``, ``CONFIG_HELP`` (one line per
-config field), ``run(config, workdir, *, data_dir, download, resume,
-progress)`` and ``main(argv)``, and its docstring ends with a paragraph
-starting "Programmatic use" (left out of ``--help``).
+An experiment module defines `get_config()` (an `ml_collections.ConfigDict`
+with the defaults), `quick_config(config)`, `CONFIG_HELP` (one line per
+config field), `run(config, workdir, *, data_dir, download, resume,
+progress)` and `main(argv)`, and its docstring ends with a paragraph
+starting "Programmatic use" (left out of `--help`).
 :func:`parse_command_line` gives every experiment the same command line, the
-Flax examples' convention, and :func:`run_command_line` runs a module from it::
+Flax examples' convention, and :func:`run_command_line` runs a module from it:
 
-    python -m bnjax.experiments.figure1 --config configs/figure1.py \\
-        --config.num_seeds=5 --workdir runs/fig1 --data-dir /data
+```python
+python -m bnjax.experiments.figure1 --config configs/figure1.py \\
+    --config.num_seeds=5 --workdir runs/fig1 --data-dir /data
+```
 
-``--config`` is an ``ml_collections`` config file (a Python file with
-``get_config()``); ``--config.<field>=<value>`` overrides single fields.
+`--config` is an `ml_collections` config file (a Python file with
+`get_config()`); `--config.<field>=<value>` overrides single fields.
 """
 
 from __future__ import annotations
@@ -101,21 +103,21 @@ def parse_command_line(
     quick: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] | None = None,
     distributed: bool = False,
 ) -> CommandLine:
-    """Parses an experiment's command line (``--help`` prints every option and exits).
+    """Parses an experiment's command line (`--help` prints every option and exits).
 
     Args:
-      argv: the arguments without the program name (``None``: ``sys.argv[1:]``).
-      prog: the program name for ``--help``.
-      doc: the text ``--help`` starts with.
-      default_config: the config file used without ``--config``.
+      argv: the arguments without the program name (`None`: `sys.argv[1:]`).
+      prog: the program name for `--help`.
+      doc: the text `--help` starts with.
+      default_config: the config file used without `--config`.
       config_help: one-line descriptions of the config fields.
-      default_workdir: the output folder used without ``--workdir``.
-      quick: if given, ``--quick`` applies it to the config; fields given
-        explicitly as ``--config.<field>=...`` keep their given values.
-      distributed: add the multi-process flags ``--coordinator-address``,
-        ``--num-processes``, ``--process-id`` (default: the environment, see
-        :func:`bnjax.training.distributed.initialize`), ``--auto-distributed`` and
-        ``--init-timeout``; their values go to ``CommandLine.distributed``.
+      default_workdir: the output folder used without `--workdir`.
+      quick: if given, `--quick` applies it to the config; fields given
+        explicitly as `--config.<field>=...` keep their given values.
+      distributed: add the multi-process flags `--coordinator-address`,
+        `--num-processes`, `--process-id` (default: the environment, see
+        :func:`bnjax.training.distributed.initialize`), `--auto-distributed` and
+        `--init-timeout`; their values go to `CommandLine.distributed`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = flags.FlagValues()
@@ -198,7 +200,7 @@ def _define_run_flags(fv: flags.FlagValues, default_workdir: str, *, quick: bool
 
 
 def _define_distributed_flags(fv: flags.FlagValues) -> None:
-    """The multi-process flags (``CommandLine.distributed``)."""
+    """The multi-process flags (`CommandLine.distributed`)."""
     flags.DEFINE_string(
         "coordinator-address",
         None,
@@ -232,7 +234,7 @@ def _define_distributed_flags(fv: flags.FlagValues) -> None:
 
 
 def _apply_quick(config: ml_collections.ConfigDict, quick: Callable, argv: Sequence[str]) -> None:
-    """``--quick``: the quick config's values, except for fields given as ``--config.<f>=``."""
+    """`--quick`: the quick config's values, except for fields given as `--config.<f>=`."""
     given = {a.split("=", 1)[0][len("--config.") :] for a in argv if a.startswith("--config.")}
     fast = quick(ml_collections.ConfigDict(config.to_dict()))
     with config.unlocked():
@@ -249,21 +251,21 @@ def run_command_line(
     default_workdir: str,
     exit_on: tuple[type[BaseException], ...] = (),
 ) -> tuple[CommandLine, dict[str, Any]]:
-    """An experiment's ``main``: parses the command line and calls ``experiment.run`` with it.
+    """An experiment's `main`: parses the command line and calls `experiment.run` with it.
 
     Args:
       argv: as for :func:`parse_command_line`.
       experiment: the experiment module (see the module docstring): its
-        docstring up to "Programmatic use" starts ``--help``, its file is the
-        default ``--config``, ``CONFIG_HELP`` describes the fields and
-        ``quick_config`` makes ``--quick``.
+        docstring up to "Programmatic use" starts `--help`, its file is the
+        default `--config`, `CONFIG_HELP` describes the fields and
+        `quick_config` makes `--quick`.
       prog: the program name.
-      default_workdir: the output folder used without ``--workdir``.
-      exit_on: exceptions of ``run`` that end the program with the message
-        ``"<prog>: <error>"`` instead of a traceback.
+      default_workdir: the output folder used without `--workdir`.
+      exit_on: exceptions of `run` that end the program with the message
+        `"<prog>: <error>"` instead of a traceback.
 
     Returns:
-      The parsed command line and what ``experiment.run`` returned.
+      The parsed command line and what `experiment.run` returned.
     """
     cl = parse_command_line(
         argv,
@@ -301,10 +303,10 @@ def run_command_line(
 def _end_process_group(prog: str, error: BaseException, *, expected: bool) -> None:
     """A failed process of a multi-process run: reports and exits at once (status 1).
 
-    Skips the normal exit, whose ``jax.distributed.shutdown`` barrier would wait
+    Skips the normal exit, whose `jax.distributed.shutdown` barrier would wait
     for the other processes (up to its timeout) while they wait in a collective
     for this one; exiting stops its heartbeats, so JAX's runtime ends the others
-    after ``--heartbeat-timeout`` seconds.
+    after `--heartbeat-timeout` seconds.
     """
     import os
     import traceback
@@ -325,7 +327,7 @@ def _end_process_group(prog: str, error: BaseException, *, expected: bool) -> No
 
 
 def updated(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
-    """A copy of ``config`` (unlocked, ``config`` itself unchanged) with ``fields`` set."""
+    """A copy of `config` (unlocked, `config` itself unchanged) with `fields` set."""
     c = ml_collections.ConfigDict(config.to_dict())
     for key, value in fields.items():
         setattr(c, key, value)
@@ -333,9 +335,9 @@ def updated(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.
 
 
 def make_optimizer(name: str, learning_rate: float | optax.Schedule, momentum: float = 0.0):
-    """``"sgd"`` (plain), ``"momentum"`` (heavy ball), ``"nesterov"`` or ``"adam"``.
+    """`"sgd"` (plain), `"momentum"` (heavy ball), `"nesterov"` or `"adam"`.
 
-    ``learning_rate`` is a constant or an optax schedule of the step count."""
+    `learning_rate` is a constant or an optax schedule of the step count."""
     if name == "sgd":
         return optax.sgd(learning_rate)
     if name == "momentum":
@@ -350,7 +352,7 @@ def make_optimizer(name: str, learning_rate: float | optax.Schedule, momentum: f
 def load_data(
     dataset: str, data_dir: str | None = None, *, download: bool = False, flatten: bool = True
 ):
-    """``(train_x, train_y), (test_x, test_y)``: float32 images in [0, 1], int32 labels."""
+    """`(train_x, train_y), (test_x, test_y)`: float32 images in [0, 1], int32 labels."""
     from bnjax.experiments.data import load_dataset
 
     ds = load_dataset(dataset, data_dir=data_dir, download=download, flatten=flatten)
@@ -358,7 +360,7 @@ def load_data(
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Writes ``obj`` (NumPy scalars and arrays allowed) as indented JSON."""
+    """Writes `obj` (NumPy scalars and arrays allowed) as indented JSON."""
 
     def default(o):
         if isinstance(o, np.generic | np.ndarray):
@@ -367,8 +369,8 @@ def write_json(path: Path, obj: Any) -> None:
             return str(o)
         raise TypeError(f"not JSON serializable: {type(o)}")
 
-    # Atomically (a temporary file renamed over ``path``): another process of a
-    # multi-process run may read ``path`` meanwhile (``--resume`` reads config.json
+    # Atomically (a temporary file renamed over `path`): another process of a
+    # multi-process run may read `path` meanwhile (`--resume` reads config.json
     # while process 0 rewrites it) and must never see a half-written file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=default, allow_nan=True) + "\n")
@@ -394,7 +396,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def first_step_reaching(steps: Sequence[int], values: Sequence[float], threshold: float):
-    """The first step whose value is ``>= threshold`` (None if never)."""
+    """The first step whose value is `>= threshold` (None if never)."""
     for s, v in zip(steps, values, strict=True):
         if v >= threshold:
             return int(s)
@@ -402,7 +404,7 @@ def first_step_reaching(steps: Sequence[int], values: Sequence[float], threshold
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore=()) -> list[str]:
-    """Field names whose values differ between two config dicts (``ignore`` excepted)."""
+    """Field names whose values differ between two config dicts (`ignore` excepted)."""
     keys = set(old) | set(new)
     norm = lambda v: json.loads(json.dumps(v, default=str))
     return sorted(k for k in keys if k not in ignore and norm(old.get(k)) != norm(new.get(k)))
@@ -411,12 +413,12 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore=()) ->
 def prepare_workdir(
     workdir: str | Path, config_dict: Mapping[str, Any], *, resume: bool, resumable: Sequence[str]
 ) -> Path:
-    """Creates ``workdir`` and writes ``config.json``; guards ``--resume`` and old checkpoints.
+    """Creates `workdir` and writes `config.json`; guards `--resume` and old checkpoints.
 
     Raises:
-      ValueError: ``resume`` with a ``config.json`` that differs in a field not in
-        ``resumable``.
-      FileExistsError: no ``resume`` but ``workdir/checkpoints`` holds checkpoints
+      ValueError: `resume` with a `config.json` that differs in a field not in
+        `resumable`.
+      FileExistsError: no `resume` but `workdir/checkpoints` holds checkpoints
         (training would end by failing to overwrite them).
     """
     from bnjax import training
@@ -458,23 +460,23 @@ def train_side_by_side(
     desc: str,
     parallel: bool = True,
 ) -> tuple[dict[str, training.Run], training.FitResult]:
-    """Trains ``nets`` (name -> ``(model, optimizer)``) side by side (:func:`bnjax.training.fit`).
+    """Trains `nets` (name -> `(model, optimizer)`) side by side (:func:`bnjax.training.fit`).
 
-    Every net gets the seeds ``config.seed, ..., config.seed + config.num_seeds - 1``
+    Every net gets the seeds `config.seed, ..., config.seed + config.num_seeds - 1`
     (:func:`bnjax.training.create_train_states`: the same initial weights and data
-    order for nets of the same shapes), mini-batches of ``config.batch_size``,
-    compiled calls of ``config.steps_per_call`` steps if the config has that
-    field and it is not 0 (else one ``lax.scan`` per chunk), and an evaluation
-    on ``test`` every ``config.eval_every`` steps in chunks of
-    ``config.eval_batch_size`` (0: all at once) with ``probe``. It trains to
-    ``config.num_steps``, checkpointing to ``workdir/checkpoints`` every
-    ``config.checkpoint_every`` steps (0: only at the end). ``batch_indices``
-    (name -> data order, see ``make_train_loop``; missing or ``None``: shuffled
-    epochs) gives a net another data order. ``parallel``: one thread per net
+    order for nets of the same shapes), mini-batches of `config.batch_size`,
+    compiled calls of `config.steps_per_call` steps if the config has that
+    field and it is not 0 (else one `lax.scan` per chunk), and an evaluation
+    on `test` every `config.eval_every` steps in chunks of
+    `config.eval_batch_size` (0: all at once) with `probe`. It trains to
+    `config.num_steps`, checkpointing to `workdir/checkpoints` every
+    `config.checkpoint_every` steps (0: only at the end). `batch_indices`
+    (name -> data order, see `make_train_loop`; missing or `None`: shuffled
+    epochs) gives a net another data order. `parallel`: one thread per net
     (:func:`bnjax.training.fit`), else one net after another.
 
     Returns:
-      The :class:`bnjax.training.Run` of every net (its ``evaluate`` can be
+      The :class:`bnjax.training.Run` of every net (its `evaluate` can be
       reused) and the :class:`bnjax.training.FitResult`.
     """
     from bnjax import training
@@ -518,12 +520,12 @@ def write_metrics(
     t0: float,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Writes and returns ``workdir/metrics.json``.
+    """Writes and returns `workdir/metrics.json`.
 
-    Its fields: ``config``, ``summary``, ``extra`` (in the order given),
-    ``seconds`` (since ``t0``, a :func:`time.perf_counter` time taken at the
-    start of the run), ``train_seconds``, ``resumed_from``, ``device`` and
-    ``history`` (from ``result``). In a multi-process run only process 0 writes.
+    Its fields: `config`, `summary`, `extra` (in the order given),
+    `seconds` (since `t0`, a :func:`time.perf_counter` time taken at the
+    start of the run), `train_seconds`, `resumed_from`, `device` and
+    `history` (from `result`). In a multi-process run only process 0 writes.
     """
     import jax
 
@@ -545,9 +547,9 @@ def write_metrics(
 def series(
     history: Sequence[Mapping[str, Any]], run: str, key: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(steps, values)`` of one run's ``key`` in a :func:`bnjax.training.fit` history.
+    """`(steps, values)` of one run's `key` in a :func:`bnjax.training.fit` history.
 
-    ``values`` is float64 of shape ``(evaluations, seeds, ...)``.
+    `values` is float64 of shape `(evaluations, seeds, ...)`.
     """
     recs = [r for r in history if r["run"] == run]
     steps = np.array([r["step"] for r in recs], np.int64)
@@ -556,7 +558,7 @@ def series(
 
 
 def new_figure(ncols: int, figsize: tuple[float, float]) -> tuple[Figure, np.ndarray[Any, Any]]:
-    """A figure with ``ncols`` axes side by side, made without pyplot.
+    """A figure with `ncols` axes side by side, made without pyplot.
 
     The figure is not registered with pyplot and no backend is selected, so
     plotting does not change the state of the caller's session (its backend,
@@ -569,6 +571,6 @@ def new_figure(ncols: int, figsize: tuple[float, float]) -> tuple[Figure, np.nda
 
 
 def save_figure(fig: Figure, path: Path, *, dpi: int) -> None:
-    """Lays out ``fig`` (``tight_layout``) and writes it to ``path`` (a PNG at ``dpi``)."""
+    """Lays out `fig` (`tight_layout`) and writes it to `path` (a PNG at `dpi`)."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)

@@ -3,39 +3,35 @@
 Mu & Gilmer (2019, "MNIST-C: A robustness benchmark for computer vision") corrupt
 the MNIST test set in 15 ways, one severity each; the parameters here are their
 reference implementation's defaults (../shared/BEYOND.md section 3), rewritten on
-NumPy, SciPy and scikit-image (the ``shift`` extra). Images are float32 ``(N, 28,
-28)`` in ``[0, 1]`` (:func:`bnjax.experiments.data.load_dataset`), MNIST's or
+NumPy, SciPy and scikit-image (the `shift` extra). Images are float32 `(N, 28,
+28)` in `[0, 1]` (:func:`bnjax.experiments.data.load_dataset`), MNIST's or
 Fashion-MNIST's; every corruption keeps the shape and the range and is
-deterministic per ``seed`` (each corruption draws from its own
-``numpy.random.default_rng([seed, index])``).
+deterministic per `seed` (each corruption draws from its own
+`numpy.random.default_rng([seed, index])`).
 
-=================  ===========================================================
-corruption         what it does (parameters)
-=================  ===========================================================
-``shot_noise``     Poisson noise, ``poisson(c x) / c`` with ``c = 3``
-``impulse_noise``  salt and pepper on a fraction 0.17 of the pixels
-``glass_blur``     Gaussian blur (sigma 0.7), 2 passes of local pixel swaps
-                   (max shift 1), blur again
-``motion_blur``    ImageMagick's one-sided motion blur: radius 10, sigma 3,
-                   angle uniform in [-45, 45] degrees
-``shear``          affine shear of +-0.4 rad about the centre (sign random)
-``scale``          zoom out by 0.7 about the centre (inverse map x 1/0.7)
-``rotate``         rotation by +-0.4 rad about the centre
-``brightness``     +0.5 on HSV's value channel (for a gray image: ``x + 0.5``)
-``translate``      +-3 pixels along each axis (signs random)
-``stripe``         columns 0-6 and 21-27 inverted (``1 - x``)
-``fog``            ``x + 3 * plasma fractal`` (wibble decay 1.4), rescaled
-``spatter``        mud spatter (0.65, 0.3, 1, 0.65, 1.5, mud)
-``dotted_line``    a dotted line across the image
-``zigzag``         a zigzag line across the image
-``canny_edges``    the image replaced by its Canny edge map
-=================  ===========================================================
+| corruption | what it does (parameters) |
+|---|---|
+| `shot_noise` | Poisson noise, `poisson(c x) / c` with `c = 3` |
+| `impulse_noise` | salt and pepper on a fraction 0.17 of the pixels |
+| `glass_blur` | Gaussian blur (sigma 0.7), 2 passes of local pixel swaps (max shift 1), blur again |
+| `motion_blur` | ImageMagick's one-sided motion blur: radius 10, sigma 3, angle uniform in [-45, 45] degrees |
+| `shear` | affine shear of +-0.4 rad about the centre (sign random) |
+| `scale` | zoom out by 0.7 about the centre (inverse map x 1/0.7) |
+| `rotate` | rotation by +-0.4 rad about the centre |
+| `brightness` | +0.5 on HSV's value channel (for a gray image: `x + 0.5`) |
+| `translate` | +-3 pixels along each axis (signs random) |
+| `stripe` | columns 0-6 and 21-27 inverted (`1 - x`) |
+| `fog` | `x + 3 * plasma fractal` (wibble decay 1.4), rescaled |
+| `spatter` | mud spatter (0.65, 0.3, 1, 0.65, 1.5, mud) |
+| `dotted_line` | a dotted line across the image |
+| `zigzag` | a zigzag line across the image |
+| `canny_edges` | the image replaced by its Canny edge map |
 
 Differences from the reference, on purpose: the images stay float (the reference
 rounds some corruptions through uint8 PNGs); the motion blur is ImageMagick's
 kernel evaluated here (edge pixels repeated), not a call into ImageMagick.
 
-:func:`corrupted` caches a corrupted set as ``.npz`` with its SHA-256 (verified on
+:func:`corrupted` caches a corrupted set as `.npz` with its SHA-256 (verified on
 every load); :func:`label_shift_order` orders a test set as a label-shifted
 stream (class-sorted, or Dirichlet class proportions per batch).
 """
@@ -74,7 +70,7 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _warp(x: np.ndarray, transform) -> np.ndarray:
-    """``skimage.transform.warp`` of every image with the inverse map ``transform``
+    """`skimage.transform.warp` of every image with the inverse map `transform`
     (bilinear, zeros outside)."""
     from skimage.transform import warp
 
@@ -85,7 +81,7 @@ def _warp(x: np.ndarray, transform) -> np.ndarray:
 
 
 def _centred(**kw):
-    """An ``AffineTransform(**kw)`` that keeps the image centre (13.5, 13.5) fixed."""
+    """An `AffineTransform(**kw)` that keeps the image centre (13.5, 13.5) fixed."""
     from skimage.transform import AffineTransform
 
     a = AffineTransform(**kw).params
@@ -94,7 +90,7 @@ def _centred(**kw):
 
 
 def _by_sign(x: np.ndarray, rng: Rng, make: Callable[[float], object]) -> np.ndarray:
-    """Each image warped by ``make(+1)`` or ``make(-1)`` (a fair coin per image)."""
+    """Each image warped by `make(+1)` or `make(-1)` (a fair coin per image)."""
     signs = rng.choice([-1.0, 1.0], size=x.shape[0])
     out = np.empty_like(x)
     for s in (-1.0, 1.0):
@@ -141,8 +137,8 @@ def _glass_blur(x, rng):
 
 
 def _motion_kernel(radius: float, sigma: float, angle: float):
-    """ImageMagick's MotionBlurImage: ``2 ceil(radius) + 1`` taps of a one-sided
-    Gaussian along ``angle`` (degrees), normalized; integer pixel offsets."""
+    """ImageMagick's MotionBlurImage: `2 ceil(radius) + 1` taps of a one-sided
+    Gaussian along `angle` (degrees), normalized; integer pixel offsets."""
     width = 2 * int(np.ceil(radius)) + 1
     i = np.arange(width)
     k = np.exp(-(i**2) / (2 * sigma**2))
@@ -210,8 +206,8 @@ def _stripe(x, rng):
 
 
 def plasma_fractal(rng: Rng, n: int, mapsize: int = 256, wibbledecay: float = 1.4) -> np.ndarray:
-    """``n`` diamond-square height maps ``(n, mapsize, mapsize)`` in ``[0, 1]`` (the
-    reference's ``plasma_fractal``, vectorized over maps)."""
+    """`n` diamond-square height maps `(n, mapsize, mapsize)` in `[0, 1]` (the
+    reference's `plasma_fractal`, vectorized over maps)."""
     m = np.zeros((n, mapsize, mapsize))
     step, wibble = mapsize, 100.0
 
@@ -339,11 +335,11 @@ CORRUPTIONS: dict[str, Callable[[np.ndarray, Rng], np.ndarray]] = {
 
 
 def corrupt(images: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
-    """``images`` (``(N, 28, 28)`` in ``[0, 1]``) corrupted by ``name``: float32, same
-    shape, values in ``[0, 1]``, the same for the same ``seed``.
+    """`images` (`(N, 28, 28)` in `[0, 1]`) corrupted by `name`: float32, same
+    shape, values in `[0, 1]`, the same for the same `seed`.
 
     Raises:
-      ValueError: an unknown corruption or images that are not ``(N, 28, 28)``.
+      ValueError: an unknown corruption or images that are not `(N, 28, 28)`.
     """
     if name not in CORRUPTIONS:
         raise ValueError(f"corruption must be one of {sorted(CORRUPTIONS)}, got {name!r}")
@@ -366,9 +362,9 @@ def corrupted(
     cache_dir: str | Path | None = None,
     tag: str = "",
 ) -> np.ndarray:
-    """:func:`corrupt`, cached in ``cache_dir`` (``None``: not cached).
+    """:func:`corrupt`, cached in `cache_dir` (`None`: not cached).
 
-    The file ``<tag>-<name>-seed<seed>-<input hash>.npz`` holds the corrupted set
+    The file `<tag>-<name>-seed<seed>-<input hash>.npz` holds the corrupted set
     and its SHA-256; a file whose content does not match its checksum is
     regenerated (and rewritten).
     """
@@ -400,13 +396,13 @@ def label_shift_order(
     alpha: float = 0.1,
     seed: int = 0,
 ) -> np.ndarray:
-    """Indices of ``labels`` as a label-shifted stream, ``(batches, batch_size)``.
+    """Indices of `labels` as a label-shifted stream, `(batches, batch_size)`.
 
-    ``kind="sorted"``: class by class (classes in random order, examples shuffled
-    within a class), so most batches hold one class. ``kind="dirichlet"``: each
-    batch draws class proportions ``p ~ Dirichlet(alpha)`` (over the classes with
+    `kind="sorted"`: class by class (classes in random order, examples shuffled
+    within a class), so most batches hold one class. `kind="dirichlet"`: each
+    batch draws class proportions `p ~ Dirichlet(alpha)` (over the classes with
     examples left) and its examples from them without replacement; small
-    ``alpha`` gives batches of one or two classes, large ``alpha`` an i.i.d.
+    `alpha` gives batches of one or two classes, large `alpha` an i.i.d.
     stream. The remainder that does not fill a batch is dropped.
     """
     labels = np.asarray(labels)

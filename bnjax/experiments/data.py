@@ -2,64 +2,68 @@
 
 The experiments of the paper (Figure 1) train on MNIST; bnjax also supports
 Fashion-MNIST, which has the same file layout. This module reads the original
-files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``), either gzip-compressed
-(``<name>.gz``) or raw (``<name>``). Only ``numpy`` and the standard library are
+files (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
+`t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`), either gzip-compressed
+(`<name>.gz`) or raw (`<name>`). Only `numpy` and the standard library are
 used; importing this module does not import JAX.
 
 Where the files are looked for
 ------------------------------
-Each requested file is looked up, in this order, in ``<root>/<dataset>/`` for
+Each requested file is looked up, in this order, in `<root>/<dataset>/` for
 the roots
 
-1. the ``data_dir`` argument (the experiments' ``--data-dir``),
-2. the environment variable ``BNJAX_DATA_DIR``,
-3. the user cache :func:`default_cache_dir` (``$XDG_CACHE_HOME/bnjax`` or
-   ``~/.cache/bnjax``),
+1. the `data_dir` argument (the experiments' `--data-dir`),
+2. the environment variable `BNJAX_DATA_DIR`,
+3. the user cache :func:`default_cache_dir` (`$XDG_CACHE_HOME/bnjax` or
+   `~/.cache/bnjax`),
 
-where ``<dataset>`` is ``mnist`` or ``fashion-mnist``. A root therefore looks
-like::
+where `<dataset>` is `mnist` or `fashion-mnist`. A root therefore looks
+like:
 
-    <root>/mnist/train-images-idx3-ubyte.gz       (or the raw file, no .gz)
-    <root>/mnist/train-labels-idx1-ubyte.gz
-    <root>/mnist/t10k-images-idx3-ubyte.gz
-    <root>/mnist/t10k-labels-idx1-ubyte.gz
-    <root>/fashion-mnist/...                      (the same four names)
+```python
+<root>/mnist/train-images-idx3-ubyte.gz       (or the raw file, no .gz)
+<root>/mnist/train-labels-idx1-ubyte.gz
+<root>/mnist/t10k-images-idx3-ubyte.gz
+<root>/mnist/t10k-labels-idx1-ubyte.gz
+<root>/fashion-mnist/...                      (the same four names)
+```
 
-4. Only if ``download=True``: files found nowhere are downloaded from public
+4. Only if `download=True`: files found nowhere are downloaded from public
    mirrors into the cache. Each download goes to a temporary file, is checked
    against the published MD5 and only then renamed into place, so a failed or
    corrupt download never leaves a file behind. The mirrors can be replaced
-   with the ``mirrors`` argument or the environment variable
-   ``BNJAX_DATA_MIRROR`` (one or more base URLs separated by commas or
-   whitespace; ``{dataset}`` in a URL is replaced by the dataset name).
+   with the `mirrors` argument or the environment variable
+   `BNJAX_DATA_MIRROR` (one or more base URLs separated by commas or
+   whitespace; `{dataset}` in a URL is replaced by the dataset name).
 
-Without ``download=True`` nothing touches the network; missing files raise a
+Without `download=True` nothing touches the network; missing files raise a
 :class:`DataError` that names the files, the folders searched and the two ways
 to provide them.
 
 Verification
 ------------
 Every file is verified before use, and a file that fails is never used:
-a ``.gz`` must match the published MD5 of the ``.gz`` (or, if it was
+a `.gz` must match the published MD5 of the `.gz` (or, if it was
 re-compressed, its decompressed content must match the MD5 of the raw file);
 a raw file must have the exact size and MD5 of the original. The IDX header is
 validated too (magic 2051/2049, sample count, 28x28, file length). Any failure
 raises :class:`DataError` naming the file and the problem.
 
 Decoded arrays are cached in-process, keyed by path, size and mtime, so
-repeated loads are free. The returned ``uint8`` arrays are read-only views of
-that cache; copy them (``np.array(images)``) before modifying them in place.
+repeated loads are free. The returned `uint8` arrays are read-only views of
+that cache; copy them (`np.array(images)`) before modifying them in place.
 
-Example::
+Example:
 
-    >>> from bnjax.experiments.data import load_mnist, load_dataset
-    >>> images, labels = load_mnist("train")          # doctest: +SKIP
-    >>> images.shape, images.dtype, labels.shape      # doctest: +SKIP
-    ((60000, 28, 28), dtype('uint8'), (60000,))
-    >>> ds = load_dataset("fashion-mnist", flatten=True)  # doctest: +SKIP
-    >>> ds.train_images.shape, ds.train_images.dtype  # doctest: +SKIP
-    ((60000, 784), dtype('float32'))
+```python
+>>> from bnjax.experiments.data import load_mnist, load_dataset
+>>> images, labels = load_mnist("train")          # doctest: +SKIP
+>>> images.shape, images.dtype, labels.shape      # doctest: +SKIP
+((60000, 28, 28), dtype('uint8'), (60000,))
+>>> ds = load_dataset("fashion-mnist", flatten=True)  # doctest: +SKIP
+>>> ds.train_images.shape, ds.train_images.dtype  # doctest: +SKIP
+((60000, 784), dtype('float32'))
+```
 """
 
 from __future__ import annotations
@@ -131,10 +135,10 @@ class Dataset(NamedTuple):
     """Train and test splits, ready for training.
 
     Attributes:
-      train_images: float32 in ``[0, 1]``, shape ``(60000, 28, 28)`` or ``(60000, 784)``.
-      train_labels: int32 class ids ``0..9``, shape ``(60000,)``.
-      test_images: float32 in ``[0, 1]``, shape ``(10000, 28, 28)`` or ``(10000, 784)``.
-      test_labels: int32 class ids ``0..9``, shape ``(10000,)``.
+      train_images: float32 in `[0, 1]`, shape `(60000, 28, 28)` or `(60000, 784)`.
+      train_labels: int32 class ids `0..9`, shape `(60000,)`.
+      test_images: float32 in `[0, 1]`, shape `(10000, 28, 28)` or `(10000, 784)`.
+      test_labels: int32 class ids `0..9`, shape `(10000,)`.
     """
 
     train_images: np.ndarray
@@ -238,9 +242,9 @@ _SPLIT_FILES: dict[str, tuple[str, str]] = {
 
 
 def default_cache_dir() -> Path:
-    """The user cache root: ``$XDG_CACHE_HOME/bnjax``, else ``~/.cache/bnjax``.
+    """The user cache root: `$XDG_CACHE_HOME/bnjax`, else `~/.cache/bnjax`.
 
-    Datasets live in ``<cache>/mnist/`` and ``<cache>/fashion-mnist/``. The folder
+    Datasets live in `<cache>/mnist/` and `<cache>/fashion-mnist/`. The folder
     is not created here.
     """
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -256,34 +260,36 @@ def load_mnist(
     download: bool = False,
     mirrors: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Load one split of MNIST or Fashion-MNIST as verified ``uint8`` arrays.
+    """Load one split of MNIST or Fashion-MNIST as verified `uint8` arrays.
 
     Args:
-      split: ``"train"`` (60000 samples) or ``"test"`` (10000 samples).
-      dataset: ``"mnist"`` or ``"fashion-mnist"``.
-      data_dir: a root folder holding ``<dataset>/`` with the IDX files (gzip or
-        raw). Searched first, then ``$BNJAX_DATA_DIR``, then the user cache.
+      split: `"train"` (60000 samples) or `"test"` (10000 samples).
+      dataset: `"mnist"` or `"fashion-mnist"`.
+      data_dir: a root folder holding `<dataset>/` with the IDX files (gzip or
+        raw). Searched first, then `$BNJAX_DATA_DIR`, then the user cache.
       download: if the files are found nowhere, download them into the user
         cache (MD5-verified). If False (the default) the network is never used.
-      mirrors: base URLs to download from instead of ``$BNJAX_DATA_MIRROR`` or
-        :data:`DEFAULT_MIRRORS`; ``{dataset}`` is replaced by the dataset name.
+      mirrors: base URLs to download from instead of `$BNJAX_DATA_MIRROR` or
+        :data:`DEFAULT_MIRRORS`; `{dataset}` is replaced by the dataset name.
 
     Returns:
-      ``(images, labels)``: ``images`` is ``uint8`` of shape ``(N, 28, 28)`` with
-      pixel values ``0..255``, ``labels`` is ``uint8`` of shape ``(N,)`` with
-      class ids ``0..9``; ``N`` is 60000 for train and 10000 for test. Both are
+      `(images, labels)`: `images` is `uint8` of shape `(N, 28, 28)` with
+      pixel values `0..255`, `labels` is `uint8` of shape `(N,)` with
+      class ids `0..9`; `N` is 60000 for train and 10000 for test. Both are
       read-only (they are shared with the in-process cache).
 
     Raises:
-      DataError: a file is missing (and ``download`` is False), fails its
+      DataError: a file is missing (and `download` is False), fails its
         checksum or IDX header check, or could not be downloaded.
-      ValueError: unknown ``split`` or ``dataset``.
+      ValueError: unknown `split` or `dataset`.
 
-    Example::
+    Example:
 
-        >>> images, labels = load_mnist("test", data_dir="/data")  # doctest: +SKIP
-        >>> images.shape, labels.shape                             # doctest: +SKIP
-        ((10000, 28, 28), (10000,))
+    ```python
+    >>> images, labels = load_mnist("test", data_dir="/data")  # doctest: +SKIP
+    >>> images.shape, labels.shape                             # doctest: +SKIP
+    ((10000, 28, 28), (10000,))
+    ```
     """
     dataset_key = _check_dataset(dataset)
     if split not in _SPLIT_FILES:
@@ -304,22 +310,26 @@ def load_dataset(
     mirrors: Sequence[str] | None = None,
     flatten: bool = False,
 ) -> Dataset:
-    """Load both splits of a dataset, with images scaled to float32 in ``[0, 1]``.
+    """Load both splits of a dataset, with images scaled to float32 in `[0, 1]`.
 
     Args:
-      name: ``"mnist"`` or ``"fashion-mnist"``.
-      data_dir, download, mirrors: as for :func:`load_mnist`.
-      flatten: if True, images have shape ``(N, 784)`` instead of ``(N, 28, 28)``.
+      name: `"mnist"` or `"fashion-mnist"`.
+      data_dir: as for :func:`load_mnist`.
+      download: as for :func:`load_mnist`.
+      mirrors: as for :func:`load_mnist`.
+      flatten: if True, images have shape `(N, 784)` instead of `(N, 28, 28)`.
 
     Returns:
-      A :class:`Dataset` with float32 images (``pixel / 255``) and int32 labels.
+      A :class:`Dataset` with float32 images (`pixel / 255`) and int32 labels.
       The arrays are fresh (writable) copies.
 
-    Example::
+    Example:
 
-        >>> ds = load_dataset("mnist", flatten=True)     # doctest: +SKIP
-        >>> ds.train_images.shape, ds.test_labels.dtype  # doctest: +SKIP
-        ((60000, 784), dtype('int32'))
+    ```python
+    >>> ds = load_dataset("mnist", flatten=True)     # doctest: +SKIP
+    >>> ds.train_images.shape, ds.test_labels.dtype  # doctest: +SKIP
+    ((60000, 784), dtype('int32'))
+    ```
     """
     dataset_key = _check_dataset(name)
     # Locate all four files first, so a missing-files error lists all of them at once.
@@ -350,21 +360,21 @@ def download(
     mirrors: Sequence[str] | None = None,
     force: bool = False,
 ) -> Path:
-    """Download the four files of ``dataset`` into ``<dest_dir>/<dataset>/``.
+    """Download the four files of `dataset` into `<dest_dir>/<dataset>/`.
 
-    Files already present and valid are kept unless ``force`` is True. Each
+    Files already present and valid are kept unless `force` is True. Each
     download is written to a temporary file in the destination folder, verified
     against the published MD5 and IDX header, and only then renamed into place;
     mirrors are tried in order until one delivers a valid file.
 
     Args:
-      dataset: ``"mnist"`` or ``"fashion-mnist"``.
+      dataset: `"mnist"` or `"fashion-mnist"`.
       dest_dir: the data root; default :func:`default_cache_dir`.
-      mirrors: base URLs (default ``$BNJAX_DATA_MIRROR`` or :data:`DEFAULT_MIRRORS`).
+      mirrors: base URLs (default `$BNJAX_DATA_MIRROR` or :data:`DEFAULT_MIRRORS`).
       force: download even if a valid file is already there.
 
     Returns:
-      The dataset folder ``<dest_dir>/<dataset>``.
+      The dataset folder `<dest_dir>/<dataset>`.
 
     Raises:
       DataError: no mirror delivered a valid copy of some file.
@@ -409,7 +419,7 @@ def _search_roots(data_dir: PathLike | None) -> list[tuple[Path, str]]:
 
 
 def _find_file(folder: Path, name: str) -> Path | None:
-    """``folder/name.gz`` if it exists, else ``folder/name``, else None."""
+    """`folder/name.gz` if it exists, else `folder/name`, else None."""
     for candidate in (folder / f"{name}.gz", folder / name):
         if candidate.is_file():
             return candidate
@@ -482,9 +492,9 @@ def _missing_message(
 def _read_verified(
     path: Path, spec: _FileSpec, *, compressed: bool | None = None, label: str | None = None
 ) -> bytes:
-    """Return the raw (decompressed) IDX bytes of ``path`` after verifying them.
+    """Return the raw (decompressed) IDX bytes of `path` after verifying them.
 
-    ``compressed`` defaults to whether the name ends in ``.gz``; ``label`` is how
+    `compressed` defaults to whether the name ends in `.gz`; `label` is how
     the file is named in error messages (default: its path).
     """
     if compressed is None:
@@ -579,7 +589,7 @@ def _urlopen(url: str, timeout: float) -> IO[bytes]:  # indirection point for te
 def _download_file(
     folder: Path, spec: _FileSpec, dataset: str, mirrors: Sequence[str] | None
 ) -> Path:
-    """Fetch ``spec.name + '.gz'`` into ``folder`` via a verified temporary file."""
+    """Fetch `spec.name + '.gz'` into `folder` via a verified temporary file."""
     urls = [m.rstrip("/") + f"/{spec.name}.gz" for m in _mirror_list(dataset, mirrors)]
     if not urls:
         raise DataError(f"{dataset}: no download mirrors configured")

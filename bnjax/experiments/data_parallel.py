@@ -2,33 +2,35 @@
 
 The paper's MNIST network (784-100-100-100-10, sigmoid, batch norm before each
 hidden sigmoid, plain SGD, mini-batches of 60, 50,000 steps: the "with BN" net
-of ``bnjax-figure1``, one seed), trained with :mod:`bnjax.training.parallel`: every
+of `bnjax-figure1`, one seed), trained with :mod:`bnjax.training.parallel`: every
 global mini-batch is split over all devices of all processes, the batch-norm
-statistics are pooled exactly over the global batch (``axis_name="data"``),
+statistics are pooled exactly over the global batch (`axis_name="data"`),
 the gradient is the global-batch gradient. The global batch sequence is the
-single-process one (the same host-drawn epoch orders as ``bnjax-figure1``'s
+single-process one (the same host-drawn epoch orders as `bnjax-figure1`'s
 seed), so 1 device, 4 devices and 2 processes x 2 devices train the same
 network up to float32 summation order. Each process loads only its share of
 every batch; evaluation on the 10,000 test images is pooled over all
 processes; orbax checkpoints are written by all processes together and resume
-bit-identically; the progress bar, ``metrics.json``, ``results.md`` and
-``accuracy.png`` come from process 0.
+bit-identically; the progress bar, `metrics.json`, `results.md` and
+`accuracy.png` come from process 0.
 
-Run::
+Run:
 
-    bnjax-data-parallel --workdir runs/dp                    # one process, all its devices
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 bnjax-data-parallel --quick
-    # two processes (each on its host, or both here), 2 simulated CPU devices each:
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 bnjax-data-parallel --workdir runs/dp \\
-        --coordinator-address 10.0.0.1:1234 --num-processes 2 --process-id 0   # host 0
-    ... --process-id 1                                                           # host 1
+```python
+bnjax-data-parallel --workdir runs/dp                    # one process, all its devices
+XLA_FLAGS=--xla_force_host_platform_device_count=4 bnjax-data-parallel --quick
+# two processes (each on its host, or both here), 2 simulated CPU devices each:
+XLA_FLAGS=--xla_force_host_platform_device_count=2 bnjax-data-parallel --workdir runs/dp \\
+    --coordinator-address 10.0.0.1:1234 --num-processes 2 --process-id 0   # host 0
+... --process-id 1                                                           # host 1
+```
 
-The multi-process flags fall back to ``$JAX_COORDINATOR_ADDRESS``,
-``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``; ``--auto-distributed`` lets
+The multi-process flags fall back to `$JAX_COORDINATOR_ADDRESS`,
+`$JAX_NUM_PROCESSES` and `$JAX_PROCESS_ID`; `--auto-distributed` lets
 JAX read them from SLURM / Open MPI / Kubernetes. See docs/multidevice.md.
 
-Programmatic use: ``results = run(get_config(), "runs/dp")`` (after
-``bnjax.training.distributed.initialize(...)`` in a multi-process run).
+Programmatic use: `results = run(get_config(), "runs/dp")` (after
+`bnjax.training.distributed.initialize(...)` in a multi-process run).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ CONFIG_HELP = {
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Figure 1's BN net and schedule (``bnjax-figure1``'s defaults), one seed."""
+    """Figure 1's BN net and schedule (`bnjax-figure1`'s defaults), one seed."""
     c = ml_collections.ConfigDict()
     c.dataset = "mnist"
     c.hidden = (100, 100, 100)
@@ -88,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-    """``config`` shortened to a smoke test (600 steps)."""
+    """`config` shortened to a smoke test (600 steps)."""
     return _common.updated(
         get_config() if config is None else config,
         num_steps=600,
@@ -98,7 +100,7 @@ def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collecti
 
 
 def build(config: ml_collections.ConfigDict, axis_name: str = "data"):
-    """The BN network (batch norm pooled over ``axis_name``) and its SGD optimizer."""
+    """The BN network (batch norm pooled over `axis_name`) and its SGD optimizer."""
     bn = (
         ("momentum", config.bn_momentum),
         ("epsilon", config.bn_epsilon),
@@ -128,11 +130,11 @@ def run(
 ) -> dict[str, Any]:
     """Trains the network on every device of every process; writes the outputs from process 0.
 
-    Every process calls this with the same arguments. ``workdir`` must be on a
+    Every process calls this with the same arguments. `workdir` must be on a
     file system all processes see (the checkpoints are written jointly).
 
     Returns:
-      The ``metrics.json`` content plus ``state`` (the final replicated
+      The `metrics.json` content plus `state` (the final replicated
       :class:`bnjax.training.TrainState`, not written to JSON).
     """
     t0 = time.perf_counter()
@@ -207,7 +209,7 @@ def _write_outputs(workdir: Path, config, history, summary, seconds: float) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``bnjax-data-parallel`` command (``--help`` lists every option)."""
+    """The `bnjax-data-parallel` command (`--help` lists every option)."""
     from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(

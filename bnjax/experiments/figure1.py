@@ -2,29 +2,31 @@
 
 The paper's network, 784-100-100-100-10 with sigmoid hidden units, trained
 with and without batch norm before each hidden sigmoid, mini-batches of 60, for
-50,000 steps; several seeds of both nets trained in parallel (``jax.vmap`` over
-seeds, ``lax.scan`` over steps; see :mod:`bnjax.training`), evaluated on the
-10,000 test images every ``eval_every`` steps with population statistics.
+50,000 steps; several seeds of both nets trained in parallel (`jax.vmap` over
+seeds, `lax.scan` over steps; see :mod:`bnjax.training`), evaluated on the
+10,000 test images every `eval_every` steps with population statistics.
 
-Outputs in the run folder (``--workdir``):
+Outputs in the run folder (`--workdir`):
 
-* ``figure1.png``: (a) test accuracy vs steps (seed mean, min-max band);
+* `figure1.png`: (a) test accuracy vs steps (seed mean, min-max band);
   (b, c) the 15th/50th/85th percentiles over the test set of the input to one
   fixed sigmoid of the last hidden layer, without and with BN (post-BN, the
-  sigmoid's input, as in the paper); (d) the same unit's pre-BN input ``W u``;
-* ``metrics.json`` (config, history, summary, population statistics),
-  ``metrics.csv`` (every logged point, one row per net, step and seed),
-  ``results.md`` (the tables), ``config.json``, ``checkpoints/`` (orbax).
+  sigmoid's input, as in the paper); (d) the same unit's pre-BN input `W u`;
+* `metrics.json` (config, history, summary, population statistics),
+  `metrics.csv` (every logged point, one row per net, step and seed),
+  `results.md` (the tables), `config.json`, `checkpoints/` (orbax).
 
-Run::
+Run:
 
-    bnjax-figure1                                   # the full run, defaults below
-    bnjax-figure1 --quick --workdir runs/smoke      # a smoke test (< 1 minute)
-    bnjax-figure1 --config configs/figure1_lr05.py  # lr 0.5, init N(0, 0.1^2)
-    bnjax-figure1 --config.num_seeds=5 --workdir runs/fig1_5seeds
-    bnjax-figure1 --workdir runs/fig1_5seeds --config.num_seeds=5 --resume  # continue it
+```bash
+bnjax-figure1                                   # the full run, defaults below
+bnjax-figure1 --quick --workdir runs/smoke      # a smoke test (< 1 minute)
+bnjax-figure1 --config configs/figure1_lr05.py  # lr 0.5, init N(0, 0.1^2)
+bnjax-figure1 --config.num_seeds=5 --workdir runs/fig1_5seeds
+bnjax-figure1 --workdir runs/fig1_5seeds --config.num_seeds=5 --resume  # continue it
+```
 
-Programmatic use: ``results = run(get_config(), "runs/fig1")``.
+Programmatic use: `results = run(get_config(), "runs/fig1")`.
 """
 
 from __future__ import annotations
@@ -92,14 +94,14 @@ CONFIG_HELP = {
 def get_config() -> ml_collections.ConfigDict:
     """The default Figure 1 configuration (the paper's setting, read as plain SGD).
 
-    Plain SGD with ``learning_rate=1.0`` and initial weights ``N(0, 1)``: the
+    Plain SGD with `learning_rate=1.0` and initial weights `N(0, 1)`: the
     paper gives neither; of the two settings in the project's reference runs
     (PAPER.md), this one matches the paper's figure best (the no-BN net ends
     near 0.96, BN is far ahead early and at 0.97+ at 50k steps, and the no-BN
-    sigmoid inputs start wide and drift as in Fig. 1(b)). ``N(0, 1)`` is
+    sigmoid inputs start wide and drift as in Fig. 1(b)). `N(0, 1)` is
     "small" relative to nothing, so the no-BN net starts with saturated
     sigmoids, the regime the paper's argument is about; BN removes the scale.
-    The other setting (``lr 0.5``, ``N(0, 0.1^2)``) is ``configs/figure1_lr05.py``.
+    The other setting (`lr 0.5`, `N(0, 0.1^2)`) is `configs/figure1_lr05.py`.
     """
     c = ml_collections.ConfigDict()
     c.dataset = "mnist"
@@ -129,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-    """``config`` (default :func:`get_config`) shortened to a smoke test of the same pipeline."""
+    """`config` (default :func:`get_config`) shortened to a smoke test of the same pipeline."""
     return _common.updated(
         get_config() if config is None else config,
         num_steps=600,
@@ -142,7 +144,7 @@ def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collecti
 
 
 def build(config: ml_collections.ConfigDict) -> tuple[dict[str, MLP], Any]:
-    """The two networks (``"no_bn"``, ``"bn"``) and the shared optimizer."""
+    """The two networks (`"no_bn"`, `"bn"`) and the shared optimizer."""
     common = dict(hidden=tuple(config.hidden), init_std=config.init_std, act=config.activation)
     bn = (("momentum", config.bn_momentum), ("epsilon", config.bn_epsilon))
     models = {"no_bn": MLP(use_bn=False, **common), "bn": MLP(use_bn=True, bn=bn, **common)}
@@ -161,17 +163,17 @@ def _probe_layer(config) -> int:
 
 
 def _host_percentiles(v: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """``np.percentile`` of the columns of ``v (..., n, cols)`` -> ``(..., len(q), cols)``."""
+    """`np.percentile` of the columns of `v (..., n, cols)` -> `(..., len(q), cols)`."""
     return np.moveaxis(np.percentile(v, q, axis=-2), 0, -2).astype(np.float32)
 
 
 def column_percentiles(v: jax.Array, q: Sequence[float]) -> jax.Array:
-    """Percentiles (NumPy's linear method) of each column of ``v (n, cols)``: ``(len(q), cols)``.
+    """Percentiles (NumPy's linear method) of each column of `v (n, cols)`: `(len(q), cols)`.
 
-    Same values as ``jnp.percentile(v, q, axis=0)``, computed on the host by
-    NumPy's selection (``np.partition``) through ``jax.pure_callback``: XLA:CPU
+    Same values as `jnp.percentile(v, q, axis=0)`, computed on the host by
+    NumPy's selection (`np.partition`) through `jax.pure_callback`: XLA:CPU
     sorts ~10x slower, and sorting was ~10% of the whole Figure 1 job.
-    Works under ``jit`` and ``vmap``.
+    Works under `jit` and `vmap`.
     """
     qs = np.asarray(q, np.float64)
     out = jax.ShapeDtypeStruct(v.shape[:-2] + (len(qs), v.shape[-1]), jnp.float32)
@@ -181,10 +183,10 @@ def column_percentiles(v: jax.Array, q: Sequence[float]) -> jax.Array:
 
 
 def make_probe(config: ml_collections.ConfigDict):
-    """``probe(intermediates)``: percentiles over the evaluation set of the probed unit's inputs.
+    """`probe(intermediates)`: percentiles over the evaluation set of the probed unit's inputs.
 
-    ``act_in``: the sigmoid's input (post-BN with BN); ``bn_in``: the BN
-    input ``W u`` (BN net only).
+    `act_in`: the sigmoid's input (post-BN with BN); `bn_in`: the BN
+    input `W u` (BN net only).
     """
     layer, unit, units = _probe_layer(config), config.probe_unit, config.probe_units
     width = config.hidden[layer]
@@ -220,9 +222,9 @@ def _seed(tree, k):
 def _population_comparison(config, model, state, evaluate, train, test, progress):
     """Test accuracy of the BN net with EMA vs Algorithm 2 average vs PreciseBN statistics.
 
-    ``test`` may already be on the device (then it is not copied again); the
+    `test` may already be on the device (then it is not copied again); the
     mini-batches are one random order of the training set, cut once: every
-    method uses the first ``n`` of them.
+    method uses the first `n` of them.
     """
     from bnjax.recalibration import recalibrate
 
@@ -345,7 +347,7 @@ def summarize(history: list[dict], config) -> dict[str, Any]:
 
 
 def history_rows(history: list[dict], config) -> list[dict[str, Any]]:
-    """One flat row per (net, step, seed) for ``metrics.csv``."""
+    """One flat row per (net, step, seed) for `metrics.csv`."""
     rows = []
     seeds = [config.seed + k for k in range(config.num_seeds)]
     for r in history:
@@ -368,7 +370,7 @@ def history_rows(history: list[dict], config) -> list[dict[str, Any]]:
 
 
 def plot(history: list[dict], config, path: Path) -> None:
-    """Writes ``figure1.png``: (a) accuracy, (b, c) sigmoid-input percentiles, (d) pre-BN."""
+    """Writes `figure1.png`: (a) accuracy, (b, c) sigmoid-input percentiles, (d) pre-BN."""
     layer, unit = _probe_layer(config), config.probe_unit
     fig, axes = _common.new_figure(4, figsize=(18, 4.2))
     ax = axes[0]
@@ -433,6 +435,9 @@ def results_markdown(summary, population, config, seconds: float | None) -> str:
         f"{config.batch_size}, {config.num_steps:,} steps, {n} seeds "
         f"(mean ± sample std over seeds); test set, population statistics (EMA, momentum "
         f"{config.bn_momentum:g}) for BN.",
+        "",
+        "![Figure 1: (a) test accuracy against steps; (b, c) percentiles of a sigmoid's input "
+        "without and with BN; (d) the pre-BN input](figure1.png)",
         "",
     ]
     lines += _accuracy_table(summary, config)
@@ -555,20 +560,20 @@ def run(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Runs Experiment 1 and writes its outputs to ``workdir``.
+    """Runs Experiment 1 and writes its outputs to `workdir`.
 
     Args:
       config: from :func:`get_config` (or a config file), possibly overridden.
       workdir: the run folder (created).
-      data_dir: the dataset root (else ``$BNJAX_DATA_DIR``, then the cache).
+      data_dir: the dataset root (else `$BNJAX_DATA_DIR`, then the cache).
       download: download the dataset if missing.
-      resume: continue from ``workdir/checkpoints`` (the config must match,
-        except ``num_steps`` and the post-training fields).
+      resume: continue from `workdir/checkpoints` (the config must match,
+        except `num_steps` and the post-training fields).
       progress: show a progress bar.
 
     Returns:
-      The ``metrics.json`` content: ``config``, ``history``, ``summary``,
-      ``population``, ``seconds``, ``states`` (the final train states, by net;
+      The `metrics.json` content: `config`, `history`, `summary`,
+      `population`, `seconds`, `states` (the final train states, by net;
       not written to JSON).
     """
     t0 = time.perf_counter()
@@ -600,9 +605,9 @@ def run(
 
 
 def _write_outputs(workdir: Path, config, history, summary, population, seconds) -> None:
-    """Writes ``metrics.csv``, ``results.md`` and ``figure1.png`` (not ``metrics.json``).
+    """Writes `metrics.csv`, `results.md` and `figure1.png` (not `metrics.json`).
 
-    ``summary`` as :func:`summarize` returns it (``accuracy_at`` keyed by int steps).
+    `summary` as :func:`summarize` returns it (`accuracy_at` keyed by int steps).
     """
     _common.write_csv(workdir / "metrics.csv", history_rows(history, config))
     md = results_markdown(summary, population, config, seconds)
@@ -611,10 +616,10 @@ def _write_outputs(workdir: Path, config, history, summary, population, seconds)
 
 
 def write_report(workdir: str | Path) -> dict[str, Any]:
-    """(Re)writes ``metrics.csv``, ``results.md`` and ``figure1.png`` from ``metrics.json``.
+    """(Re)writes `metrics.csv`, `results.md` and `figure1.png` from `metrics.json`.
 
     The summary is recomputed from the history, so a report can be regenerated
-    (e.g. after changing the tables) without training again; ``metrics.json`` is
+    (e.g. after changing the tables) without training again; `metrics.json` is
     rewritten only if its stored summary differs. Returns the summary.
     """
     workdir = Path(workdir)
@@ -622,7 +627,7 @@ def write_report(workdir: str | Path) -> dict[str, Any]:
     config = ml_collections.ConfigDict(metrics["config"])
     history = metrics["history"]
     summary = summarize(history, config)
-    # Compared as JSON: the stored summary has string keys where ``summary`` has ints.
+    # Compared as JSON: the stored summary has string keys where `summary` has ints.
     if json.loads(json.dumps(summary)) != metrics["summary"]:
         metrics["summary"] = summary
         _common.write_json(workdir / "metrics.json", metrics)
@@ -631,7 +636,7 @@ def write_report(workdir: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``bnjax-figure1`` command (``--help`` lists every option)."""
+    """The `bnjax-figure1` command (`--help` lists every option)."""
     from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(

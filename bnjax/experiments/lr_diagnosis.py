@@ -2,27 +2,29 @@
 
 Experiment 2 (:mod:`bnjax.experiments.lr_tolerance`) finds that its BN-x30
 network (lr 1.5 with momentum 0.9) ends at chance level. This program retraces
-the first ``diag_steps`` steps of that run, and of runs that change one thing
+the first `diag_steps` steps of that run, and of runs that change one thing
 at a time (the rate, the momentum, the Sec. 4.2.1 changes, ...), with
 :func:`bnjax.experiments.dynamics.trace` (the same mini-batches and updates as the
 experiment) and records at every step, per layer: the weight norms, the
 mini-batch statistics going into every batch norm, the fraction of dead relu
 units, the size of each update, and the logits' scale and the loss.
 
-Outputs in the run folder (``--workdir``): ``diagnosis.png`` (the plot),
-``diagnosis.md`` (tables: per case the first step each layer is mostly dead,
-and BN-x30's layers step by step), ``diagnosis.csv`` (every ``csv_every``-th
-step of every case and seed, the main measurements), ``records.npz`` (every step,
-keys ``"<case>:<measurement>"``, ``(seeds, steps)`` arrays), ``events.json`` and
-``config.json``.
+Outputs in the run folder (`--workdir`): `diagnosis.png` (the plot),
+`diagnosis.md` (tables: per case the first step each layer is mostly dead,
+and BN-x30's layers step by step), `diagnosis.csv` (every `csv_every`-th
+step of every case and seed, the main measurements), `records.npz` (every step,
+keys `"<case>:<measurement>"`, `(seeds, steps)` arrays), `events.json` and
+`config.json`.
 
-Run::
+Run:
 
-    python -m bnjax.experiments.lr_diagnosis --workdir runs/lr_diagnosis
-    python -m bnjax.experiments.lr_diagnosis --quick --workdir runs/smoke
+```bash
+python -m bnjax.experiments.lr_diagnosis --workdir runs/lr_diagnosis
+python -m bnjax.experiments.lr_diagnosis --quick --workdir runs/smoke
+```
 
-Programmatic use: ``out = run(get_config(), "runs/lr_diagnosis")``;
-``out["records"][case]`` holds the ``(seeds, steps)`` arrays.
+Programmatic use: `out = run(get_config(), "runs/lr_diagnosis")`;
+`out["records"][case]` holds the `(seeds, steps)` arrays.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def case_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def case_settings(config: ml_collections.ConfigDict, name: str) -> dict[str, float]:
-    """``{"lr", "momentum", "effective_lr"}`` of a case; ``effective_lr = lr / (1 - momentum)``
+    """`{"lr", "momentum", "effective_lr"}` of a case; `effective_lr = lr / (1 - momentum)`
     (the step of heavy-ball SGD under a constant gradient), the initial rate for schedules."""
     c = CASES[name]
     mult = lt.VARIANTS[c.variant].lr_mult if c.lr_mult is None else c.lr_mult
@@ -149,7 +151,7 @@ def case_settings(config: ml_collections.ConfigDict, name: str) -> dict[str, flo
 
 
 def _running_mean(a: np.ndarray, k: int) -> np.ndarray:
-    """Trailing mean over ``k`` steps along the last axis (shorter at the start)."""
+    """Trailing mean over `k` steps along the last axis (shorter at the start)."""
     c = np.cumsum(np.nan_to_num(a, nan=np.inf), axis=-1)  # a non-finite value poisons its windows
     out = np.empty_like(c)
     out[..., :k] = c[..., :k] / np.arange(1, min(k, a.shape[-1]) + 1)
@@ -159,14 +161,14 @@ def _running_mean(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def layers(record: dict[str, np.ndarray]) -> list[str]:
-    """The hidden layers' activation-input names in a record (``act_in_0``, ...), in order."""
+    """The hidden layers' activation-input names in a record (`act_in_0`, ...), in order."""
     return sorted(k.split("/")[0] for k in record if k.endswith("/dead"))
 
 
 def events(record: dict[str, np.ndarray]) -> dict[str, list[int | None]]:
-    """Per seed, the first step at which each layer is mostly dead (``dead >= DEAD``) and at
+    """Per seed, the first step at which each layer is mostly dead (`dead >= DEAD`) and at
     which the 20-step mean training loss first exceeds :data:`CHANCE_LOSS` after step 20
-    (``"loss"``; None: never)."""
+    (`"loss"`; None: never)."""
     out = {}
     for layer in layers(record):
         out[layer] = [dynamics.first_step(d, DEAD - 1e-9) for d in record[f"{layer}/dead"]]
@@ -178,7 +180,7 @@ def events(record: dict[str, np.ndarray]) -> dict[str, list[int | None]]:
 
 
 def trace_case(config, name: str, train, *, progress_bar=None):
-    """Traces one case: ``(seeds, steps)`` arrays of the loss and the probe's measurements."""
+    """Traces one case: `(seeds, steps)` arrays of the loss and the probe's measurements."""
     c = CASES[name]
     s = case_settings(config, name)
     model = lt.make_model(config, c.variant)
@@ -216,7 +218,7 @@ def _csv_columns(record) -> list[str]:
 
 
 def csv_rows(records: dict[str, dict[str, np.ndarray]], config) -> list[dict[str, Any]]:
-    """Rows ``(case, seed, step, measurements...)`` of every ``csv_every``-th step."""
+    """Rows `(case, seed, step, measurements...)` of every `csv_every`-th step."""
     rows = []
     for name, rec in records.items():
         cols = _csv_columns(rec)
@@ -243,7 +245,7 @@ def _fmt(v) -> str:
 
 
 def markdown(records, config, seconds: float | None) -> str:
-    """``diagnosis.md``: the per-case table and BN-x30's layers step by step."""
+    """`diagnosis.md`: the per-case table and BN-x30's layers step by step."""
     n = config.diag_steps
     lines = [
         "# Why BN-x30 fails: the first steps, layer by layer",
@@ -311,7 +313,7 @@ def markdown(records, config, seconds: float | None) -> str:
 
 
 def plot(records, config, path: Path) -> None:
-    """``diagnosis.png``: (a) training loss, (b) dead units of the last hidden layer,
+    """`diagnosis.png`: (a) training loss, (b) dead units of the last hidden layer,
     (c) logits' scale, for every case; (d-f) BN-x30's layers: dead units, BN beta norms,
     pre-BN standard deviations."""
     from matplotlib.figure import Figure
@@ -387,10 +389,10 @@ def run(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Traces every case and writes the outputs to ``workdir``.
+    """Traces every case and writes the outputs to `workdir`.
 
     Returns:
-      ``{"config", "records": {case: {key: (seeds, steps) array}}, "events", "seconds"}``.
+      `{"config", "records": {case: {key: (seeds, steps) array}}, "events", "seconds"}`.
     """
     del resume  # nothing to resume: a trace is short
     t0 = time.perf_counter()
@@ -419,7 +421,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m bnjax.experiments.lr_diagnosis`` (``--help`` lists every option)."""
+    """`python -m bnjax.experiments.lr_diagnosis` (`--help` lists every option)."""
     from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(

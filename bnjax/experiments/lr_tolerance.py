@@ -8,63 +8,63 @@ small NHWC convnet (:class:`bnjax.experiments.models.ConvNet`: two 3x3 stride-2 
 and a dense layer, each followed by BN per feature map when enabled, then the
 activation) on Fashion-MNIST (or MNIST), SGD with momentum:
 
-==================  =====  ==========  ==========
-variant             BN     activation  lr
-==================  =====  ==========  ==========
-``no_bn``           no     relu        base
-``no_bn_x5``        no     relu        5 x base
-``bn``              yes    relu        base
-``bn_x5``           yes    relu        5 x base
-``bn_x10``          yes    relu        10 x base (not in the paper)
-``bn_x30``          yes    relu        30 x base
-``sigmoid``         no     sigmoid     base
-``bn_x5_sigmoid``   yes    sigmoid     5 x base
-==================  =====  ==========  ==========
+| variant | BN | activation | lr |
+|---|---|---|---|
+| `no_bn` | no | relu | base |
+| `no_bn_x5` | no | relu | 5x base |
+| `bn` | yes | relu | base |
+| `bn_x5` | yes | relu | 5x base |
+| `bn_x10` | yes | relu | 10x base (not in the paper) |
+| `bn_x30` | yes | relu | 30x base |
+| `sigmoid` | no | sigmoid | base |
+| `bn_x5_sigmoid` | yes | sigmoid | 5x base |
 
 These run at a constant rate with nothing else changed, isolating BN's own
 effect. The paper's accelerated BN networks (BN-x5, BN-x30) also came with the
 changes of its Sec. 4.2.1; those that exist in this setting are options of a
-variant (:class:`Variant`) and make a second set of named variants, ``<name>_421``:
+variant (:class:`Variant`) and make a second set of named variants, `<name>_421`:
 
 * an Inception-style staircase exponential decay of the rate,
-  ``lr * lr_decay_rate ** floor(step / lr_decay_steps)`` (Inception: 4% every
-  8 epochs; ``optax.exponential_decay(staircase=True)``), for the base-rate
+  `lr * lr_decay_rate ** floor(step / lr_decay_steps)` (Inception: 4% every
+  8 epochs; `optax.exponential_decay(staircase=True)`), for the base-rate
   networks (as the paper's Inception and BN-Baseline), and the same decay 6x
-  faster (every ``lr_decay_steps / 6`` steps) for the accelerated ones;
-* L2 weight decay on the conv and dense kernels, ``weight_decay`` for the
-  base-rate networks and ``weight_decay / 5`` for the accelerated ones;
+  faster (every `lr_decay_steps / 6` steps) for the accelerated ones;
+* L2 weight decay on the conv and dense kernels, `weight_decay` for the
+  base-rate networks and `weight_decay / 5` for the accelerated ones;
 * no dropout: :class:`bnjax.experiments.models.ConvNet` has none (nor local response
   normalization, nor photometric distortions: there is no augmentation);
 * thorough shuffling: every epoch already visits the training set in a fresh
   permutation per seed (:func:`bnjax.training.epoch_batch_indices`).
 
 Changes that are *not* in the paper are separate, labelled variants
-(``*_warmup``: a linear warm-up of the rate; ``*_clip``: gradient clipping),
-never applied silently. The default ``variants`` are the eight above (their
-results unchanged); ``configs/lr_tolerance_sec421.py`` runs both sets side by
-side and ``results.md`` then also gets a side-by-side table.
+(`*_warmup`: a linear warm-up of the rate; `*_clip`: gradient clipping),
+never applied silently. The default `variants` are the eight above (their
+results unchanged); `configs/lr_tolerance_sec421.py` runs both sets side by
+side and `results.md` then also gets a side-by-side table.
 
 All variants share the initial-weight seeds and the data order per seed
 (:func:`bnjax.training.create_train_states`), are trained side by side with
-:func:`bnjax.training.fit` (several seeds in parallel by ``jax.vmap``) and are
-evaluated on the test set every ``eval_every`` steps in inference mode, with
+:func:`bnjax.training.fit` (several seeds in parallel by `jax.vmap`) and are
+evaluated on the test set every `eval_every` steps in inference mode, with
 the population statistics (EMA). The table gives, per variant, the first
 evaluated step at which the seed-mean test accuracy reaches the maximum
-seed-mean accuracy of the reference (``no_bn``), and its own maximum.
+seed-mean accuracy of the reference (`no_bn`), and its own maximum.
 
-Outputs in the run folder (``--workdir``): ``lr_tolerance.png`` (test accuracy
-and training loss against steps), ``results.md`` (the table), ``metrics.json``
-(config, summary, history), ``metrics.csv`` (one row per variant, step and
-seed), ``summary.csv`` (the table), ``config.json`` and ``checkpoints/``.
+Outputs in the run folder (`--workdir`): `lr_tolerance.png` (test accuracy
+and training loss against steps), `results.md` (the table), `metrics.json`
+(config, summary, history), `metrics.csv` (one row per variant, step and
+seed), `summary.csv` (the table), `config.json` and `checkpoints/`.
 
-Run::
+Run:
 
-    bnjax-lr-tolerance                                   # the full run, defaults below
-    bnjax-lr-tolerance --quick --workdir runs/smoke      # a smoke test
-    bnjax-lr-tolerance --config.learning_rate=0.05 --config.num_seeds=3
-    python -m bnjax.experiments.lr_tolerance --config configs/lr_tolerance.py
+```bash
+bnjax-lr-tolerance                                   # the full run, defaults below
+bnjax-lr-tolerance --quick --workdir runs/smoke      # a smoke test
+bnjax-lr-tolerance --config.learning_rate=0.05 --config.num_seeds=3
+python -m bnjax.experiments.lr_tolerance --config configs/lr_tolerance.py
+```
 
-Programmatic use: ``results = run(get_config(), "runs/lr_tolerance")``.
+Programmatic use: `results = run(get_config(), "runs/lr_tolerance")`.
 """
 
 from __future__ import annotations
@@ -114,15 +114,15 @@ class Variant:
     Attributes:
       label: the name in the table and the plot (the paper's names where they exist).
       use_bn: batch norm before every hidden activation.
-      act: ``"base"`` (the config's ``activation``) or an activation name.
-      lr_mult: the (initial) learning rate is ``lr_mult * config.learning_rate``.
-      schedule: ``"constant"``, ``"inception"`` (staircase exponential decay by
-        ``config.lr_decay_rate`` every ``config.lr_decay_steps`` steps) or
-        ``"inception_6x"`` (the same, 6x faster: every ``lr_decay_steps / 6`` steps).
+      act: `"base"` (the config's `activation`) or an activation name.
+      lr_mult: the (initial) learning rate is `lr_mult * config.learning_rate`.
+      schedule: `"constant"`, `"inception"` (staircase exponential decay by
+        `config.lr_decay_rate` every `config.lr_decay_steps` steps) or
+        `"inception_6x"` (the same, 6x faster: every `lr_decay_steps / 6` steps).
       weight_decay: L2 weight decay of the kernels, as a multiple of
-        ``config.weight_decay`` (0: none).
-      warmup: (not in the paper) a linear warm-up from 0 over ``config.warmup_steps``.
-      clip: (not in the paper) clip the gradient's global norm at ``config.clip_norm``.
+        `config.weight_decay` (0: none).
+      warmup: (not in the paper) a linear warm-up from 0 over `config.warmup_steps`.
+      clip: (not in the paper) clip the gradient's global norm at `config.clip_norm`.
     """
 
     label: str
@@ -136,7 +136,7 @@ class Variant:
 
     @property
     def group(self) -> str:
-        """``"original"`` (constant rate), ``"sec421"`` or ``"beyond"`` (beyond the paper)."""
+        """`"original"` (constant rate), `"sec421"` or `"beyond"` (beyond the paper)."""
         if self.warmup or self.clip:
             return "beyond"
         if self.schedule != "constant" or self.weight_decay:
@@ -186,7 +186,7 @@ VARIANTS: dict[str, Variant] = {
     ),
 }
 ORIGINAL = tuple(n for n, v in VARIANTS.items() if v.group == "original")
-"""The variants of the first session (the default ``variants``)."""
+"""The variants of the first session (the default `variants`)."""
 SCHEDULES = ("constant", "inception", "inception_6x")
 COLORS = {
     "no_bn": "black",
@@ -237,7 +237,7 @@ CONFIG_HELP = {
 
 def get_config() -> ml_collections.ConfigDict:
     """The default configuration (about 5 minutes on 2 CPU cores; 857 s before the convnet
-    steps were unrolled, see ``steps_per_call``).
+    steps were unrolled, see `steps_per_call`).
 
     The base learning rate 0.05 (SGD, momentum 0.9, batch 50) is close to the
     largest rate at which the relu network without BN trains: in 1,000-step
@@ -245,7 +245,7 @@ def get_config() -> ml_collections.ConfigDict:
     (dead units, loss log 10) at 0.2 and 0.5. With BN the same network trained
     at 0.25 and 0.5 but not at 1.2, 1.5 or 3.0, so BN-x10 is included next to
     the paper's x5 and x30 to locate the limit (measured numbers of the full
-    run: ``docs/lr_tolerance/results.md``). BN's EMA momentum is 0.9 so that
+    run: `docs/lr_tolerance/results.md`). BN's EMA momentum is 0.9 so that
     the population statistics used at the first evaluations (every 100 steps)
     are not dominated by their initial values (flax's 0.99 averages over
     ~100 steps).
@@ -281,7 +281,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def sec421_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-    """``config`` (default :func:`get_config`) with the reference and accelerated variants in
+    """`config` (default :func:`get_config`) with the reference and accelerated variants in
     both settings, the original and the paper's Sec. 4.2.1 (plus the labelled extras).
 
     The schedule's time base: at 32 examples a step, Inception's 31.0M steps to its
@@ -298,7 +298,7 @@ def sec421_config(config: ml_collections.ConfigDict | None = None) -> ml_collect
 
 
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-    """``config`` (default :func:`get_config`) shortened to a smoke test of the same pipeline."""
+    """`config` (default :func:`get_config`) shortened to a smoke test of the same pipeline."""
     return _common.updated(
         get_config() if config is None else config, num_steps=200, num_seeds=1, eval_every=100
     )
@@ -318,19 +318,19 @@ def variant_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def learning_rate(config: ml_collections.ConfigDict, name: str) -> float:
-    """The (initial, peak) learning rate of variant ``name``."""
+    """The (initial, peak) learning rate of variant `name`."""
     return VARIANTS[name].lr_mult * config.learning_rate
 
 
 def schedule(
     config: ml_collections.ConfigDict, name: str, *, lr: float | None = None
 ) -> float | optax.Schedule:
-    """Variant ``name``'s learning rate: a float (constant) or an optax schedule of the step.
+    """Variant `name`'s learning rate: a float (constant) or an optax schedule of the step.
 
-    ``"inception"``: ``lr * lr_decay_rate ** floor(step / lr_decay_steps)``;
-    ``"inception_6x"``: the same with ``lr_decay_steps / 6``; with ``warmup`` the
-    rate first grows linearly from 0 to ``lr`` over ``warmup_steps`` and the decay
-    starts after it (``optax.warmup_exponential_decay_schedule``). ``lr``
+    `"inception"`: `lr * lr_decay_rate ** floor(step / lr_decay_steps)`;
+    `"inception_6x"`: the same with `lr_decay_steps / 6`; with `warmup` the
+    rate first grows linearly from 0 to `lr` over `warmup_steps` and the decay
+    starts after it (`optax.warmup_exponential_decay_schedule`). `lr`
     overrides the variant's initial rate.
     """
     v = VARIANTS[name]
@@ -368,16 +368,16 @@ def make_optimizer(
     lr: float | None = None,
     momentum: float | None = None,
 ) -> optax.GradientTransformation:
-    """Variant ``name``'s optimizer: ``config.optimizer`` at :func:`schedule`, plus its options.
+    """Variant `name`'s optimizer: `config.optimizer` at :func:`schedule`, plus its options.
 
-    L2 weight decay (``weight_decay * config.weight_decay``) is
-    ``optax.add_decayed_weights`` on the kernels, before the optimizer: it adds
-    ``wd * W`` to the gradient, exactly the gradient of a loss term
-    ``wd / 2 * ||W||^2``, so with SGD (+ momentum) it *is* the paper's L2
+    L2 weight decay (`weight_decay * config.weight_decay`) is
+    `optax.add_decayed_weights` on the kernels, before the optimizer: it adds
+    `wd * W` to the gradient, exactly the gradient of a loss term
+    `wd / 2 * ||W||^2`, so with SGD (+ momentum) it *is* the paper's L2
     regularization, while the reported training loss stays the cross-entropy
     (comparable across variants) and BN's gamma/beta and the biases are left out
-    by a mask. Clipping (``clip``) acts on the raw gradient, first. ``lr`` and
-    ``momentum`` override the variant's (for the diagnosis).
+    by a mask. Clipping (`clip`) acts on the raw gradient, first. `lr` and
+    `momentum` override the variant's (for the diagnosis).
     """
     v = VARIANTS[name]
     mom = config.momentum if momentum is None else momentum
@@ -391,7 +391,7 @@ def make_optimizer(
 
 
 def make_model(config: ml_collections.ConfigDict, name: str) -> ConvNet:
-    """Variant ``name``'s network."""
+    """Variant `name`'s network."""
     v = VARIANTS[name]
     bn = (("momentum", config.bn_momentum), ("epsilon", config.bn_epsilon))
     return ConvNet(
@@ -405,7 +405,7 @@ def make_model(config: ml_collections.ConfigDict, name: str) -> ConvNet:
 
 
 def build(config: ml_collections.ConfigDict) -> dict[str, tuple[ConvNet, Any]]:
-    """``{variant: (model, optimizer)}`` for the config's variants."""
+    """`{variant: (model, optimizer)}` for the config's variants."""
     return {
         name: (make_model(config, name), make_optimizer(config, name))
         for name in variant_names(config)
@@ -419,12 +419,12 @@ def summarize(history: list[dict], config: ml_collections.ConfigDict) -> dict[st
     """Per variant: max / final accuracy, steps to the reference's max accuracy, divergence.
 
     The target is the reference's maximum over the evaluations of its
-    seed-mean test accuracy; a variant's ``steps_to_target`` is the first
-    evaluation step at which its seed-mean accuracy reaches it (``None``: never),
-    ``per_seed`` the same per seed against the same target. ``diverged`` counts
-    the seeds whose final training loss is not finite, ``at_chance`` those with
+    seed-mean test accuracy; a variant's `steps_to_target` is the first
+    evaluation step at which its seed-mean accuracy reaches it (`None`: never),
+    `per_seed` the same per seed against the same target. `diverged` counts
+    the seeds whose final training loss is not finite, `at_chance` those with
     a finite loss but a final test accuracy below :data:`CHANCE` (a net that
-    blew up into dead units: the loss stays at ``log(10)``).
+    blew up into dead units: the loss stays at `log(10)`).
     """
     names = [n for n in variant_names(config) if any(r["run"] == n for r in history)]
     ref = config.reference
@@ -469,7 +469,7 @@ def summarize(history: list[dict], config: ml_collections.ConfigDict) -> dict[st
 
 
 def history_rows(history: list[dict], config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-    """One flat row per (variant, step, seed) for ``metrics.csv``."""
+    """One flat row per (variant, step, seed) for `metrics.csv`."""
     rows = []
     for r in history:
         for j, acc in enumerate(r["accuracy"]):
@@ -488,7 +488,7 @@ def history_rows(history: list[dict], config: ml_collections.ConfigDict) -> list
 
 
 def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The table as CSV rows (``summary.csv``)."""
+    """The table as CSV rows (`summary.csv`)."""
     return [
         {
             "variant": name,
@@ -524,9 +524,9 @@ def _setting(config: ml_collections.ConfigDict) -> str:
 
 
 def line_style(name: str) -> tuple[str | None, str]:
-    """``(color, linestyle)`` of variant ``name`` in the plot: a ``*_421`` (or beyond-the-paper)
+    """`(color, linestyle)` of variant `name` in the plot: a `*_421` (or beyond-the-paper)
     variant without its own color takes its original's, and the line style tells the settings
-    apart: original ``"-"`` (no BN: ``"--"``), Sec. 4.2.1 ``":"``, beyond the paper ``"-."``."""
+    apart: original `"-"` (no BN: `"--"`), Sec. 4.2.1 `":"`, beyond the paper `"-."`."""
     v = VARIANTS[name]
     base = name.split("_421")[0]
     color = COLORS.get(name, COLORS.get(base))
@@ -535,7 +535,7 @@ def line_style(name: str) -> tuple[str | None, str]:
 
 
 def plot(history: list[dict], summary: dict[str, Any], config, path: Path) -> None:
-    """Writes ``lr_tolerance.png``: (a) test accuracy, (b) training loss, against steps."""
+    """Writes `lr_tolerance.png`: (a) test accuracy, (b) training loss, against steps."""
     fig, axes = _common.new_figure(2, figsize=(14, 5))
     names = list(summary["variants"])
     for name in names:
@@ -594,6 +594,8 @@ def results_markdown(
         f"{config.bn_momentum:g}), evaluated every {config.eval_every} steps; accuracies are "
         "seed means.",
         "",
+        "![test accuracy and training loss against steps, per variant](lr_tolerance.png)",
+        "",
         f"| model | lr | steps to {tgt} | max accuracy | final accuracy | speed-up |",
         "|---|---|---|---|---|---|",
     ]
@@ -630,7 +632,7 @@ def results_markdown(
 
 
 def settings_text(config: ml_collections.ConfigDict, name: str) -> str:
-    """Variant ``name``'s training changes in words (``"constant rate"`` for the originals)."""
+    """Variant `name`'s training changes in words (`"constant rate"` for the originals)."""
     v = VARIANTS[name]
     parts = []
     if v.schedule == "constant":
@@ -649,8 +651,8 @@ def settings_text(config: ml_collections.ConfigDict, name: str) -> str:
 
 
 def side_by_side_markdown(summary: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-    """Lines of the "original vs Sec. 4.2.1" table (``[]`` without any ``*_421`` variant):
-    one row per original variant whose ``<name>_421`` was also trained, then the variants
+    """Lines of the "original vs Sec. 4.2.1" table (`[]` without any `*_421` variant):
+    one row per original variant whose `<name>_421` was also trained, then the variants
     beyond the paper, with their settings."""
     v = summary["variants"]
     pairs = [(n, f"{n}_421") for n in ORIGINAL if n in v and f"{n}_421" in v]
@@ -695,7 +697,7 @@ def side_by_side_markdown(summary: dict[str, Any], config: ml_collections.Config
 
 
 def _failures(s: dict[str, Any], short: bool = False) -> str:
-    """``"diverged in 2/2 seeds"`` and the like, or ``""``."""
+    """`"diverged in 2/2 seeds"` and the like, or `""`."""
     parts = []
     if s["diverged"]:
         parts.append(f"diverged (non-finite loss) in {s['diverged']}/{s['seeds']} seeds")
@@ -766,20 +768,20 @@ def run(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Runs Experiment 2 and writes its outputs to ``workdir``.
+    """Runs Experiment 2 and writes its outputs to `workdir`.
 
     Args:
       config: from :func:`get_config` (or a config file), possibly overridden.
       workdir: the run folder (created).
-      data_dir: the dataset root (else ``$BNJAX_DATA_DIR``, then the cache).
+      data_dir: the dataset root (else `$BNJAX_DATA_DIR`, then the cache).
       download: download the dataset if missing.
-      resume: continue from ``workdir/checkpoints`` (the config must match, except
-        ``num_steps``).
+      resume: continue from `workdir/checkpoints` (the config must match, except
+        `num_steps`).
       progress: show a progress bar.
 
     Returns:
-      The ``metrics.json`` content (``config``, ``summary``, ``history``,
-      ``seconds``, ...) plus ``states`` (the final train states, by variant).
+      The `metrics.json` content (`config`, `summary`, `history`,
+      `seconds`, ...) plus `states` (the final train states, by variant).
     """
     t0 = time.perf_counter()
     workdir = _common.prepare_workdir(
@@ -807,7 +809,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``bnjax-lr-tolerance`` command (``--help`` lists every option)."""
+    """The `bnjax-lr-tolerance` command (`--help` lists every option)."""
     from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(

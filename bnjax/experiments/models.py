@@ -1,24 +1,26 @@
 """Small reference models for the paper's experiments, with or without batch norm.
 
-* :class:`MLP`: the paper's MNIST network (Sec. 4.1): ``784-100-100-100-10``,
+* :class:`MLP`: the paper's MNIST network (Sec. 4.1): `784-100-100-100-10`,
   sigmoid hidden units, weights from a small Gaussian, batch norm (optional)
-  between each hidden ``Dense`` and its nonlinearity, ``z = g(BN(W u))`` (the
+  between each hidden `Dense` and its nonlinearity, `z = g(BN(W u))` (the
   hidden biases are dropped in the BN net: beta does their job).
 * :class:`ResNet18`: torchvision's ResNet-18, layer for layer (the PyTorch
   porting test and guide, :mod:`bnjax.interop`).
 * :class:`ConvNet`: a small NHWC convnet (conv, BN, activation, max-pool) for
   the learning-rate experiments, BN per feature map as in Sec. 3.2.
 
-Both take ``train`` explicitly and record, for every hidden layer ``i``, the
-input of its nonlinearity (``"act_in_i"``) and, with BN, the BN input
-(``"bn_in_i"``) in the ``"intermediates"`` collection when it is mutable, so a
-probe such as Figure 1(b, c) costs nothing unless asked for::
+Both take `train` explicitly and record, for every hidden layer `i`, the
+input of its nonlinearity (`"act_in_i"`) and, with BN, the BN input
+(`"bn_in_i"`) in the `"intermediates"` collection when it is mutable, so a
+probe such as Figure 1(b, c) costs nothing unless asked for:
 
-    model = MLP(use_bn=True)
-    variables = model.init(key, jnp.zeros((1, 784)), train=False)
-    logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    logits, aux = model.apply(variables, x, train=False, mutable=["intermediates"])
-    aux["intermediates"]["act_in_2"][0].shape   # (batch, 100)
+```python
+model = MLP(use_bn=True)
+variables = model.init(key, jnp.zeros((1, 784)), train=False)
+logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+logits, aux = model.apply(variables, x, train=False, mutable=["intermediates"])
+aux["intermediates"]["act_in_2"][0].shape   # (batch, 100)
+```
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 
 def activation(name: str) -> Callable[[Array], Array]:
-    """The activation function called ``name`` (one of :data:`ACTIVATIONS`)."""
+    """The activation function called `name` (one of :data:`ACTIVATIONS`)."""
     try:
         return ACTIVATIONS[name]
     except KeyError:
@@ -56,28 +58,28 @@ def activation(name: str) -> Callable[[Array], Array]:
 
 
 class MLP(nn.Module):
-    """The paper's MNIST network: ``Dense -> [BN] -> sigmoid`` per hidden layer.
+    """The paper's MNIST network: `Dense -> [BN] -> sigmoid` per hidden layer.
 
     Attributes:
-      hidden: hidden layer widths, default ``(100, 100, 100)``.
+      hidden: hidden layer widths, default `(100, 100, 100)`.
       num_classes: output units (logits), default 10.
       use_bn: insert :class:`bnjax.linen.BatchNorm` before each hidden nonlinearity
         and drop the hidden biases.
       init_std: standard deviation of the Gaussian initial weights
-        ``N(0, init_std^2)`` of every ``Dense`` kernel (biases start at 0).
+        `N(0, init_std^2)` of every `Dense` kernel (biases start at 0).
         The paper says only "small random Gaussian values".
-      act: hidden activation name (see :data:`ACTIVATIONS`), default ``"sigmoid"``.
-      bn: extra keyword arguments for every BatchNorm (``momentum``,
-        ``population``, ``grad``, ...), as a tuple of ``(name, value)`` pairs or
+      act: hidden activation name (see :data:`ACTIVATIONS`), default `"sigmoid"`.
+      bn: extra keyword arguments for every BatchNorm (`momentum`,
+        `population`, `grad`, ...), as a tuple of `(name, value)` pairs or
         a dict.
-      norm: the normalization layer's class where ``use_bn`` (default ``None``:
+      norm: the normalization layer's class where `use_bn` (default `None`:
         :class:`bnjax.linen.BatchNorm`); any linen module called as
-        ``norm(name=..., **bn)(x, train=...)``, e.g. ``bnjax.linen.BatchRenorm``
-        (then ``bn`` holds its arguments, such as ``r_max``). The layers keep
-        the names ``bn_<i>`` whatever the class.
+        `norm(name=..., **bn)(x, train=...)`, e.g. `bnjax.linen.BatchRenorm`
+        (then `bn` holds its arguments, such as `r_max`). The layers keep
+        the names `bn_<i>` whatever the class.
 
-    Input ``(batch, ...)`` is flattened to ``(batch, features)``; output is
-    ``(batch, num_classes)`` logits.
+    Input `(batch, ...)` is flattened to `(batch, features)`; output is
+    `(batch, num_classes)` logits.
     """
 
     hidden: Sequence[int] = (100, 100, 100)
@@ -105,26 +107,26 @@ class MLP(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """A small NHWC convnet: per block ``Conv3x3 -> [BN] -> act -> MaxPool2``, then a head.
+    """A small NHWC convnet: per block `Conv3x3 -> [BN] -> act -> MaxPool2`, then a head.
 
     Attributes:
-      features: output channels of each conv block, default ``(32, 64)``.
+      features: output channels of each conv block, default `(32, 64)`.
       dense: width of the hidden dense layer before the head (0: none), default 128.
       num_classes: logits, default 10.
       use_bn: batch norm (per feature map, Sec. 3.2) before each activation,
         conv and dense biases dropped.
-      act: activation name (see :data:`ACTIVATIONS`), default ``"relu"``.
+      act: activation name (see :data:`ACTIVATIONS`), default `"relu"`.
       bn: extra BatchNorm keyword arguments (as for :class:`MLP`).
-      downsample: ``"max_pool"`` (default: a 3x3 conv then a 2x2 max-pool) or
-        ``"stride"`` (a 3x3 conv of stride 2, no pooling: the same output sizes
+      downsample: `"max_pool"` (default: a 3x3 conv then a 2x2 max-pool) or
+        `"stride"` (a 3x3 conv of stride 2, no pooling: the same output sizes
         at about a quarter of the FLOPs, and much faster on a CPU).
-      norm: the normalization layer's class (default ``None``:
-        :class:`bnjax.linen.BatchNorm`), e.g. ``flax.linen.BatchNorm``; called as
-        ``norm(name="bn_<i>", **bn)(x, use_running_average=not train)``, so both
+      norm: the normalization layer's class (default `None`:
+        :class:`bnjax.linen.BatchNorm`), e.g. `flax.linen.BatchNorm`; called as
+        `norm(name="bn_<i>", **bn)(x, use_running_average=not train)`, so both
         libraries' layers fit and keep the same variable names.
 
-    Input ``(batch, H, W)`` or ``(batch, H, W, C)`` (MNIST: ``(batch, 28, 28)``);
-    output ``(batch, num_classes)`` logits. Kernels use flax's default
+    Input `(batch, H, W)` or `(batch, H, W, C)` (MNIST: `(batch, 28, 28)`);
+    output `(batch, num_classes)` logits. Kernels use flax's default
     LeCun-normal initializer.
     """
 
@@ -171,7 +173,7 @@ class ConvNet(nn.Module):
 
 
 class _BasicBlock(nn.Module):
-    """``conv3x3 -> norm+act -> conv3x3 -> norm``, plus the (projected) shortcut, then act."""
+    """`conv3x3 -> norm+act -> conv3x3 -> norm`, plus the (projected) shortcut, then act."""
 
     width: int
     strides: int
@@ -196,27 +198,27 @@ NORMS = ("bnjax_act", "bnjax", "flax", "none")
 
 
 class ResNet(nn.Module):
-    """A CIFAR-style ResNet (He et al. 2016, Sec. 4.2: ResNet-``6n+2``), NHWC.
+    """A CIFAR-style ResNet (He et al. 2016, Sec. 4.2: ResNet-`6n+2`), NHWC.
 
-    A 3x3 stem of ``widths[0]`` channels, then three stages of ``blocks`` basic
-    blocks (``widths`` channels, stride 2 at each stage's start), global average
-    pooling and a dense head; ``blocks=3`` is ResNet-20. The normalization is
-    chosen by ``norm``, written the way flax's examples write it (a
-    ``functools.partial`` of the layer):
+    A 3x3 stem of `widths[0]` channels, then three stages of `blocks` basic
+    blocks (`widths` channels, stride 2 at each stage's start), global average
+    pooling and a dense head; `blocks=3` is ResNet-20. The normalization is
+    chosen by `norm`, written the way flax's examples write it (a
+    `functools.partial` of the layer):
 
-    * ``"bnjax_act"``: ``bnjax.linen.BatchNormAct(activation=LeakyReLU(slope))``
-      where batch norm is followed by the activation, and ``BatchNormAct`` with
-      ``"identity"`` before the residual sum (every normalization keeps only
+    * `"bnjax_act"`: `bnjax.linen.BatchNormAct(activation=LeakyReLU(slope))`
+      where batch norm is followed by the activation, and `BatchNormAct` with
+      `"identity"` before the residual sum (every normalization keeps only
       its output for the backward pass: In-Place Activated BN);
-    * ``"bnjax"``: ``bnjax.linen.BatchNorm`` + ``nn.leaky_relu``;
-    * ``"flax"``: ``flax.linen.BatchNorm`` + ``nn.leaky_relu``;
-    * ``"none"``: no normalization (convolutions get biases).
+    * `"bnjax"`: `bnjax.linen.BatchNorm` + `nn.leaky_relu`;
+    * `"flax"`: `flax.linen.BatchNorm` + `nn.leaky_relu`;
+    * `"none"`: no normalization (convolutions get biases).
 
-    ``remat``: ``None``, or a ``jax.checkpoint_policies`` name (e.g.
-    ``"nothing_saveable"``, ``"dots_saveable"``) applied to every block, to
+    `remat`: `None`, or a `jax.checkpoint_policies` name (e.g.
+    `"nothing_saveable"`, `"dots_saveable"`) applied to every block, to
     compare In-Place ABN with recomputation.
 
-    Input ``(batch, H, W)`` or ``(batch, H, W, C)``; output logits.
+    Input `(batch, H, W)` or `(batch, H, W, C)`; output logits.
     """
 
     norm: str = "bnjax_act"
@@ -262,7 +264,7 @@ class ResNet(nn.Module):
 
 
 class _TorchBasicBlock(nn.Module):
-    """torchvision's ``BasicBlock``: ``conv1 bn1 relu conv2 bn2 (+ downsample) relu``,
+    """torchvision's `BasicBlock`: `conv1 bn1 relu conv2 bn2 (+ downsample) relu`,
     its layers called (and named) in torchvision's order."""
 
     width: int
@@ -286,27 +288,29 @@ class _TorchBasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """torchvision's ``resnet18`` in flax.linen, NHWC: same layers, order and names.
+    """torchvision's `resnet18` in flax.linen, NHWC: same layers, order and names.
 
-    ``conv1`` (7x7, stride 2, padding 3) ``bn1`` ReLU, 3x3 max-pool (stride 2,
-    padding 1), ``layer1`` ... ``layer4`` of two basic blocks (64, 128, 256, 512
-    channels; stride 2 and a 1x1 ``downsample`` projection at the start of layers
-    2-4), global average pooling, ``fc``. Layer names follow torchvision's
-    (``layer2_0/downsample_1`` is torch's ``layer2.0.downsample.1``), and layers
+    `conv1` (7x7, stride 2, padding 3) `bn1` ReLU, 3x3 max-pool (stride 2,
+    padding 1), `layer1` ... `layer4` of two basic blocks (64, 128, 256, 512
+    channels; stride 2 and a 1x1 `downsample` projection at the start of layers
+    2-4), global average pooling, `fc`. Layer names follow torchvision's
+    (`layer2_0/downsample_1` is torch's `layer2.0.downsample.1`), and layers
     are called in torchvision's order, so :func:`bnjax.interop.from_torch` pairs
     them by call order.
 
-    The normalization is a ``functools.partial`` of the layer, as in flax's
-    examples; the model adds ``use_running_average=not train``::
+    The normalization is a `functools.partial` of the layer, as in flax's
+    examples; the model adds `use_running_average=not train`:
 
-        ResNet18(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5))
-        ResNet18(norm=functools.partial(bnjax.linen.BatchNorm, **bnjax.interop.
-                                        batch_norm_kwargs(torch_model.bn1)))
+    ```python
+    ResNet18(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5))
+    ResNet18(norm=functools.partial(bnjax.linen.BatchNorm, **bnjax.interop.
+                                    batch_norm_kwargs(torch_model.bn1)))
+    ```
 
     Attributes:
-      num_classes: outputs of ``fc`` (default 10).
+      num_classes: outputs of `fc` (default 10).
       norm: the batch-norm layer (default flax's, with torch's momentum 0.1 =
-        flax's 0.9, and torch's epsilon); ``None``: no normalization and
+        flax's 0.9, and torch's epsilon); `None`: no normalization and
         convolutions with biases, the model that :func:`bnjax.fold`'s variables
         (every batch norm folded into its convolution) belong to.
     """

@@ -5,35 +5,35 @@ A batch-norm network trained on clean MNIST (or Fashion-MNIST) is evaluated on t
 set) with its frozen source statistics and with every method of
 :mod:`bnjax.adapt`:
 
-==============  ==================================================================
-method          what each batch-norm layer does on the test stream
-==============  ==================================================================
-``source``      the source (training) statistics: plain evaluation
-``norm0``       the test batch's own statistics (prediction-time BN)
-``prior<N>``    Schneider et al.'s mixture of source and batch statistics, prior N
-``tent``        batch statistics + entropy minimization of the BN affine params
-``robust``      statistics estimated across batches (RoTTA's robust BN, EMA)
-==============  ==================================================================
+| method | what each batch-norm layer does on the test stream |
+|---|---|
+| `source` | the source (training) statistics: plain evaluation |
+| `norm0` | the test batch's own statistics (prediction-time BN) |
+| `prior<N>` | Schneider et al.'s mixture of source and batch statistics, prior N |
+| `tent` | batch statistics + entropy minimization of the BN affine params |
+| `robust` | statistics estimated across batches (RoTTA's robust BN, EMA) |
 
 on test streams of i.i.d. batches of 1, 4, 16, 64 and 256 examples, and on two
-label-shifted streams of 64 (``sorted``: class by class; ``dirichlet``: class
-proportions ``Dirichlet(alpha)`` per batch). Every stream starts from the source
+label-shifted streams of 64 (`sorted`: class by class; `dirichlet`: class
+proportions `Dirichlet(alpha)` per batch). Every stream starts from the source
 model (online adaptation within a corruption, reset between corruptions). Two
 networks: a BN convnet (:class:`bnjax.experiments.models.ConvNet`) and the
 Figure-1 BN MLP; the convnet is evaluated again as the same model built with
-``flax.linen.BatchNorm`` (the same variables: flax's layer is adapted too).
+`flax.linen.BatchNorm` (the same variables: flax's layer is adapted too).
 
-Outputs in the run folder (``--workdir``): ``shift.png`` (mean corruption error
+Outputs in the run folder (`--workdir`): `shift.png` (mean corruption error
 against test batch size per method; error per corruption and method at batch
-64), ``results.md`` (tables), ``summary.json``, ``summary.csv``, ``config.json``.
+64), `results.md` (tables), `summary.json`, `summary.csv`, `config.json`.
 
-Run::
+Run:
 
-    bnjax-shift --data-dir ../shared/data                 # the full run
-    bnjax-shift --quick --workdir runs/smoke              # a smoke test
-    bnjax-shift --config.datasets=mnist --config.models=convnet
+```bash
+bnjax-shift --data-dir ../shared/data                 # the full run
+bnjax-shift --quick --workdir runs/smoke              # a smoke test
+bnjax-shift --config.datasets=mnist --config.models=convnet
+```
 
-Programmatic use: ``results = run(get_config(), "runs/shift")``.
+Programmatic use: `results = run(get_config(), "runs/shift")`.
 """
 
 from __future__ import annotations
@@ -187,9 +187,9 @@ def evaluate_stream(
     y: np.ndarray,
     cache: dict,
 ) -> tuple[float, float]:
-    """``(error, seconds)`` of ``adapter`` on the stream ``x`` ``(batches, size, ...)``,
-    labels ``y`` ``(batches, size)``: one compiled ``lax.scan`` from the source model
-    (compiled once per adapter, model and shape, kept in ``cache``; the time
+    """`(error, seconds)` of `adapter` on the stream `x` `(batches, size, ...)`,
+    labels `y` `(batches, size)`: one compiled `lax.scan` from the source model
+    (compiled once per adapter, model and shape, kept in `cache`; the time
     excludes compilation)."""
     key = (id(adapter), model, x.shape)
     if key not in cache:
@@ -209,8 +209,8 @@ def evaluate_stream(
 
 
 def _streams(labels: np.ndarray, config) -> dict[str, np.ndarray]:
-    """Stream name -> test indices ``(batches, size)``: i.i.d. ``b<size>`` and the
-    label-shifted ``sorted`` / ``dirichlet``."""
+    """Stream name -> test indices `(batches, size)`: i.i.d. `b<size>` and the
+    label-shifted `sorted` / `dirichlet`."""
     rng = np.random.default_rng(config.seed)
     out = {}
     for b in config.batch_sizes:
@@ -269,12 +269,12 @@ def run(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trains, corrupts, adapts, evaluates; writes the outputs to ``workdir``.
+    """Trains, corrupts, adapts, evaluates; writes the outputs to `workdir`.
 
     Returns:
-      The ``summary.json`` content: ``cells`` (``dataset/model/method/stream/
-      corruption`` -> error per seed), ``clean_accuracy``, ``seconds_per_batch``,
-      ``flax_check`` and ``seconds``.
+      The `summary.json` content: `cells` (`dataset/model/method/stream/
+      corruption` -> error per seed), `clean_accuracy`, `seconds_per_batch`,
+      `flax_check` and `seconds`.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     datasets = _names(config.datasets, ("mnist", "fashion-mnist"), "datasets")
@@ -345,7 +345,8 @@ def run(
         "cells": cells,
         "clean_accuracy": clean,
         "seconds_per_batch": {
-            k: float(np.median([t for t in v if np.isfinite(t)])) if np.any(np.isfinite(v))
+            k: float(np.median([t for t in v if np.isfinite(t)]))
+            if np.any(np.isfinite(v))
             else float("nan")
             for k, v in seconds.items()
         },
@@ -390,7 +391,7 @@ def mean_error(summary: dict, dataset: str, model: str, method: str, stream: str
 
 
 def _fmt(values) -> str:
-    """``mean ± std`` over seeds in percent; ``n/a`` for undefined; one seed: no spread."""
+    """`mean ± std` over seeds in percent; `n/a` for undefined; one seed: no spread."""
     v = np.asarray(values, np.float64)
     if np.all(np.isnan(v)):
         return "n/a"
@@ -432,6 +433,9 @@ def results_markdown(summary: dict, config: ml_collections.ConfigDict) -> str:
         "streams `b<k>`: i.i.d. batches of k, `sorted` / `dirichlet`: label-shifted batches of "
         f"{config.shift_batch_size} (Dirichlet alpha {config.dirichlet_alpha}). "
         "Every stream starts from the source model.",
+        "",
+        "![mean corruption error against test batch size per method, label-shifted streams at "
+        "the right; error per corruption and method at batch 64](shift.png)",
         "",
     ]
     streams = summary["streams"]
@@ -496,74 +500,93 @@ def results_markdown(summary: dict, config: ml_collections.ConfigDict) -> str:
 
 
 def plot(summary: dict, config: ml_collections.ConfigDict, path: Path) -> None:
-    """Mean error against test batch size per method (one panel per dataset and model),
-    the label-shifted streams as markers at the right; a heat map of error per corruption
-    and method at batch ``shift_batch_size`` (first model)."""
-    iid = [s for s in summary["streams"] if s.startswith("b")]
-    sizes = [int(s[1:]) for s in iid]
-    panels = [(d, m) for d in summary["datasets"] for m in summary["models"]]
-    fig, axes = _common.new_figure(len(panels) + 1, (4.2 * (len(panels) + 1), 3.8))
-    colors = {m: f"C{i}" for i, m in enumerate(summary["methods"])}
-    xshift = {"sorted": max(sizes) * 3, "dirichlet": max(sizes) * 6}
-    for ax, (dataset, model) in zip(axes, panels, strict=False):
-        for method in summary["methods"]:
-            ys = [_nanmean(mean_error(summary, dataset, model, method, s)) * 100 for s in iid]
-            ax.plot(sizes, ys, "o-", color=colors[method], label=method, ms=4)
-            for s, x in xshift.items():
-                y = _nanmean(mean_error(summary, dataset, model, method, s)) * 100
-                ax.plot([x], [y], "s" if s == "sorted" else "^", color=colors[method], ms=5)
-        ax.set_xscale("log", base=2)
-        ticks = sizes + list(xshift.values())
-        ax.set_xticks(ticks, [str(s) for s in sizes] + ["sorted", "dir."], fontsize=7)
-        ax.minorticks_off()
-        ax.set_xlabel("test batch size (i.i.d.) | label-shifted streams")
-        ax.set_ylabel("mean corruption error (%)")
-        ax.set_title(f"{dataset}, {model}", fontsize=9)
-        ax.grid(alpha=0.3)
+    """One row per dataset: per model, the mean corruption error against the test batch
+    size per method (the label-shifted streams as markers at the right); then a heat map
+    of the error per corruption and method at batch ``shift_batch_size`` (first model)."""
+    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    handles, _ = axes[0].get_legend_handles_labels()
+    iid = [s for s in summary["streams"] if s.startswith("b")]
+    sizes = [int(s[1:]) for s in iid]
+    datasets, models = summary["datasets"], summary["models"]
+    ncols = len(models) + 1
+    fig = Figure(figsize=(4.6 * ncols, 4.0 * len(datasets)))
+    axes = fig.subplots(len(datasets), ncols, squeeze=False)
+    colors = {m: f"C{i}" for i, m in enumerate(summary["methods"])}
+    xshift = {"sorted": max(sizes) * 3, "dirichlet": max(sizes) * 8}
+    ref = f"b{config.shift_batch_size}" if f"b{config.shift_batch_size}" in iid else iid[-1]
+    for row, dataset in enumerate(datasets):
+        for col, model in enumerate(models):
+            ax = axes[row, col]
+            for method in summary["methods"]:
+                ys = [_nanmean(mean_error(summary, dataset, model, method, s)) * 100 for s in iid]
+                ax.plot(sizes, ys, "o-", color=colors[method], label=method, ms=4)
+                for s, x in xshift.items():
+                    y = _nanmean(mean_error(summary, dataset, model, method, s)) * 100
+                    ax.plot([x], [y], "s" if s == "sorted" else "^", color=colors[method], ms=6)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(
+                sizes + list(xshift.values()),
+                [str(s) for s in sizes] + ["sorted", "Dirichlet"],
+                fontsize=8,
+            )
+            ax.minorticks_off()
+            ax.set_xlabel(
+                f"test batch size (i.i.d.)   |   label-shifted, batch {config.shift_batch_size}",
+                fontsize=8,
+            )
+            ax.set_ylabel("mean corruption error (%)")
+            ax.set_title(f"({chr(97 + row * ncols + col)}) {dataset}, {model}", fontsize=10)
+            ax.grid(alpha=0.3)
+        ax = axes[row, -1]
+        grid = np.array(
+            [
+                [
+                    _nanmean(summary["cells"][f"{dataset}/{models[0]}/{m}/{ref}/{c}"]) * 100
+                    for c in summary["corruptions"]
+                ]
+                for m in summary["methods"]
+            ]
+        )
+        im = ax.imshow(grid, cmap="magma_r", aspect="auto", vmin=0, vmax=100)
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if v > 50 else "black",
+                )
+        ax.set_yticks(range(len(summary["methods"])), summary["methods"], fontsize=8)
+        ax.set_xticks(
+            range(len(summary["corruptions"])),
+            summary["corruptions"],
+            rotation=60,
+            ha="right",
+            fontsize=7,
+        )
+        ax.set_title(
+            f"({chr(97 + row * ncols + ncols - 1)}) error (%) per corruption, "
+            f"{dataset} {models[0]}, i.i.d. batches of {ref[1:]}",
+            fontsize=9,
+        )
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    handles, _ = axes[0, 0].get_legend_handles_labels()
     handles += [
         Line2D([], [], marker="s", ls="", color="gray", label="class-sorted stream"),
         Line2D([], [], marker="^", ls="", color="gray", label="Dirichlet stream"),
     ]
-    axes[0].legend(handles=handles, fontsize=7)
-    ax = axes[-1]
-    dataset, model = panels[0]
-    ref = f"b{config.shift_batch_size}" if f"b{config.shift_batch_size}" in iid else iid[-1]
-    grid = np.array(
-        [
-            [
-                _nanmean(summary["cells"][f"{dataset}/{model}/{m}/{ref}/{c}"]) * 100
-                for c in summary["corruptions"]
-            ]
-            for m in summary["methods"]
-        ]
-    )
-    im = ax.imshow(grid, cmap="magma_r", aspect="auto")
-    for (i, j), v in np.ndenumerate(grid):
-        if np.isfinite(v):
-            ax.text(
-                j,
-                i,
-                f"{v:.0f}",
-                ha="center",
-                va="center",
-                fontsize=6,
-                color="white" if v > np.nanmean(grid) else "black",
-            )
-    ax.set_yticks(range(len(summary["methods"])), summary["methods"], fontsize=7)
-    ax.set_xticks(
-        range(len(summary["corruptions"])), summary["corruptions"], rotation=70, fontsize=6
-    )
-    ax.set_title(f"error (%) per corruption, {dataset} {model}, {ref}", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.suptitle("Batch-norm test-time adaptation on MNIST-C", fontsize=10)
-    _common.save_figure(fig, path, dpi=110)
+    axes[0, 0].legend(handles=handles, fontsize=7)
+    fig.suptitle("Batch-norm test-time adaptation on MNIST-C corruptions", fontsize=11)
+    fig.tight_layout()
+    _common.save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``bnjax-shift`` command (``--help`` lists every option)."""
+    """The `bnjax-shift` command (`--help` lists every option)."""
     from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(

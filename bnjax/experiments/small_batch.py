@@ -11,60 +11,55 @@ failure on ImageNet and fixes it with Batch Renorm (see ../shared/BEYOND.md
 
 Here, on MNIST (or Fashion-MNIST) with the Figure-1 MLP
 (:class:`bnjax.experiments.models.MLP`, 784-100-100-100-10, a normalization layer after
-every hidden ``Dense``), four methods are compared under five batch settings:
+every hidden `Dense`), four methods are compared under five batch settings:
 
-=============  ========================================================
-method         network
-=============  ========================================================
-``none``       no normalization (hidden biases instead)
-``bn``         :class:`bnjax.linen.BatchNorm`, EMA population statistics
-``bn_precise`` the ``bn`` network after training, population statistics
-               recomputed by PreciseBN (:func:`bnjax.recalibrate`,
-               ``mode="layerwise"``) on i.i.d. training mini-batches
-``renorm``     :class:`bnjax.linen.BatchRenorm` with the paper's schedule
-               (:func:`bnjax.functional.renorm_schedule`) scaled to the run
-=============  ========================================================
+| method | network |
+|---|---|
+| `none` | no normalization (hidden biases instead) |
+| `bn` | :class:`bnjax.linen.BatchNorm`, EMA population statistics |
+| `bn_precise` | the `bn` network after training, population statistics recomputed by PreciseBN (:func:`bnjax.recalibrate`, `mode="layerwise"`) on i.i.d. training mini-batches |
+| `renorm` | :class:`bnjax.linen.BatchRenorm` with the paper's schedule (:func:`bnjax.functional.renorm_schedule`) scaled to the run |
 
-=============  ========================================================
-setting        mini-batches of ``batch_size`` (32) ...
-=============  ========================================================
-``iid``        (a) shuffled epochs, statistics over the whole batch
-``micro4``     (b) statistics over micro-batches of 4 (``virtual_batch_size``)
-``micro2``     (b) statistics over micro-batches of 2
-``classes2``   (c) each batch holds 2 classes, 16 examples each
-``classes1``   (c) each batch holds a single class
-=============  ========================================================
+| setting | mini-batches of `batch_size` (32) ... |
+|---|---|
+| `iid` | (a) shuffled epochs, statistics over the whole batch |
+| `micro4` | (b) statistics over micro-batches of 4 (`virtual_batch_size`) |
+| `micro2` | (b) statistics over micro-batches of 2 |
+| `classes2` | (c) each batch holds 2 classes, 16 examples each |
+| `classes1` | (c) each batch holds a single class |
 
 (:func:`bnjax.training.class_grouped_batch_indices` makes the non-i.i.d.
 order.) Every trained network is evaluated on the test set twice: in
 *eval mode* (population statistics, the usual test accuracy) and in
 *train mode* (each test mini-batch normalized by its own statistics,
-:func:`bnjax.training.make_eval_step` with ``batch_statistics=True``), with
+:func:`bnjax.training.make_eval_step` with `batch_statistics=True`), with
 test mini-batches built as the training ones are (the same micro-batching,
 the same k-class grouping of the test set). The gap between the two is
 batch norm's train/inference mismatch. The no-normalization network does
-not depend on the micro-batching, so ``none`` is trained once for ``iid``,
-``micro4`` and ``micro2`` (shown in all three rows) and once per class
+not depend on the micro-batching, so `none` is trained once for `iid`,
+`micro4` and `micro2` (shown in all three rows) and once per class
 grouping.
 
 All networks of all settings train side by side in one
 :func:`bnjax.training.fit` (seed-vmapped, scan-compiled loops; the same
 initial weights and, per setting, the same data order for every method).
 
-Outputs in the run folder (``--workdir``): ``small_batch.png`` (grouped bars
+Outputs in the run folder (`--workdir`): `small_batch.png` (grouped bars
 of eval- and train-mode accuracy per setting and method; eval-mode accuracy
-against steps), ``results.md`` (the table), ``summary.json`` and
-``summary.csv`` (per setting and method, per seed), ``metrics.json``
-(config, summary, history), ``config.json`` and ``checkpoints/``.
+against steps), `results.md` (the table), `summary.json` and
+`summary.csv` (per setting and method, per seed), `metrics.json`
+(config, summary, history), `config.json` and `checkpoints/`.
 
-Run::
+Run:
 
-    bnjax-small-batch                                  # the full run (~6 CPU-minutes)
-    bnjax-small-batch --quick --workdir runs/smoke     # a smoke test (seconds)
-    bnjax-small-batch --config.methods=bn,renorm --config.settings=iid,classes1
-    bnjax-small-batch --config.dataset=fashion-mnist --workdir runs/small_batch_fashion
+```bash
+bnjax-small-batch                                  # the full run (~6 CPU-minutes)
+bnjax-small-batch --quick --workdir runs/smoke     # a smoke test (seconds)
+bnjax-small-batch --config.methods=bn,renorm --config.settings=iid,classes1
+bnjax-small-batch --config.dataset=fashion-mnist --workdir runs/small_batch_fashion
+```
 
-Programmatic use: ``results = run(get_config(), "runs/small_batch")``.
+Programmatic use: `results = run(get_config(), "runs/small_batch")`.
 """
 
 from __future__ import annotations
@@ -116,8 +111,8 @@ class Setting:
     Attributes:
       label: the name in the table and the plot.
       virtual_batch_size: statistics over micro-batches of this many examples
-        inside each mini-batch (``None``: the whole mini-batch).
-      classes_per_batch: every mini-batch holds this many classes (``None``:
+        inside each mini-batch (`None`: the whole mini-batch).
+      classes_per_batch: every mini-batch holds this many classes (`None`:
         i.i.d. mini-batches from shuffled epochs).
     """
 
@@ -184,9 +179,9 @@ def get_config() -> ml_collections.ConfigDict:
     Renorm schedule to matter, short enough that the 13 trained networks x 3
     seeds take about 6 CPU-minutes (measured: 365 CPU-seconds; 25 minutes of
     wall time on a 2-core machine shared at load ~19). Relu (not the paper's sigmoid)
-    with ``N(0, 0.05^2)`` weights so that the network without normalization
+    with `N(0, 0.05^2)` weights so that the network without normalization
     trains too. The Batch Renorm schedule keeps the paper's proportions
-    (plain BN for 5k steps, ``d_max = 5`` by 25k, ``r_max = 3`` by 40k) as
+    (plain BN for 5k steps, `d_max = 5` by 25k, `r_max = 3` by 40k) as
     fractions 0.05 / 0.25 / 0.40 of the run, so the last 60% of training runs
     at the full bounds; its moving-average momentum is 0.9 (update rate 0.1)
     against BN's 0.99 (0.01), the paper's advice to let the moving averages
@@ -221,7 +216,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-    """``config`` (default :func:`get_config`) shortened to a smoke test of the same pipeline.
+    """`config` (default :func:`get_config`) shortened to a smoke test of the same pipeline.
 
     Every setting and method, 100 steps, 2 seeds, one hidden layer of 64 (the
     time is mostly compilation: one train loop and two evaluators per network).
@@ -248,12 +243,12 @@ def _names(value: str, known: dict, field: str) -> list[str]:
 
 
 def selected(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
-    """The config's ``(settings, methods)``, validated, in the order given.
+    """The config's `(settings, methods)`, validated, in the order given.
 
     Raises:
       ConfigError: an unknown name, a micro-batch size or class count that does
-        not divide ``batch_size``, a bad Batch Renorm schedule, or ``renorm``
-        asked for where ``bnjax.linen.BatchRenorm`` is missing.
+        not divide `batch_size`, a bad Batch Renorm schedule, or `renorm`
+        asked for where `bnjax.linen.BatchRenorm` is missing.
     """
     settings = _names(config.settings, SETTINGS, "settings")
     methods = _names(config.methods, METHODS, "methods")
@@ -271,11 +266,11 @@ def selected(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
 
 
 def renorm_bounds(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Batch Renorm's keyword arguments: the paper's schedule scaled to ``num_steps``.
+    """Batch Renorm's keyword arguments: the paper's schedule scaled to `num_steps`.
 
-    ``r_max`` 1 -> ``renorm_r_max`` and ``d_max`` 0 -> ``renorm_d_max``
+    `r_max` 1 -> `renorm_r_max` and `d_max` 0 -> `renorm_d_max`
     (:func:`bnjax.functional.renorm_schedule`), plain BN for the first
-    ``renorm_schedule[0] * num_steps`` steps.
+    `renorm_schedule[0] * num_steps` steps.
     """
     try:
         from bnjax.functional import renorm_schedule
@@ -310,7 +305,7 @@ def renorm_bounds(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _norm_kwargs(config, method: str, setting: Setting) -> tuple[Any, tuple]:
-    """``(norm class, its keyword arguments)`` of ``method`` in ``setting``."""
+    """`(norm class, its keyword arguments)` of `method` in `setting`."""
     vbs = (
         (("virtual_batch_size", setting.virtual_batch_size),) if setting.virtual_batch_size else ()
     )
@@ -330,8 +325,8 @@ def _norm_kwargs(config, method: str, setting: Setting) -> tuple[Any, tuple]:
 
 
 def _trained(config) -> dict[str, tuple[str, str]]:
-    """Run name -> ``(setting, method)`` of every network to train (``bn_precise`` reuses ``bn``;
-    ``none`` once per data order, under the first setting with that order)."""
+    """Run name -> `(setting, method)` of every network to train (`bn_precise` reuses `bn`;
+    `none` once per data order, under the first setting with that order)."""
     settings, methods = selected(config)
     out, orders = {}, set()
     for s in settings:
@@ -347,7 +342,7 @@ def _trained(config) -> dict[str, tuple[str, str]]:
 
 
 def _source_run(config, setting: str, method: str) -> str:
-    """The trained run a table cell ``(setting, method)`` reads."""
+    """The trained run a table cell `(setting, method)` reads."""
     if method == "bn_precise":
         method = "bn"
     if method == "none":
@@ -361,10 +356,10 @@ def _source_run(config, setting: str, method: str) -> str:
 def build(
     config: ml_collections.ConfigDict, train_labels: np.ndarray
 ) -> dict[str, tuple[MLP, Any, Any]]:
-    """``{run: (model, optimizer, batch_indices)}`` for every network to train.
+    """`{run: (model, optimizer, batch_indices)}` for every network to train.
 
-    ``batch_indices`` is ``None`` (i.i.d. shuffled epochs) or a
-    :func:`bnjax.training.class_grouped_batch_indices` order over ``train_labels``.
+    `batch_indices` is `None` (i.i.d. shuffled epochs) or a
+    :func:`bnjax.training.class_grouped_batch_indices` order over `train_labels`.
     """
     tx = _common.make_optimizer(config.optimizer, config.learning_rate, config.momentum)
     out = {}
@@ -386,11 +381,11 @@ def build(
 
 
 def test_batches(labels: np.ndarray, setting: Setting, batch_size: int, seed: int) -> np.ndarray:
-    """The test set's indices cut into mini-batches as the training set is: ``(batches, size)``.
+    """The test set's indices cut into mini-batches as the training set is: `(batches, size)`.
 
     I.i.d. settings: one random order of the test set (the remainder dropped);
     k-class settings: one epoch of :func:`bnjax.training.class_grouped_batch_indices`
-    over the test labels. Micro-batching is the model's (``virtual_batch_size``).
+    over the test labels. Micro-batching is the model's (`virtual_batch_size`).
     """
     labels = np.asarray(labels)
     key = jax.random.PRNGKey(seed)
@@ -407,7 +402,7 @@ def test_batches(labels: np.ndarray, setting: Setting, batch_size: int, seed: in
 
 
 def _precise_bn(config, model, state, train_x):
-    """The seed-stacked ``state`` with PreciseBN statistics (layerwise, i.i.d. batches)."""
+    """The seed-stacked `state` with PreciseBN statistics (layerwise, i.i.d. batches)."""
     from bnjax.recalibration import recalibrate
 
     bs = config.batch_size
@@ -635,7 +630,7 @@ def results_markdown(
 def plot(
     summary: dict[str, Any], history: list[dict], config: ml_collections.ConfigDict, path: Path
 ) -> None:
-    """Writes ``small_batch.png``: (a) grouped bars, eval vs train mode; (b) eval accuracy vs
+    """Writes `small_batch.png`: (a) grouped bars, eval vs train mode; (b) eval accuracy vs
     steps of BN and Batch Renorm per setting."""
     settings, methods = selected(config)
     fig, axes = _common.new_figure(2, figsize=(16, 5.2))
@@ -719,20 +714,20 @@ def run(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Runs the experiment and writes its outputs to ``workdir``.
+    """Runs the experiment and writes its outputs to `workdir`.
 
     Args:
       config: from :func:`get_config` (or a config file), possibly overridden.
       workdir: the run folder (created).
-      data_dir: the dataset root (else ``$BNJAX_DATA_DIR``, then the cache).
+      data_dir: the dataset root (else `$BNJAX_DATA_DIR`, then the cache).
       download: download the dataset if missing.
-      resume: continue from ``workdir/checkpoints`` (the config must match,
-        except ``num_steps`` and the evaluation fields).
+      resume: continue from `workdir/checkpoints` (the config must match,
+        except `num_steps` and the evaluation fields).
       progress: show progress bars.
 
     Returns:
-      The ``metrics.json`` content (``config``, ``summary``, ``cells``,
-      ``seconds``, ``history``, ...) plus ``states`` (the final train states,
+      The `metrics.json` content (`config`, `summary`, `cells`,
+      `seconds`, `history`, ...) plus `states` (the final train states,
       by trained run).
 
     Raises:
@@ -773,7 +768,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``bnjax-small-batch`` command (``--help`` lists every option)."""
+    """The `bnjax-small-batch` command (`--help` lists every option)."""
     from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(

@@ -9,11 +9,11 @@ Decorrelated BN (ZCA per group, :mod:`bnjax.whitening`) and IterNorm
 three reasons:
 
 * **convergence**: the Figure-1 MLP (784-100-100-100-10 sigmoid, plain SGD,
-  batch 60, real MNIST, the ``bnjax-figure1`` schedule) with no normalization,
+  batch 60, real MNIST, the `bnjax-figure1` schedule) with no normalization,
   BN, DBN (ZCA) with groups of 4, 20 (16 does not divide 100) and 100 (full),
   and IterNorm (full, T = 5), several seeds side by side: test accuracy vs
   steps and steps to 97%. Full whitening of 100 features from 60 examples is
-  singular: those two nets run with ``allow_singular=True`` (eps alone).
+  singular: those two nets run with `allow_singular=True` (eps alone).
 * **cost**: the layer alone (forward+backward) and a whole training step of
   the MLP with hidden width d, as multiples of BN, for d in {100, 256, 1024},
   group sizes {4, 16, 64, d} (a group size that does not divide d is replaced
@@ -23,17 +23,19 @@ three reasons:
   without the opt-in, and with it the whitened scale of the batch's own
   examples vs held-out examples of the same distribution.
 
-Outputs in the run folder: ``whitening.png`` (accuracy, cost, singularity),
-``results.md`` (tables), ``metrics.json``, ``metrics.csv``, ``config.json``,
-``checkpoints/``.
+Outputs in the run folder: `whitening.png` (accuracy, cost, singularity),
+`results.md` (tables), `metrics.json`, `metrics.csv`, `config.json`,
+`checkpoints/`.
 
-Run::
+Run:
 
-    bnjax-whitening                                  # the configured run
-    bnjax-whitening --quick --workdir runs/smoke     # a smoke test
-    bnjax-whitening --config configs/whitening.py --config.num_steps=50000
+```bash
+bnjax-whitening                                  # the configured run
+bnjax-whitening --quick --workdir runs/smoke     # a smoke test
+bnjax-whitening --config configs/whitening.py --config.num_steps=50000
+```
 
-Programmatic use: ``results = run(get_config(), "runs/whitening")``.
+Programmatic use: `results = run(get_config(), "runs/whitening")`.
 """
 
 from __future__ import annotations
@@ -100,13 +102,13 @@ CONFIG_HELP = {
 def get_config() -> ml_collections.ConfigDict:
     """The default configuration: bnjax-figure1's MLP and schedule, six nets.
 
-    The schedule is ``bnjax-figure1``'s (MNIST, sigmoid 784-100-100-100-10,
-    SGD lr 1, N(0, 1) init, batch 60, 3 seeds) cut to ``num_steps = 5,000``
+    The schedule is `bnjax-figure1`'s (MNIST, sigmoid 784-100-100-100-10,
+    SGD lr 1, N(0, 1) init, batch 60, 3 seeds) cut to `num_steps = 5,000`
     (not 50,000): six nets times three seeds did not fit the shared 2-core
     machine's budget (docs/whitening/results.md: ~21 min of training there with
-    ``OPENBLAS_NUM_THREADS=1``); pass ``--config.num_steps=50000`` for the full
+    `OPENBLAS_NUM_THREADS=1`); pass `--config.num_steps=50000` for the full
     schedule. The thresholds include lower accuracies, which a short run reaches.
-    On a CPU run with ``OPENBLAS_NUM_THREADS=1``: jaxlib's ``eigh`` calls scipy's
+    On a CPU run with `OPENBLAS_NUM_THREADS=1`: jaxlib's `eigh` calls scipy's
     OpenBLAS, whose threads cost 10-18x more CPU on a busy machine.
     """
     c = ml_collections.ConfigDict()
@@ -144,7 +146,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-    """``config`` shortened to a smoke test of the same pipeline (well under a minute)."""
+    """`config` shortened to a smoke test of the same pipeline (well under a minute)."""
     return _common.updated(
         get_config() if config is None else config,
         num_steps=200,
@@ -162,7 +164,7 @@ def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collecti
 
 
 def parse_net(spec: str) -> tuple[str, str, int | None]:
-    """``"dbn4:zca:4"`` -> ``("dbn4", "zca", 4)``; kinds ``none``, ``bn``, ``zca``, ``iternorm``."""
+    """`"dbn4:zca:4"` -> `("dbn4", "zca", 4)`; kinds `none`, `bn`, `zca`, `iternorm`."""
     parts = spec.split(":")
     if len(parts) not in (2, 3) or parts[1] not in ("none", "bn", "zca", "iternorm"):
         raise ValueError(f"nets: expected name:kind[:group_size], kind none|bn|zca|iternorm, "
@@ -192,7 +194,7 @@ def _mlp(config, kind: str, group_size: int | None, hidden=None, batch_size=None
 
 
 def build(config: ml_collections.ConfigDict) -> tuple[dict[str, MLP], Any]:
-    """The compared nets (by name, from ``config.nets``) and the shared optimizer."""
+    """The compared nets (by name, from `config.nets`) and the shared optimizer."""
     models = {}
     for spec in config.nets:
         name, kind, size = parse_net(spec)
@@ -205,7 +207,7 @@ def build(config: ml_collections.ConfigDict) -> tuple[dict[str, MLP], Any]:
 
 
 def _divisor(d: int, g: int) -> int:
-    """``g`` if it divides ``d``, else the divisor of ``d`` nearest to ``g`` (ties: smaller)."""
+    """`g` if it divides `d`, else the divisor of `d` nearest to `g` (ties: smaller)."""
     if g == 0 or g >= d:
         return d
     divs = [k for k in range(1, d + 1) if d % k == 0]
@@ -267,9 +269,9 @@ def _step_fn(config, kind: str, d: int, g: int, x, y):
 def measure_cost(config, progress: bool = True) -> list[dict[str, Any]]:
     """Layer-alone forward+backward and whole-train-step times, as multiples of BN.
 
-    For each ``d`` in ``config.cost_dims`` one interleaved timing session holds BN
+    For each `d` in `config.cost_dims` one interleaved timing session holds BN
     and every (method, group size) variant; each row reports the medians over
-    ``config.cost_rounds`` rounds and the median over rounds of the per-round
+    `config.cost_rounds` rounds and the median over rounds of the per-round
     ratio to BN.
     """
     from tqdm.auto import tqdm
@@ -310,13 +312,13 @@ def measure_cost(config, progress: bool = True) -> list[dict[str, Any]]:
 def measure_singularity(config, train_x: np.ndarray) -> dict[str, Any]:
     """Whitening d = G = 100 first-layer pre-activations from m examples, eps only.
 
-    The inputs are ``x @ V`` with the Figure-1 net's initial first-layer weights
-    ``V ~ N(0, init_std^2)`` (784 x 100). Per m and eps: whether training without
+    The inputs are `x @ V` with the Figure-1 net's initial first-layer weights
+    `V ~ N(0, init_std^2)` (784 x 100). Per m and eps: whether training without
     the opt-in raises (and the message), the smallest eigenvalue of the batch
     covariance, and the RMS of the whitened values of the batch's own examples
     and of 1,000 held-out examples whitened with the same batch map (1 for a
-    well-posed whitening; ``>> 1`` when the batch's null space is amplified by
-    ``1 / sqrt(eps)``).
+    well-posed whitening; `>> 1` when the batch's null space is amplified by
+    `1 / sqrt(eps)`).
     """
     d = config.hidden[0]
     rng = np.random.default_rng(config.seed)
@@ -480,7 +482,7 @@ def results_markdown(config, summary, cost, singular, seconds) -> str:
 
 
 def plot(config, history, cost, singular, path: Path) -> None:
-    """``whitening.png``: (a) accuracy vs steps, (b) layer cost / BN, (c) step cost / BN,
+    """`whitening.png`: (a) accuracy vs steps, (b) layer cost / BN, (c) step cost / BN,
     (d) held-out RMS vs m."""
     fig, axes = _common.new_figure(4, figsize=(20, 4.4))
     ax = axes[0]
@@ -536,10 +538,10 @@ def run(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Runs the three measurements and writes the outputs to ``workdir``.
+    """Runs the three measurements and writes the outputs to `workdir`.
 
     Returns:
-      The ``metrics.json`` content plus ``states`` (final train states by net).
+      The `metrics.json` content plus `states` (final train states by net).
     """
     t0 = time.perf_counter()
     workdir = _common.prepare_workdir(
@@ -564,7 +566,7 @@ def run(
 
 
 def write_outputs(workdir: Path, config, history, summary, cost, singular, seconds) -> None:
-    """Writes ``metrics.csv``, ``results.md`` and ``whitening.png``."""
+    """Writes `metrics.csv`, `results.md` and `whitening.png`."""
     seeds = [config.seed + k for k in range(config.num_seeds)]
     rows = [{"net": r["run"], "step": r["step"], "seed": s, "accuracy": r["accuracy"][j],
              "loss": r["loss"][j]} for r in history for j, s in enumerate(seeds)]
@@ -574,7 +576,7 @@ def write_outputs(workdir: Path, config, history, summary, cost, singular, secon
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``bnjax-whitening`` command (``--help`` lists every option)."""
+    """The `bnjax-whitening` command (`--help` lists every option)."""
     from bnjax.experiments.data import DataError
 
     cl, out = _common.run_command_line(

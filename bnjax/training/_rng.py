@@ -1,7 +1,7 @@
-"""The keys derived from a :class:`~bnjax.training.TrainState`'s ``rng`` (private).
+"""The keys derived from a :class:`~bnjax.training.TrainState`'s `rng` (private).
 
-The data order and the per-step randomness are ``fold_in``s of one raw key, never
-splits, so they depend only on ``(rng, step)``: a resumed run sees exactly the
+The data order and the per-step randomness are `fold_in`s of one raw key, never
+splits, so they depend only on `(rng, step)`: a resumed run sees exactly the
 batches of an uninterrupted one, on one process or many.
 """
 
@@ -16,7 +16,7 @@ DATA_STREAM = 0x0DA7A  # fold_in tag: the data-order key of a state's rng
 
 
 def raw_key(key: Array) -> Array:
-    """``key`` as a raw key array (``uint32[2]`` for the default PRNG; typed keys unwrapped)."""
+    """`key` as a raw key array (`uint32[2]` for the default PRNG; typed keys unwrapped)."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key)
     return jnp.asarray(key)

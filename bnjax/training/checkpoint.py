@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training state plus JSON-able metadata (needs ``orbax-checkpoint``)."""
+"""Orbax checkpoints of a training state plus JSON-able metadata (needs `orbax-checkpoint`)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ def save_checkpoint(
     *,
     max_to_keep: int | None = 2,
 ) -> None:
-    """Saves ``state`` (any pytree of arrays) and JSON-able ``meta`` as checkpoint ``step``.
+    """Saves `state` (any pytree of arrays) and JSON-able `meta` as checkpoint `step`.
 
     Synchronous (the files are complete when this returns); keeps the newest
-    ``max_to_keep`` checkpoints under ``directory``.
+    `max_to_keep` checkpoints under `directory`.
     """
     import orbax.checkpoint as ocp
 
@@ -51,7 +51,7 @@ def save_checkpoint(
 
 
 def latest_checkpoint_step(directory: str | Path) -> int | None:
-    """The newest checkpoint step under ``directory`` (None if there is none)."""
+    """The newest checkpoint step under `directory` (None if there is none)."""
     if not Path(directory).is_dir():
         return None
     with _manager(directory) as mngr:
@@ -61,7 +61,7 @@ def latest_checkpoint_step(directory: str | Path) -> int | None:
 def restore_checkpoint(
     directory: str | Path, like: PyTree, *, step: int | None = None
 ) -> tuple[PyTree, dict[str, Any]]:
-    """Restores ``(state, meta)`` saved by :func:`save_checkpoint`.
+    """Restores `(state, meta)` saved by :func:`save_checkpoint`.
 
     Args:
       directory: the checkpoint folder.
@@ -70,7 +70,7 @@ def restore_checkpoint(
       step: the checkpoint to restore; default the newest.
 
     Raises:
-      FileNotFoundError: no checkpoint in ``directory``.
+      FileNotFoundError: no checkpoint in `directory`.
     """
     import orbax.checkpoint as ocp
 

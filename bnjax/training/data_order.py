@@ -1,13 +1,13 @@
 """The data order of training: which examples each step's mini-batch holds.
 
-Every order is a pure function ``indices(key, start_step, num_steps,
-num_examples, batch_size) -> (num_steps, batch_size)`` of a key and the step,
-usable under ``jit`` and ``vmap``, so a resumed run (or another process) draws
+Every order is a pure function `indices(key, start_step, num_steps,
+num_examples, batch_size) -> (num_steps, batch_size)` of a key and the step,
+usable under `jit` and `vmap`, so a resumed run (or another process) draws
 exactly the batches of an uninterrupted one. Epoch permutations are drawn on
-the host by NumPy through ``jax.pure_callback`` (much faster than XLA:CPU's sort).
+the host by NumPy through `jax.pure_callback` (much faster than XLA:CPU's sort).
 
 * :func:`epoch_batch_indices`: shuffled epochs (the default, i.i.d. batches);
-* :func:`class_grouped_batch_indices`: every batch holds exactly ``k`` classes.
+* :func:`class_grouped_batch_indices`: every batch holds exactly `k` classes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ Array = jax.Array
 
 
 def _host_permutations(words: np.ndarray, num_examples: int) -> np.ndarray:
-    """One NumPy permutation of ``range(num_examples)`` per uint32 word pair (leading dims kept)."""
+    """One NumPy permutation of `range(num_examples)` per uint32 word pair (leading dims kept)."""
     words = np.asarray(words, np.uint32)
     out = np.empty(words.shape[:-1] + (num_examples,), np.int32)
     for i in np.ndindex(words.shape[:-1]):
@@ -37,16 +37,16 @@ def _host_permutations(words: np.ndarray, num_examples: int) -> np.ndarray:
 
 
 def epoch_permutation(key: Array, num_examples: int) -> Array:
-    """The example order of one epoch: a permutation of ``range(num_examples)`` drawn from ``key``.
+    """The example order of one epoch: a permutation of `range(num_examples)` drawn from `key`.
 
-    Drawn on the host by NumPy (``np.random.default_rng(key words).permutation``,
+    Drawn on the host by NumPy (`np.random.default_rng(key words).permutation`,
     a Fisher-Yates shuffle, ~0.5 ms for 60,000 examples) through
-    ``jax.pure_callback``: XLA:CPU's sort makes ``jax.random.permutation`` cost
+    `jax.pure_callback`: XLA:CPU's sort makes `jax.random.permutation` cost
     ~25 ms for 60,000, which was ~8% of a Figure 1 training chunk. A pure function
-    of ``key`` (old-style uint32 or typed), usable under ``jit`` and ``vmap``.
+    of `key` (old-style uint32 or typed), usable under `jit` and `vmap`.
 
     Returns:
-      int32 array ``(num_examples,)``.
+      int32 array `(num_examples,)`.
     """
     key = jnp.asarray(raw_key(key), jnp.uint32)
     out = jax.ShapeDtypeStruct(key.shape[:-1] + (num_examples,), jnp.int32)
@@ -61,22 +61,24 @@ def epoch_permutation(key: Array, num_examples: int) -> Array:
 def epoch_batch_indices(
     key: Array, start_step: Array | int, num_steps: int, num_examples: int, batch_size: int
 ) -> Array:
-    """Example indices of the mini-batches of steps ``start_step .. start_step + num_steps - 1``.
+    """Example indices of the mini-batches of steps `start_step .. start_step + num_steps - 1`.
 
-    Shuffled epochs: epoch ``e`` visits the examples in the order
-    :func:`epoch_permutation` ``(fold_in(key, e), num_examples)``, cut into
-    ``num_examples // batch_size`` batches (the remainder is dropped); step
-    ``t`` takes batch ``t % steps_per_epoch`` of epoch ``t // steps_per_epoch``.
-    ``start_step`` may be traced (jit/vmap); ``num_steps`` must be static.
+    Shuffled epochs: epoch `e` visits the examples in the order
+    :func:`epoch_permutation` `(fold_in(key, e), num_examples)`, cut into
+    `num_examples // batch_size` batches (the remainder is dropped); step
+    `t` takes batch `t % steps_per_epoch` of epoch `t // steps_per_epoch`.
+    `start_step` may be traced (jit/vmap); `num_steps` must be static.
 
     Returns:
-      int32 array ``(num_steps, batch_size)``.
+      int32 array `(num_steps, batch_size)`.
 
-    Example::
+    Example:
 
-        >>> idx = epoch_batch_indices(jax.random.PRNGKey(0), 0, 10, 60, 6)
-        >>> sorted(idx.ravel().tolist()) == list(range(60))   # one epoch: a permutation
-        True
+    ```python
+    >>> idx = epoch_batch_indices(jax.random.PRNGKey(0), 0, 10, 60, 6)
+    >>> sorted(idx.ravel().tolist()) == list(range(60))   # one epoch: a permutation
+    True
+    ```
     """
     if not 0 < batch_size <= num_examples:
         raise ValueError(
@@ -94,11 +96,11 @@ def epoch_batch_indices(
 
 
 def _steps_of_epochs(key, start, num_steps: int, spe: int, batch_size: int, epoch_order):
-    """Rows ``start .. start + num_steps - 1`` of the epochs' batches (see the callers).
+    """Rows `start .. start + num_steps - 1` of the epochs' batches (see the callers).
 
-    ``epoch_order(keys)`` maps the epoch keys ``(E, 2)`` to each epoch's example
-    order ``(E, >= spe * batch_size)``, whose consecutive ``batch_size`` slices
-    are the epoch's ``spe`` mini-batches.
+    `epoch_order(keys)` maps the epoch keys `(E, 2)` to each epoch's example
+    order `(E, >= spe * batch_size)`, whose consecutive `batch_size` slices
+    are the epoch's `spe` mini-batches.
     """
     start = jnp.asarray(start, jnp.int32)
     first_epoch = start // spe
@@ -113,7 +115,7 @@ def _steps_of_epochs(key, start, num_steps: int, spe: int, batch_size: int, epoc
 
 
 def _class_chunks(labels: np.ndarray, classes_per_batch: int, batch_size: int):
-    """``(chunk, chunks per class, steps per epoch)`` of a class-grouped order, validated."""
+    """`(chunk, chunks per class, steps per epoch)` of a class-grouped order, validated."""
     if classes_per_batch < 1 or batch_size % classes_per_batch:
         raise ValueError(
             f"classes_per_batch={classes_per_batch} must be >= 1 and divide batch_size="
@@ -137,7 +139,7 @@ def _class_chunks(labels: np.ndarray, classes_per_batch: int, batch_size: int):
 
 
 def _host_class_grouped(words, labels, classes_per_batch, batch_size):
-    """One class-grouped epoch per uint32 word pair: ``(..., spe * batch_size)`` int32."""
+    """One class-grouped epoch per uint32 word pair: `(..., spe * batch_size)` int32."""
     chunk, per_class, spe = _class_chunks(labels, classes_per_batch, batch_size)
     classes = np.unique(labels)
     members = [np.flatnonzero(labels == c) for c in classes]
@@ -179,42 +181,44 @@ def _host_class_grouped(words, labels, classes_per_batch, batch_size):
 def class_grouped_batch_indices(
     labels: np.ndarray | Sequence[int], classes_per_batch: int
 ) -> Callable[..., Array]:
-    """A non-i.i.d. data order: every mini-batch holds examples of exactly ``k`` classes.
+    """A non-i.i.d. data order: every mini-batch holds examples of exactly `k` classes.
 
-    Returns ``indices(key, start_step, num_steps, num_examples, batch_size)``
+    Returns `indices(key, start_step, num_steps, num_examples, batch_size)`
     with the signature and contract of :func:`epoch_batch_indices` (a pure
-    function of ``(key, step)``, usable under ``jit``/``vmap``; pass it to
-    :func:`make_train_loop` as ``batch_indices``). Epoch ``e``, drawn on the
-    host from ``fold_in(key, e)``: each class's examples shuffled and cut into
-    chunks of ``batch_size // k``; each of the ``steps_per_epoch`` batches
-    takes one chunk of each of ``k`` different classes, drawn at random in
+    function of `(key, step)`, usable under `jit`/`vmap`; pass it to
+    :func:`make_train_loop` as `batch_indices`). Epoch `e`, drawn on the
+    host from `fold_in(key, e)`: each class's examples shuffled and cut into
+    chunks of `batch_size // k`; each of the `steps_per_epoch` batches
+    takes one chunk of each of `k` different classes, drawn at random in
     proportion to the chunks the classes have left (so the classes that meet
     in a batch change from batch to batch: no fixed partners for a network to
     learn), the examples shuffled within each batch. An epoch uses every
-    example at most once and drops fewer than ``batch_size // k`` examples per
-    class plus fewer than ``k`` chunks.
+    example at most once and drops fewer than `batch_size // k` examples per
+    class plus fewer than `k` chunks.
 
     This is the setting of Ioffe (2017), Sec. 4.3 (mini-batches with few
     labels, several examples per label), under which batch norm's inference
     output and its training output disagree.
 
     Args:
-      labels: the integer class of every training example, ``(N,)`` (on the host).
-      classes_per_batch: ``k``; must divide the batch size, and no class may
-        hold more than ``1/k`` of the examples.
+      labels: the integer class of every training example, `(N,)` (on the host).
+      classes_per_batch: `k`; must divide the batch size, and no class may
+        hold more than `1/k` of the examples.
 
     Raises:
-      ValueError: (when called) ``num_examples != len(labels)``, ``k`` not
-        dividing ``batch_size``, more classes asked than exist, or a class too
-        large for ``k``.
+      ValueError: (when called) `num_examples != len(labels)`, `k` not
+        dividing `batch_size`, more classes asked than exist, or a class too
+        large for `k`.
 
-    Example::
+    Example:
 
-        >>> y = np.repeat(np.arange(10), 60)
-        >>> f = class_grouped_batch_indices(y, 2)
-        >>> idx = np.asarray(f(jax.random.PRNGKey(0), 0, 3, 600, 20))
-        >>> [len(set(y[b])) for b in idx]
-        [2, 2, 2]
+    ```python
+    >>> y = np.repeat(np.arange(10), 60)
+    >>> f = class_grouped_batch_indices(y, 2)
+    >>> idx = np.asarray(f(jax.random.PRNGKey(0), 0, 3, 600, 20))
+    >>> [len(set(y[b])) for b in idx]
+    [2, 2, 2]
+    ```
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):

@@ -1,28 +1,28 @@
-"""Several processes, one program: JAX's multi-controller runtime (``jax.distributed``).
+"""Several processes, one program: JAX's multi-controller runtime (`jax.distributed`).
 
 On several hosts (or several processes on one host) every process runs the same
 program on its local devices, and :func:`jax.devices` lists the devices of all
 of them. This module is the small layer bnjax puts around that runtime:
 
-* :func:`initialize`: ``jax.distributed.initialize`` with the coordinator
+* :func:`initialize`: `jax.distributed.initialize` with the coordinator
   address, process count and process id taken from the arguments, else from
-  the environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
-  ``JAX_PROCESS_ID``), else (``auto=True``) from JAX's cluster auto-detection
+  the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+  `JAX_PROCESS_ID`), else (`auto=True`) from JAX's cluster auto-detection
   (SLURM, Open MPI, Kubernetes, Cloud TPU); CPU collectives through gloo, so
   it runs on CPU clusters and in CI; bounded start-up and failure detection
-  (``initialization_timeout``, ``heartbeat_timeout``).
+  (`initialization_timeout`, `heartbeat_timeout`).
 * :func:`is_main_process` / :func:`main_print`: logging, progress bars and
   output files come from process 0 only.
 * :func:`process_rows`: the rows of a global batch that this process feeds.
-* :func:`launch_local`: starts ``N`` processes of a command on this machine
+* :func:`launch_local`: starts `N` processes of a command on this machine
   (free port on 127.0.0.1, the environment above set), and ends them all with
   a clear error as soon as one fails: a watchdog for tests and for trying
   multi-process runs on one machine.
 
 Failure behaviour (measured with jax 0.10.2): a process that never arrives
-makes the others abort after ``initialization_timeout`` seconds
-(``DEADLINE_EXCEEDED ... RegisterTask``); a process that dies later stops
-sending heartbeats and the others abort within about ``heartbeat_timeout``
+makes the others abort after `initialization_timeout` seconds
+(`DEADLINE_EXCEEDED ... RegisterTask`); a process that dies later stops
+sending heartbeats and the others abort within about `heartbeat_timeout`
 seconds ("The following tasks are unhealthy (stopped sending heartbeats)").
 These aborts come from JAX's runtime (a fatal error, not a Python exception);
 :func:`launch_local` reports them as :class:`ProcessGroupError`.
@@ -30,12 +30,12 @@ These aborts come from JAX's runtime (a fatal error, not a Python exception);
 Start-up under load: XLA's gloo CPU collectives create the communicator of a
 device group at the first collective over it and give the processes a fixed
 30 s (not configurable in jax 0.10) to meet there; a process that arrives later
-fails with ``Gloo context initialization failed: DEADLINE_EXCEEDED:
-GetKeyValue() timed out with key: cpu:gloo/...``. On a loaded machine the
+fails with `Gloo context initialization failed: DEADLINE_EXCEEDED:
+GetKeyValue() timed out with key: cpu:gloo/...`. On a loaded machine the
 processes can reach their first training step more than 30 s apart (one
 compiles slower). :func:`initialize` therefore opens the communicator of all
 devices at once, with the processes lined up by a coordination-service barrier
-(``initialization_timeout``); later collectives over the same devices reuse it
+(`initialization_timeout`); later collectives over the same devices reuse it
 and wait for a slow process without that limit.
 """
 
@@ -97,36 +97,36 @@ def initialize(
 
     Each setting is taken from the argument, else from the environment
     (:data:`ENV_COORDINATOR`, :data:`ENV_NUM_PROCESSES`, :data:`ENV_PROCESS_ID`;
-    JAX itself reads ``JAX_COORDINATOR_ADDRESS``). With none of them set and
-    ``auto=False`` this is a single-process run: nothing is done and ``False``
-    is returned, so programs can call it unconditionally. ``auto=True`` with
-    settings missing lets ``jax.distributed.initialize`` detect them from the
-    cluster environment (SLURM's ``srun``, Open MPI's ``mpirun``, Kubernetes,
-    Cloud TPU). ``num_processes=1`` is a single-process run too.
+    JAX itself reads `JAX_COORDINATOR_ADDRESS`). With none of them set and
+    `auto=False` this is a single-process run: nothing is done and `False`
+    is returned, so programs can call it unconditionally. `auto=True` with
+    settings missing lets `jax.distributed.initialize` detect them from the
+    cluster environment (SLURM's `srun`, Open MPI's `mpirun`, Kubernetes,
+    Cloud TPU). `num_processes=1` is a single-process run too.
 
     Must run before anything touches a JAX device (the backends are created
-    with the distributed client); ``jax.distributed.is_initialized()`` already
-    true is accepted (returns ``True``).
+    with the distributed client); `jax.distributed.is_initialized()` already
+    true is accepted (returns `True`).
 
     Args:
-      coordinator_address: ``host:port`` of process 0, reachable by every process.
+      coordinator_address: `host:port` of process 0, reachable by every process.
       num_processes: the number of processes.
-      process_id: this process, ``0 <= process_id < num_processes``.
+      process_id: this process, `0 <= process_id < num_processes`.
       auto: fall back to JAX's cluster auto-detection for missing settings.
       initialization_timeout: seconds to wait for all processes to join (a
         process that never arrives ends the others after this long).
       heartbeat_timeout: seconds without a heartbeat after which a process is
         declared dead and the others end.
       cpu_collectives: the CPU collectives implementation
-        (``jax_cpu_collectives_implementation``: ``"gloo"`` or ``"mpi"``).
+        (`jax_cpu_collectives_implementation`: `"gloo"` or `"mpi"`).
       warm_up: with gloo on CPU, open the all-device communicator now, every
         process at a barrier (see the module docstring): a loaded machine then
         cannot fail the first training step on gloo's fixed 30 s rendezvous.
       verbose: print one line to stderr before and after joining.
 
     Raises:
-      ValueError: only some of the settings are given (and not ``auto``), a
-        setting is malformed, or ``process_id`` is out of range.
+      ValueError: only some of the settings are given (and not `auto`), a
+        setting is malformed, or `process_id` is out of range.
     """
     if jax.distributed.is_initialized():
         return True
@@ -178,7 +178,7 @@ def initialize(
 def _warm_up_collectives(timeout_s: int) -> None:
     """Runs one all-device sum with every process lined up first (see the module docstring).
 
-    Compiled first, then a coordination-service barrier (``timeout_s``, the
+    Compiled first, then a coordination-service barrier (`timeout_s`, the
     start-up timeout: a process that never arrives fails here, as at joining),
     then run: the processes reach gloo's rendezvous within milliseconds.
     """
@@ -203,7 +203,7 @@ def is_main_process() -> bool:
 
 
 def main_print(*args, **kwargs) -> None:
-    """``print`` in process 0 only."""
+    """`print` in process 0 only."""
     if is_main_process():
         print(*args, **kwargs)
 
@@ -211,11 +211,11 @@ def main_print(*args, **kwargs) -> None:
 def process_rows(
     sharding: jax.sharding.Sharding, global_shape: Sequence[int], axis: int = 0
 ) -> slice:
-    """The rows (along ``axis``) of a global array of ``global_shape`` that this process holds.
+    """The rows (along `axis`) of a global array of `global_shape` that this process holds.
 
-    With a batch sharding such as ``NamedSharding(mesh, P("data"))`` every
+    With a batch sharding such as `NamedSharding(mesh, P("data"))` every
     process feeds a contiguous block of the global batch; this is that block,
-    as ``jax.make_array_from_process_local_data(sharding, local, global_shape)``
+    as `jax.make_array_from_process_local_data(sharding, local, global_shape)`
     expects it. On one process: all rows.
 
     Raises:
@@ -239,7 +239,7 @@ def process_rows(
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` now (for a local coordinator)."""
+    """A TCP port that is free on `host` now (for a local coordinator)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -271,23 +271,23 @@ def launch_local(
     port: int | None = None,
     cwd: str | None = None,
 ) -> LaunchResult:
-    """Runs ``argv`` as ``num_processes`` processes of one multi-process job on this machine.
+    """Runs `argv` as `num_processes` processes of one multi-process job on this machine.
 
-    Each process gets ``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>``,
-    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read by :func:`initialize`)
-    on top of ``env`` (default: this process's environment) and its entry of
-    ``per_process_env``. Output is captured (to temporary files, so a chatty
+    Each process gets `JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>`,
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (read by :func:`initialize`)
+    on top of `env` (default: this process's environment) and its entry of
+    `per_process_env`. Output is captured (to temporary files, so a chatty
     process never blocks on a full pipe).
 
     Watchdog: when a process exits with a non-zero status, the others get
-    ``grace`` seconds to end by themselves (JAX's runtime ends them when it
-    notices) and are then killed; past ``timeout`` seconds all are killed. In
+    `grace` seconds to end by themselves (JAX's runtime ends them when it
+    notices) and are then killed; past `timeout` seconds all are killed. In
     both cases :class:`ProcessGroupError` names the process, its status and the
     tail of its error output.
 
     Args:
-      argv: the command, e.g. ``[sys.executable, "-m", "bnjax.experiments.data_parallel", ...]``.
-      num_processes: ``N``.
+      argv: the command, e.g. `[sys.executable, "-m", "bnjax.experiments.data_parallel", ...]`.
+      num_processes: `N`.
       only: start only these process ids (the others "never arrive"; for tests).
       port: the coordinator port (default: a free one).
     """
@@ -351,8 +351,8 @@ def launch_local(
 
 
 def _watch(procs: dict, t0: float, num_processes: int, *, timeout: float, grace: float):
-    """Polls the processes until all exit, one fails (then ``grace`` s more for the
-    others to report) or ``timeout`` passes; the failure's description, or None."""
+    """Polls the processes until all exit, one fails (then `grace` s more for the
+    others to report) or `timeout` passes; the failure's description, or None."""
     failed_at: float | None = None
     failure: str | None = None
     while True:

@@ -27,7 +27,7 @@ class Run:
 
     Attributes:
       state: its (seed-stacked) :class:`TrainState`.
-      train_loop: from :func:`make_train_loop` (same ``over_seeds`` as ``state``).
+      train_loop: from :func:`make_train_loop` (same `over_seeds` as `state`).
       evaluate: from :func:`make_eval_step`.
     """
 
@@ -42,8 +42,8 @@ class FitResult:
 
     Attributes:
       states: the final state of every run, by name.
-      history: one record per evaluation and run: ``{"run", "step",
-        "train_loss", "train_accuracy", <eval metrics>}``; every metric is a
+      history: one record per evaluation and run: `{"run", "step",
+        "train_loss", "train_accuracy", <eval metrics>}`; every metric is a
         list over seeds (nested lists for array-valued probes).
       seconds: wall time of this call (training and evaluation, compilation included).
       resumed_from: the checkpoint step the run continued from, or None.
@@ -82,43 +82,43 @@ def fit(
     parallel: bool = True,
     put_on_device: bool = True,
 ) -> FitResult:
-    """Trains several named runs side by side to ``num_steps``, evaluating every ``eval_every``.
+    """Trains several named runs side by side to `num_steps`, evaluating every `eval_every`.
 
     Steps run in compiled chunks between consecutive multiples of
-    ``eval_every`` and ``checkpoint_every`` (and ``num_steps``): one dispatch
-    per run and chunk. After a chunk ending on a multiple of ``eval_every`` (or
-    at the end) every run is evaluated on ``eval_data``; after one ending on a
-    multiple of ``checkpoint_every`` (and at the end) the states and the
-    history are saved to ``checkpoint_dir`` with orbax.
+    `eval_every` and `checkpoint_every` (and `num_steps`): one dispatch
+    per run and chunk. After a chunk ending on a multiple of `eval_every` (or
+    at the end) every run is evaluated on `eval_data`; after one ending on a
+    multiple of `checkpoint_every` (and at the end) the states and the
+    history are saved to `checkpoint_dir` with orbax.
 
-    With ``resume=True`` and a checkpoint in ``checkpoint_dir``, training
+    With `resume=True` and a checkpoint in `checkpoint_dir`, training
     continues from it (its states and history replace the given ones) and ends
     with exactly the states of an uninterrupted run, since the data order
-    depends only on ``(rng, step)`` and the chunk boundaries are the same.
+    depends only on `(rng, step)` and the chunk boundaries are the same.
 
     Args:
       runs: name -> :class:`Run`.
-      train_data: ``(images, labels)``, the whole training set (put on the device once).
-      eval_data: ``(images, labels)`` for evaluation.
+      train_data: `(images, labels)`, the whole training set (put on the device once).
+      eval_data: `(images, labels)` for evaluation.
       num_steps: the total number of steps (counting those before a resume).
       eval_every: evaluation interval in steps.
       checkpoint_dir: where to save checkpoints (None: never).
       checkpoint_every: checkpoint interval (None: only at the end).
-      resume: continue from the newest checkpoint in ``checkpoint_dir`` if any.
+      resume: continue from the newest checkpoint in `checkpoint_dir` if any.
       progress: show a tqdm bar (steps, elapsed time, latest mean accuracies).
       desc: the bar's label.
       parallel: run the runs' chunks (training and evaluation) in one thread per
         run, so several runs use several CPU cores (the results are the same
         either way: the runs are independent).
-      put_on_device: put ``train_data`` and ``eval_data`` on the default device
-        once (for the loops of :func:`make_train_loop`); ``False`` passes them
+      put_on_device: put `train_data` and `eval_data` on the default device
+        once (for the loops of :func:`make_train_loop`); `False` passes them
         as given, e.g. host arrays for :func:`bnjax.training.parallel.make_sharded_train_loop`,
         which feeds each process its share of every batch.
 
-    Several processes (``jax.distributed``): every process calls ``fit`` with the
+    Several processes (`jax.distributed`): every process calls `fit` with the
     same arguments and states replicated over the global mesh
     (:func:`bnjax.training.parallel.replicate`); checkpoints are written and read by all
-    processes together through orbax (``checkpoint_dir`` on a file system every
+    processes together through orbax (`checkpoint_dir` on a file system every
     process sees), and the progress bar is shown by process 0 only.
 
     Returns:
@@ -170,8 +170,8 @@ def fit(
 
 
 def _resume(states, checkpoint_dir, num_steps: int, resume: bool):
-    """``(states, history, resumed_from)``: the newest checkpoint's if resuming, else fresh
-    (``resumed_from`` is then None)."""
+    """`(states, history, resumed_from)`: the newest checkpoint's if resuming, else fresh
+    (`resumed_from` is then None)."""
     if not (resume and checkpoint_dir is not None):
         return states, [], None
     if latest_checkpoint_step(checkpoint_dir) is None:
@@ -194,7 +194,7 @@ def _progress_bar(enabled: bool, total: int, start: int, desc: str):
 
 
 def _record(history: list, step: int, runs, outs) -> dict[str, str]:
-    """Appends one record per run to ``history``; returns the runs' mean accuracies."""
+    """Appends one record per run to `history`; returns the runs' mean accuracies."""
     latest = {}
     for name, (_, train_metrics, metrics) in zip(runs, outs, strict=True):
         record = {"run": name, "step": step}

@@ -1,4 +1,4 @@
-"""Compiled multi-step training loops: ``n`` steps per dispatch, vmapped over seeds."""
+"""Compiled multi-step training loops: `n` steps per dispatch, vmapped over seeds."""
 
 from __future__ import annotations
 
@@ -33,39 +33,39 @@ def make_train_loop(
     per_step: bool = False,
     batch_indices: Callable[..., Array] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
-    """``loop(state, images, labels, num_steps) -> (state, metrics)``: ``num_steps`` compiled steps.
+    """`loop(state, images, labels, num_steps) -> (state, metrics)`: `num_steps` compiled steps.
 
-    The whole training set (``images (N, ...)``, ``labels (N,)``) stays on the
-    device; each step gathers its mini-batch of ``batch_size`` examples by
+    The whole training set (`images (N, ...)`, `labels (N,)`) stays on the
+    device; each step gathers its mini-batch of `batch_size` examples by
     :func:`epoch_batch_indices` from the state's data key, so nothing crosses
-    the host boundary inside a chunk. The steps run in one ``lax.scan``; with
-    ``over_seeds`` (default) the whole loop is ``jax.vmap``-ed over the leading
-    seed axis of ``state`` (all seeds share the data, each has its own order).
-    Jitted, with ``num_steps`` static (one compilation per distinct chunk length).
+    the host boundary inside a chunk. The steps run in one `lax.scan`; with
+    `over_seeds` (default) the whole loop is `jax.vmap`-ed over the leading
+    seed axis of `state` (all seeds share the data, each has its own order).
+    Jitted, with `num_steps` static (one compilation per distinct chunk length).
 
-    ``steps_per_call=k``: instead, a Python loop over jitted calls of ``k`` steps
-    each, every call a *fully unrolled* scan (no ``while`` loop; the last call
+    `steps_per_call=k`: instead, a Python loop over jitted calls of `k` steps
+    each, every call a *fully unrolled* scan (no `while` loop; the last call
     may be shorter; the chunk's batch indices are drawn once and sliced per
-    call). On XLA:CPU, convolutions inside a ``while`` loop (a rolled
-    ``lax.scan``) run several times slower than outside one (measured: 20
+    call). On XLA:CPU, convolutions inside a `while` loop (a rolled
+    `lax.scan`) run several times slower than outside one (measured: 20
     ConvNet steps 5.8 s rolled, 1.0 s unrolled, 1.2 s as a Python loop of
-    jitted single steps), so models with convolutions want ``k`` of about 10-20
-    (compile time grows with ``k``); dense models run fastest rolled (the
+    jitted single steps), so models with convolutions want `k` of about 10-20
+    (compile time grows with `k`); dense models run fastest rolled (the
     default). Same batches and the same result either way.
 
-    ``probe``: per-step extra metrics (see :func:`make_train_step`);
-    ``per_step=True``: return every step's metrics (a trajectory, e.g. for
+    `probe`: per-step extra metrics (see :func:`make_train_step`);
+    `per_step=True`: return every step's metrics (a trajectory, e.g. for
     :func:`bnjax.experiments.dynamics.trace`) instead of their mean over the chunk.
 
-    ``batch_indices``: the data order, a function with the signature of
+    `batch_indices`: the data order, a function with the signature of
     :func:`epoch_batch_indices` (the default: shuffled epochs, i.i.d.
     mini-batches), e.g. :func:`class_grouped_batch_indices` for mini-batches
     of few classes each.
 
     Returns:
-      The new state and the mean training ``loss`` and ``accuracy`` (and probe
-      metrics) over the chunk's steps (shape ``(seeds,)`` with ``over_seeds``);
-      with ``per_step``, every step's values (shape ``(seeds, num_steps)``).
+      The new state and the mean training `loss` and `accuracy` (and probe
+      metrics) over the chunk's steps (shape `(seeds,)` with `over_seeds`);
+      with `per_step`, every step's values (shape `(seeds, num_steps)`).
     """
     if steps_per_call is not None and steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1 or None, got {steps_per_call}")
@@ -95,7 +95,7 @@ def _check_data(images: Array, labels: Array) -> None:
 
 
 def _run_steps(step_fn, state, images, labels, idx, *, unroll: bool, per_step: bool):
-    """The steps of the batches ``idx (num_steps, batch_size)`` in one ``lax.scan``."""
+    """The steps of the batches `idx (num_steps, batch_size)` in one `lax.scan`."""
 
     def body(s, i):
         return step_fn(s, images[i], labels[i])
@@ -122,7 +122,7 @@ def _rolled_loop(run_steps, indices, over_seeds: bool):
 
 
 def _unrolled_loop(run_steps, indices, rolled, steps_per_call: int, over_seeds, per_step):
-    """A Python loop over jitted calls of ``steps_per_call`` unrolled steps each."""
+    """A Python loop over jitted calls of `steps_per_call` unrolled steps each."""
 
     @functools.partial(jax.jit, static_argnames=("num_steps", "num_examples"))
     def chunk_indices(state: TrainState, num_steps: int, num_examples: int):
@@ -154,7 +154,7 @@ def _unrolled_loop(run_steps, indices, rolled, steps_per_call: int, over_seeds, 
 
 
 def _combine(parts: list, per_step: bool, axis: int):
-    """The metrics of consecutive calls ``[(steps, metrics), ...]`` as one chunk's."""
+    """The metrics of consecutive calls `[(steps, metrics), ...]` as one chunk's."""
     if per_step:
         return jax.tree.map(lambda *ms: jnp.concatenate(ms, axis), *[m for _, m in parts])
     done = sum(k for k, _ in parts)

@@ -1,8 +1,8 @@
 """One compiled-ready train step and one eval step of a flax model with batch norm.
 
-* :func:`make_train_step`: ``(state, x, y) -> (state, metrics)``, batch norm in
+* :func:`make_train_step`: `(state, x, y) -> (state, metrics)`, batch norm in
   training mode (Algorithm 1) and its population statistics updated; the same
-  step per device for data parallelism (``axis_name``).
+  step per device for data parallelism (`axis_name`).
 * :func:`make_eval_step`: accuracy / loss in inference mode (population
   statistics, Algorithm 2) on a whole evaluation set, plus optional probes.
 """
@@ -36,35 +36,35 @@ def make_train_step(
     probe: StepProbe | None = None,
     axis_name: str | None = None,
 ) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
-    """One training step ``(state, x, y) -> (new_state, {"loss", "accuracy"})`` (pure, not jitted).
+    """One training step `(state, x, y) -> (new_state, {"loss", "accuracy"})` (pure, not jitted).
 
     Batch norm runs in training mode (mini-batch statistics, Algorithm 1) and
-    its population statistics are updated; ``loss_fn(logits, y)`` is
-    differentiated w.r.t. ``state.params``; the per-step ``"dropout"`` key is
-    ``fold_in(state.rng, state.step)``.
+    its population statistics are updated; `loss_fn(logits, y)` is
+    differentiated w.r.t. `state.params`; the per-step `"dropout"` key is
+    `fold_in(state.rng, state.step)`.
 
-    ``probe``: optional ``probe(params=, grads=, updates=, intermediates=,
-    logits=, labels=) -> dict`` of extra metrics of this step, from its own
+    `probe`: optional `probe(params=, grads=, updates=, intermediates=,
+    logits=, labels=) -> dict` of extra metrics of this step, from its own
     forward pass (training mode, the parameters *before* the update):
-    ``updates`` are the optimizer's parameter deltas, ``intermediates`` the
-    model's ``"intermediates"`` collection (made mutable for the probe, e.g. the
+    `updates` are the optimizer's parameter deltas, `intermediates` the
+    model's `"intermediates"` collection (made mutable for the probe, e.g. the
     inputs a model sows before its batch-norm layers). Its metrics are added to
-    ``"loss"`` and ``"accuracy"``.
+    `"loss"` and `"accuracy"`.
 
-    ``axis_name``: the data-parallel form of the same step, written per device
-    for a mapped axis (``jax.shard_map`` over a mesh axis, as
-    :func:`bnjax.training.parallel.data_parallel` does, or ``pmap``): ``x`` and ``y``
-    are the device's shard of the global batch, the loss is the ``lax.pmean``
-    over ``axis_name`` of the per-device ``loss_fn`` (the global-batch mean for
+    `axis_name`: the data-parallel form of the same step, written per device
+    for a mapped axis (`jax.shard_map` over a mesh axis, as
+    :func:`bnjax.training.parallel.data_parallel` does, or `pmap`): `x` and `y`
+    are the device's shard of the global batch, the loss is the `lax.pmean`
+    over `axis_name` of the per-device `loss_fn` (the global-batch mean for
     equal shards), so its gradient with respect to the replicated parameters
-    is the full-batch gradient (``shard_map`` with ``check_vma=True`` sums the
-    per-device contributions of a replicated value); the metrics (``"loss"``,
-    ``"accuracy"`` and every floating probe metric) are ``pmean``-ed too, and
+    is the full-batch gradient (`shard_map` with `check_vma=True` sums the
+    per-device contributions of a replicated value); the metrics (`"loss"`,
+    `"accuracy"` and every floating probe metric) are `pmean`-ed too, and
     identical on every device. The model's batch-norm layers should pool over
-    the same axis (``BatchNorm(axis_name=...)``) so the statistics are those
-    of the global batch. The ``"dropout"`` key is additionally folded with
-    the device's ``lax.axis_index(axis_name)``, so devices draw independent
-    masks. ``None`` (default): the single-device step.
+    the same axis (`BatchNorm(axis_name=...)`) so the statistics are those
+    of the global batch. The `"dropout"` key is additionally folded with
+    the device's `lax.axis_index(axis_name)`, so devices draw independent
+    masks. `None` (default): the single-device step.
     """
     mutable = ["batch_stats", "intermediates"] if probe is not None else ["batch_stats"]
 
@@ -118,29 +118,29 @@ def make_eval_step(
     over_seeds: bool = True,
     batch_statistics: bool = False,
 ) -> Callable[[TrainState, Array, Array], dict[str, Array]]:
-    """``evaluate(state, images, labels) -> metrics`` in inference mode (population statistics).
+    """`evaluate(state, images, labels) -> metrics` in inference mode (population statistics).
 
     Args:
       model: the flax module.
-      loss_fn: as for training; reported as ``"loss"`` next to ``"accuracy"``.
-      probe: optional ``probe(intermediates) -> dict`` of extra metrics computed
-        from the ``"intermediates"`` collection the model sows (e.g. the
+      loss_fn: as for training; reported as `"loss"` next to `"accuracy"`.
+      probe: optional `probe(intermediates) -> dict` of extra metrics computed
+        from the `"intermediates"` collection the model sows (e.g. the
         percentiles of one unit, see :mod:`bnjax.experiments.models`), over the whole set.
-      batch_size: evaluate in chunks of this many examples (must divide ``N``)
+      batch_size: evaluate in chunks of this many examples (must divide `N`)
         to bound memory; default: the whole set at once.
-      over_seeds: ``jax.vmap`` over the leading seed axis of ``state``.
-      batch_statistics: evaluate in *training* mode instead (``train=True``):
-        every chunk of ``batch_size`` examples (default: the whole set) is
+      over_seeds: `jax.vmap` over the leading seed axis of `state`.
+      batch_statistics: evaluate in *training* mode instead (`train=True`):
+        every chunk of `batch_size` examples (default: the whole set) is
         normalized with its own statistics, as a training mini-batch is
         (Algorithm 1; ghost batches as configured in the model), so the
-        grouping of ``images`` into consecutive chunks matters. The stored
+        grouping of `images` into consecutive chunks matters. The stored
         statistics are only read (by layers that use them in training, such as
-        Batch Renorm); the updates are discarded, ``state`` is unchanged. The
+        Batch Renorm); the updates are discarded, `state` is unchanged. The
         gap to the default inference-mode accuracy is batch norm's
         train/inference mismatch.
 
     Returns:
-      A jitted function; metrics have shape ``(seeds,)`` (plus the probe's own shape).
+      A jitted function; metrics have shape `(seeds,)` (plus the probe's own shape).
     """
     mutable = (["intermediates"] if probe is not None else []) + (
         ["batch_stats"] if batch_statistics else []

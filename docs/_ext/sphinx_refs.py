@@ -65,3 +65,76 @@ class SphinxRefs(griffe.Extension):
                     visit(member)
 
         visit(pkg)
+
+
+def _linen_bases(cls: griffe.Class) -> list[griffe.Class] | None:
+    """``cls`` and its bnjax base classes, most derived first, if the chain reaches
+    ``nn.Module`` (a flax.linen module: a dataclass made by flax's metaclass)."""
+    chain: list[griffe.Class] = []
+    current: griffe.Class | None = cls
+    while current is not None:
+        chain.append(current)
+        bases = [str(b) for b in current.bases]
+        if any(b in ("nn.Module", "flax.linen.Module", "linen.Module") for b in bases):
+            return chain
+        parent = None
+        for b in bases:
+            try:
+                target = current.parent[b] if current.parent is not None else None
+            except Exception:  # noqa: BLE001 - an outside or unresolvable name
+                target = None
+            if target is not None and not target.is_alias and target.is_class:
+                parent = target
+                break
+        current = parent
+    return None
+
+
+class FlaxModuleSignatures(griffe.Extension):
+    """A flax.linen module's signature: its dataclass fields (flax builds ``__init__``
+    from the annotated attributes of the class and its bases at run time, so a
+    static reader sees none), plus flax's ``parent`` and ``name``."""
+
+    def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
+        def visit(obj: griffe.Object) -> None:
+            for member in list(obj.members.values()):
+                if member.is_alias:
+                    continue
+                if member.is_class:
+                    self._signature(member)
+                if member.is_module or member.is_class:
+                    visit(member)
+
+        visit(pkg)
+
+    @staticmethod
+    def _signature(cls: griffe.Class) -> None:
+        if "__init__" in cls.members:
+            return
+        chain = _linen_bases(cls)
+        if chain is None:
+            return
+        fields: dict[str, griffe.Parameter] = {}
+        for klass in reversed(chain):
+            for name, m in klass.members.items():
+                if m.is_alias or not m.is_attribute or m.annotation is None:
+                    continue
+                if name.startswith("_") or "ClassVar" in str(m.annotation):
+                    continue
+                fields[name] = griffe.Parameter(
+                    name, annotation=m.annotation, default=m.value,
+                    kind=griffe.ParameterKind.positional_or_keyword,
+                )
+        extra = [
+            griffe.Parameter(n, default="None", kind=griffe.ParameterKind.keyword_only)
+            for n in ("parent", "name")
+        ]
+        init = griffe.Function(
+            "__init__", lineno=0, endlineno=0, parent=cls,
+            parameters=griffe.Parameters(
+                griffe.Parameter("self", kind=griffe.ParameterKind.positional_or_keyword),
+                *fields.values(), *extra,
+            ),
+            returns="None",
+        )
+        cls.set_member("__init__", init)
