@@ -122,14 +122,17 @@ def _batches_source(batches: Iterable | Callable[[], Iterable], passes: int):
     return lambda: iter(batches)
 
 
-def _progress(it: Iterable, enabled: bool, desc: str) -> Iterable:
+def _progress(it: Iterable, enabled: bool | str, desc: str, total: int | None) -> Iterable:
+    """A tqdm bar over ``it`` labelled ``"<label>: <desc>"`` (``enabled`` a string: the
+    label, else ``"recalibrate"``), with the number of batches where it is known."""
     if not enabled:
         return it
     try:
         from tqdm.auto import tqdm
     except ImportError as e:  # pragma: no cover
         raise ImportError("progress=True needs tqdm: pip install tqdm") from e
-    return tqdm(it, desc=desc, unit="batch")
+    label = enabled if isinstance(enabled, str) else "recalibrate"
+    return tqdm(it, desc=f"{label}: {desc}", unit=" batches", total=total)
 
 
 def _zero_acc(recs):
@@ -180,10 +183,10 @@ class _Stepper:
         return self._zero
 
 
-def _accumulate(stepper, carry, source, progress, desc):
+def _accumulate(stepper, carry, source, progress, desc, total=None):
     """One pass over the data: per layer path, (average BatchStats, total Moments, old)."""
     acc = None
-    for batch in _progress(source(), progress, desc):
+    for batch in _progress(source(), progress, desc, total):
         args = as_args(batch)
         if acc is None:
             acc = stepper.zero(carry, args)
@@ -219,17 +222,24 @@ def _check(mode: str, variance: str) -> None:
 def _run(kind, model, kwargs, carry, batches, mode, variance, progress, write):
     """The driver shared by linen and NNX; `write(carry, {path: BatchStats}) -> carry`."""
     stepper = _Stepper(kind, model, kwargs, "train" if mode == "train" else "eval")
+    total = len(batches) if hasattr(batches, "__len__") else None
     if mode != "layerwise":
         source = _batches_source(batches, 1)
-        acc = _accumulate(stepper, carry, source, progress, "PreciseBN")
+        desc = f"every layer, one {mode}-mode pass"
+        acc = _accumulate(stepper, carry, source, progress, desc, total)
         return write(carry, {p: _finalize(a, variance) for p, a in acc.items()})
     source = _batches_source(batches, 2)
-    acc = _accumulate(stepper, carry, source, progress, "PreciseBN layer 1")
+    first = next(iter(source()), None)
+    layers = len(stepper.order) if first is None else None
+    if first is not None:
+        stepper.zero(carry, as_args(first))  # (traced once: the layers in call order)
+        layers = len(stepper.order)
+    acc = _accumulate(stepper, carry, source, progress, f"layer 1/{layers}", total)
     order = stepper.order
     carry = write(carry, {order[0]: _finalize(acc[order[0]], variance)})
     for k in range(1, len(order)):
-        desc = f"PreciseBN layer {k + 1}/{len(order)}"
-        acc = _accumulate(stepper, carry, source, progress, desc)
+        desc = f"layer {k + 1}/{len(order)}"
+        acc = _accumulate(stepper, carry, source, progress, desc, total)
         carry = write(carry, {order[k]: _finalize(acc[order[k]], variance)})
     return carry
 
@@ -244,7 +254,7 @@ def recalibrate(
     *,
     mode: Mode = "train",
     variance: Variance = "within",
-    progress: bool = False,
+    progress: bool | str = False,
     **apply_kwargs: Any,
 ) -> dict[str, Any]:
     """Recomputes the population statistics of every batch-norm layer of a linen model.
@@ -261,7 +271,8 @@ def recalibrate(
         (a one-shot iterator is kept in a list).
       mode: `"train"`, `"layerwise"` or `"single_pass"` (module docstring).
       variance: `"within"` (the paper's) or `"total"` (module docstring).
-      progress: show a tqdm progress bar per pass.
+      progress: show a tqdm progress bar per pass (with the number of batches
+        where `batches` has a length); a string labels the bars (e.g. `"PreciseBN"`).
       **apply_kwargs: passed to `model.apply` (e.g. `train=False`, so
         dropout is off). The batch-norm layers' own train/eval switch is ignored:
         they run as `mode` says and nothing is mutated.
@@ -308,7 +319,7 @@ def recalibrate_nnx(
     *,
     mode: Mode = "train",
     variance: Variance = "within",
-    progress: bool = False,
+    progress: bool | str = False,
     **call_kwargs: Any,
 ) -> nnx.Module:
     """Recomputes, in place, the statistics of every `bnjax.nnx.BatchNorm` in `model`.

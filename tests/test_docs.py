@@ -195,7 +195,7 @@ def test_results_pages_embed_their_plot(site):
 
 BROKEN = {
     "doctest": "<p>&gt;&gt;&gt; x = 1</p>",
-    "quotes": "<blockquote><blockquote><blockquote><p>x = 1</p></blockquote></blockquote></blockquote>",
+    "quotes": "<blockquote><blockquote><p>x = 1</p></blockquote></blockquote>",
     "backticks": "<p>use ``x`` here</p>",
     "role": "<p>see :class:`Foo`</p>",
     "literal": "<p>Example::</p>",

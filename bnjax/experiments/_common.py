@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -75,8 +76,50 @@ class CommandLine:
     distributed: dict[str, Any] | None = None  # bnjax.training.distributed.initialize's arguments
 
 
+_ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|obj|exc):`(~?)([\w.]+)(\(\))?`")
+
+
+def plain_text(doc: str) -> str:
+    """A docstring (Markdown, Google style) as plain terminal text for `--help`.
+
+    Sphinx roles become the bare name, Markdown code spans lose their backticks,
+    fenced code blocks become 4-space indented blocks, Markdown tables become
+    aligned columns.
+    """
+    doc = _ROLE.sub(lambda m: (m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2))
+                    + (m.group(3) or ""), doc)
+    doc = re.sub(r"\[`([^`]+)`\]\[[\w.]+\]", r"\1", doc)
+    out: list[str] = []
+    table: list[list[str]] = []
+    fence = False
+
+    def flush():
+        if table:
+            widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+            out.extend("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                       for r in table)
+            table.clear()
+
+    for line in doc.split("\n"):
+        s = line.strip()
+        if s.startswith("```"):
+            fence = not fence
+            continue
+        if fence:
+            out.append("    " + line)
+            continue
+        if s.startswith("|") and s.endswith("|"):
+            if not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", s):
+                table.append([c.strip().replace("`", "") for c in s.strip("|").split("|")])
+            continue
+        flush()
+        out.append(re.sub(r"`([^`]+)`", r"\1", line))
+    flush()
+    return "\n".join(out)
+
+
 def _usage(prog, doc, fv: flags.FlagValues, config, config_help: Mapping[str, str], default: str):
-    lines = [doc.strip(), "", f"usage: {prog} [flags]", "", "flags:"]
+    lines = [plain_text(doc).strip(), "", f"usage: {prog} [flags]", "", "flags:"]
     for name in sorted(fv):
         if name in ("config",):
             continue
@@ -132,7 +175,8 @@ def parse_command_line(
         )
     except (AttributeError, KeyError) as e:  # an override of a field the config lacks
         raise SystemExit(f"{prog}: unknown config field in an override: {e}\nTry --help.") from None
-    _define_run_flags(fv, default_workdir, quick=quick is not None)
+    quick_time = getattr(quick, "__quick_time__", "")
+    _define_run_flags(fv, default_workdir, quick=quick is not None, quick_time=quick_time)
     if distributed:
         _define_distributed_flags(fv)
     if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv):
@@ -166,7 +210,9 @@ def parse_command_line(
     )
 
 
-def _define_run_flags(fv: flags.FlagValues, default_workdir: str, *, quick: bool) -> None:
+def _define_run_flags(
+    fv: flags.FlagValues, default_workdir: str, *, quick: bool, quick_time: str = ""
+) -> None:
     """The flags every experiment has: --workdir, --data-dir, --resume, --progress,
     --download (and --quick if the experiment has a quick mode)."""
     flags.DEFINE_string("workdir", default_workdir, "output folder of the run", flag_values=fv)
@@ -194,7 +240,7 @@ def _define_run_flags(fv: flags.FlagValues, default_workdir: str, *, quick: bool
         flags.DEFINE_boolean(
             "quick",
             False,
-            "a smoke-test run of the same pipeline (under a minute)",
+            "a smoke-test run of the same pipeline" + (f" ({quick_time})" if quick_time else ""),
             flag_values=fv,
         )
 
@@ -393,6 +439,23 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
     a = np.asarray(values, np.float64)
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def quick_time(text: str) -> Callable:
+    """Decorates an experiment's `quick_config` with how long `--quick` takes (measured),
+    which `--help` shows next to the flag."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.__quick_time__ = text
+        return fn
+
+    return mark
+
+
+def pm(mean: float, std: float, n: int, fmt: str = ".4f") -> str:
+    """`mean ± std` over `n` seeds; with one seed the spread is undefined: `± n/a`."""
+    spread = f"{std:{fmt}}" if n > 1 else "n/a"
+    return f"{mean:{fmt}} ± {spread}"
 
 
 def first_step_reaching(steps: Sequence[int], values: Sequence[float], threshold: float):

@@ -27,7 +27,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 bnjax-data-parallel --workdir
 
 The multi-process flags fall back to `$JAX_COORDINATOR_ADDRESS`,
 `$JAX_NUM_PROCESSES` and `$JAX_PROCESS_ID`; `--auto-distributed` lets
-JAX read them from SLURM / Open MPI / Kubernetes. See docs/multidevice.md.
+JAX read them from SLURM / Open MPI / Kubernetes (the documentation's "Beyond one
+device" guide has launch recipes).
 
 Programmatic use: `results = run(get_config(), "runs/dp")` (after
 `bnjax.training.distributed.initialize(...)` in a multi-process run).

@@ -136,6 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
+@_common.quick_time("measured: 24 s wall, 34 CPU-s on 2 cores")
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """A smoke test of the same pipeline: MNIST, the convnet, 3 corruptions, 256 images."""
     return _common.updated(

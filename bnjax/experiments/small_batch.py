@@ -6,8 +6,8 @@ mini-batch statistics are poor estimates of the population's (very small
 batches) or systematically different from them (batches of one or two
 classes), the network learns under one transform and is evaluated under
 another. Ioffe (2017, "Batch Renormalization", arXiv 1702.03275) shows the
-failure on ImageNet and fixes it with Batch Renorm (see ../shared/BEYOND.md
-§1 and :class:`bnjax.linen.BatchRenorm`).
+failure on ImageNet and fixes it with Batch Renorm
+(:class:`bnjax.linen.BatchRenorm`).
 
 Here, on MNIST (or Fashion-MNIST) with the Figure-1 MLP
 (:class:`bnjax.experiments.models.MLP`, 784-100-100-100-10, a normalization layer after
@@ -215,6 +215,7 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
+@_common.quick_time("measured: 27 s wall, 42 CPU-s on 2 cores")
 def quick_config(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """`config` (default :func:`get_config`) shortened to a smoke test of the same pipeline.
 
@@ -583,8 +584,11 @@ def results_markdown(
         for m in methods:
             c = row[m]
             cells.append(
-                f"{c['eval_accuracy_mean']:.4f} ± {c['eval_accuracy_std']:.4f} / "
-                f"{c['train_mode_accuracy_mean']:.4f} ± {c['train_mode_accuracy_std']:.4f}"
+                _common.pm(c["eval_accuracy_mean"], c["eval_accuracy_std"], config.num_seeds)
+                + " / "
+                + _common.pm(
+                    c["train_mode_accuracy_mean"], c["train_mode_accuracy_std"], config.num_seeds
+                )
             )
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -670,6 +674,7 @@ def plot(
     ax = axes[1]
     styles = ["-", "--", ":", "-.", (0, (3, 1, 1, 1, 1, 1))]
     plotted = set()
+    last_step, line_lows = 0, []
     for i, s in enumerate(settings):
         for m in ("bn", "renorm", "none"):
             run_name = _source_run(config, s, m)
@@ -678,6 +683,8 @@ def plot(
             plotted.add(run_name)
             steps, acc = _common.series(history, run_name, "accuracy")
             if steps.size:
+                last_step = max(last_step, int(steps.max()))
+                line_lows.append(float(acc.mean(1).min()))
                 label = f"{METHODS[m]}, {SETTINGS[s].label}"
                 if m == "none":
                     k = SETTINGS[s].classes_per_batch
@@ -688,11 +695,14 @@ def plot(
                     color=COLORS[m],
                     ls=styles[i % len(styles)],
                     lw=1.4,
+                    marker="o" if steps.size < 5 else None,  # a quick run: one or two points
+                    ms=4,
                     label=label,
                 )
     ax.set(xlabel="training steps", ylabel="test accuracy (eval mode, seed mean)")
     ax.set_title("(b) eval-mode test accuracy during training")
-    ax.set_ylim(max(0.0, np.floor(min(lows) * 10) / 10 - 0.05), 1.0)
+    ax.set_xlim(0, max(last_step, 1) * 1.05)
+    ax.set_ylim(max(0.0, np.floor(min(lows + line_lows) * 10) / 10 - 0.05), 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.suptitle(f"Small / non-i.i.d. mini-batches: {_setting_text(config)}", fontsize=10)
