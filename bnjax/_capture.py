@@ -48,6 +48,14 @@ def linen_config(mod: nn.Module) -> F.BatchNormConfig | None:
     return None
 
 
+def linen_params(mod: nn.Module, cfg: F.BatchNormConfig) -> F.BNParams:
+    """The `scale` and `bias` a bound linen batch-norm layer holds (`None` where unused)."""
+    return F.BNParams(
+        mod.get_variable("params", "scale") if cfg.use_scale else None,
+        mod.get_variable("params", "bias") if cfg.use_bias else None,
+    )
+
+
 def as_args(batch: Any) -> tuple:
     """A batch as the model's positional arguments (a tuple is already several)."""
     return batch if isinstance(batch, tuple) else (batch,)
@@ -82,10 +90,7 @@ def linen_tracer(model: nn.Module, apply_kwargs: Mapping[str, Any]) -> Callable:
             if cfg is None:
                 return next_fun(*a, **kw)
             path = "/".join(mod.path)
-            params = F.BNParams(
-                mod.get_variable("params", "scale") if cfg.use_scale else None,
-                mod.get_variable("params", "bias") if cfg.use_bias else None,
-            )
+            params = linen_params(mod, cfg)
             state = _linen_stats(mod, cfg, path)
             x = jnp.asarray(a[0])
             y, rec = _with_path(path, record, x, kw.get("mask"), cfg, params, state, upstream)

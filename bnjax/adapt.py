@@ -71,7 +71,7 @@ from flax.core import unfreeze
 from bnjax import functional as F
 from bnjax import linen as bnlinen
 from bnjax import nnx as bnnnx
-from bnjax._capture import linen_config, local
+from bnjax._capture import linen_config, linen_params, local
 from bnjax._module_common import config_from
 from bnjax.compat import is_batch_norm
 from bnjax.population import BatchStats
@@ -79,7 +79,7 @@ from bnjax.population import BatchStats
 __all__ = ["AdaptState", "Adapter", "norm", "robust", "tent"]
 
 Array = jax.Array
-Path = tuple[Any, ...]
+_Path = tuple[Any, ...]
 
 
 class Adapter(NamedTuple):
@@ -150,7 +150,7 @@ class AdaptState:
 # --------------------------------------------------------------------------- layer rules
 
 # rule(path, x, mask, cfg, params, source_stats, stats) -> (y, new (mean, var) or None)
-Rule = Callable[..., tuple[Array, Any]]
+_Rule = Callable[..., tuple[Array, Any]]
 
 
 def _batch(x: Array, mask: Array | None, cfg: F.BatchNormConfig):
@@ -183,7 +183,7 @@ def _check_values(path: str, x: Array, cfg: F.BatchNormConfig, what: str) -> Non
         )
 
 
-def _mixture_rule(prior: float) -> Rule:
+def _mixture_rule(prior: float) -> _Rule:
     def rule(path, x, mask, cfg, params, source, stats):
         if math.isinf(prior):
             return _normalize(x, cfg, params, source.mean, source.var), None
@@ -198,7 +198,7 @@ def _mixture_rule(prior: float) -> Rule:
     return rule
 
 
-def _robust_rule(momentum: float) -> Rule:
+def _robust_rule(momentum: float) -> _Rule:
     def rule(path, x, mask, cfg, params, source, stats):
         mean0, var0 = stats
         _, mu_b, var_b, count = _batch(x, mask, cfg)
@@ -222,7 +222,7 @@ def _unsupported(path: str, module: Any) -> TypeError:
     )
 
 
-def _linen_forward(static: _Static, variables, x, rule: Rule, stats: dict):
+def _linen_forward(static: _Static, variables, x, rule: _Rule, stats: dict):
     """`(logits, new stats)`: the linen model with every batch norm replaced by `rule`."""
     current = dict(stats)
 
@@ -236,10 +236,7 @@ def _linen_forward(static: _Static, variables, x, rule: Rule, stats: dict):
         if cfg is None:
             return next_fun(*args, **kwargs)
         path = "/".join(mod.path)
-        params = F.BNParams(
-            mod.get_variable("params", "scale") if cfg.use_scale else None,
-            mod.get_variable("params", "bias") if cfg.use_bias else None,
-        )
+        params = linen_params(mod, cfg)
         mean, var = mod.get_variable("batch_stats", "mean"), mod.get_variable("batch_stats", "var")
         if mean is None or var is None:
             raise ValueError(f"batch-norm layer {path!r} has no batch_stats/mean and var")
@@ -285,7 +282,7 @@ def _nnx_layer(mod: Any):
     return cfg, params, BatchStats(mod.mean[...], mod.var[...], zeros, zeros)
 
 
-def _nnx_forward(static: _Static, state, x, rule: Rule, stats: dict):
+def _nnx_forward(static: _Static, state, x, rule: _Rule, stats: dict):
     graphdef = static.model
     model = nnx.merge(graphdef, state)
     paths = {id(m): "/".join(map(str, p)) for p, m in nnx.iter_modules(model)}
@@ -304,7 +301,7 @@ def _nnx_forward(static: _Static, state, x, rule: Rule, stats: dict):
     return logits, current
 
 
-def _forward(static: _Static, source, params: dict, x, rule: Rule, stats: dict):
+def _forward(static: _Static, source, params: dict, x, rule: _Rule, stats: dict):
     """The model on `x` with the adapted `params` merged into `source`."""
     return (_linen_forward if static.kind == "linen" else _nnx_forward)(
         static, _merge(static, source, params), x, rule, stats
@@ -314,7 +311,7 @@ def _forward(static: _Static, source, params: dict, x, rule: Rule, stats: dict):
 # --------------------------------------------------------------------------- layers
 
 
-def _layers(static: _Static, source) -> dict[str, tuple[Path, Path, Any]]:
+def _layers(static: _Static, source) -> dict[str, tuple[_Path, _Path, Any]]:
     """Every batch-norm layer of the model by path: `(scale path, bias path, (mean,
     var))` with the flat paths of its parameters (`None` where unused) and its source
     statistics; read from the variables' structure (a linen batch norm stores
@@ -324,7 +321,7 @@ def _layers(static: _Static, source) -> dict[str, tuple[Path, Path, Any]]:
       TypeError: a `BatchWhitening` layer.
       ValueError: no batch-norm layer.
     """
-    out: dict[str, tuple[Path, Path, Any]] = {}
+    out: dict[str, tuple[_Path, _Path, Any]] = {}
     if static.kind == "linen":
         flat = traverse_util.flatten_dict(unfreeze(dict(source)))
         for k in flat:
@@ -359,7 +356,7 @@ def _layers(static: _Static, source) -> dict[str, tuple[Path, Path, Any]]:
     return out
 
 
-def _bn_params(static: _Static, source) -> dict[Path, Array]:
+def _bn_params(static: _Static, source) -> dict[_Path, Array]:
     """The batch-norm scales and biases `{flat path: value}` of the source."""
     if static.kind == "linen":
         flat = traverse_util.flatten_dict(unfreeze(dict(source)))
@@ -406,7 +403,7 @@ def _split(model: Any, variables: Any, call_kwargs: Mapping[str, Any]):
 
 
 def _adapter(
-    rule: Rule,
+    rule: _Rule,
     *,
     optimizer: optax.GradientTransformation | None = None,
     steps: int = 1,

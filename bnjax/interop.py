@@ -47,7 +47,7 @@ from bnjax.compat import is_batch_norm
 
 __all__ = ["batch_norm_kwargs", "from_torch", "to_torch", "torch_input"]
 
-Path = tuple[Any, ...]
+_Path = tuple[Any, ...]
 
 # torch's buffers/parameters of each kind of layer -> the flax variable names
 _BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
@@ -188,7 +188,7 @@ def _flax_kind(module: Any) -> str | None:
 def _linen_layers(module: nn.Module, x: Any, call_kwargs: Mapping[str, Any]):
     """`(layers, shapes)`: the linen model's convertible layers in call order (their
     slots map names to flat variable paths) and the flat shapes of `init`'s variables."""
-    calls: list[tuple[str, Path]] = []
+    calls: list[tuple[str, _Path]] = []
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name == "__call__":
@@ -382,7 +382,7 @@ def from_torch(
     """
     torch_layers = _torch_layers(torch_module, x)
     flax_layers, shapes = _layers(flax_module, x, call_kwargs)
-    values: dict[Path, Any] = {}
+    values: dict[_Path, Any] = {}
     for t, f in _pairs(torch_layers, flax_layers, name_map):
         for tname, tensor in t.slots.items():
             fname, a = _to_flax(t.kind, tname, tensor.detach().cpu().numpy())

@@ -130,6 +130,10 @@ def problems(html: str, page: str = "page") -> list[str]:
     for rows in p.returns_rows:
         if len(rows) > 1:
             out.append(f"{page}: a Returns section split into {len(rows)} rows: {rows[0][:60]!r}")
+        for row in rows:
+            cell = row.split(" | ")[0]
+            if cell.startswith(("`", ":")) or re.search(r"\b(the|is|of|and|with)\b", cell):
+                out.append(f"{page}: a Returns type cell holds the description: {row[:60]!r}")
     for name in p.name_cells:
         if name.endswith(",") or not name:
             out.append(f"{page}: a table name cell is a fragment: {name!r}")
@@ -203,6 +207,11 @@ BROKEN = {
         '<p><span class="doc-section-title">Returns:</span></p><table><tbody>'
         '<tr class="doc-section-item"><td>Array</td><td>(y, s): y has</td></tr>'
         '<tr class="doc-section-item"><td>Stats</td><td>the shape.</td></tr></tbody></table>'
+    ),
+    "returns_type": (
+        '<p><span class="doc-section-title">Returns:</span></p><table><tbody>'
+        '<tr class="doc-section-item"><td>`(y, new_state)`</td><td>y has the shape.</td></tr>'
+        "</tbody></table>"
     ),
     "name": (
         '<p><span class="doc-section-title">Attributes:</span></p><table><tbody>'

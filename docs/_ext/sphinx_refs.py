@@ -138,3 +138,30 @@ class FlaxModuleSignatures(griffe.Extension):
             returns="None",
         )
         cls.set_member("__init__", init)
+
+
+_RETURNS = re.compile(r"^(?P<head>[ \t]*Returns:[ \t]*\n)(?P<ind>[ \t]+)(?P<first>[^\n]*)", re.M)
+
+
+class PlainReturns(griffe.Extension):
+    """A Returns section is one paragraph of text in bnjax's docstrings (a tuple is
+    described as a whole, ``(y, new_state)``: ...). With ``returns_named_value: false``
+    griffe reads the text before the first colon of its first line as a type; a leading
+    ``:`` gives it an empty type (the function's annotation is shown instead) and keeps
+    the whole line as the description."""
+
+    def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
+        def fix(m: re.Match) -> str:
+            first = m.group("first")
+            if ":" in first and not first.lstrip().startswith(":"):
+                first = ": " + first
+            return m.group("head") + m.group("ind") + first
+
+        def visit(obj: griffe.Object) -> None:
+            if obj.docstring is not None:
+                obj.docstring.value = _RETURNS.sub(fix, obj.docstring.value)
+            for member in obj.members.values():
+                if not member.is_alias:
+                    visit(member)
+
+        visit(pkg)
