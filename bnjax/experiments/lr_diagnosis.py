@@ -258,6 +258,9 @@ def markdown(records, config, seconds: float | None) -> str:
         f"loss > {CHANCE_LOSS:g}: the first step after 20 whose 20-step mean training loss "
         "exceeds it (chance: log 10 = 2.30).",
         "",
+        "![training loss, dead units, logit scale and BN parameters per step, per case]"
+        "(diagnosis.png)",
+        "",
         "| case | lr | momentum | lr/(1-m) | first step dead: "
         + " | ".join(layers(next(iter(records.values()))))
         + f" | loss > {CHANCE_LOSS:g} | loss, last 20 steps | max logit rms "
