@@ -2,7 +2,7 @@
 
 Mu & Gilmer (2019, "MNIST-C: A robustness benchmark for computer vision") corrupt
 the MNIST test set in 15 ways, one severity each; the parameters here are their
-reference implementation's defaults (../shared/BEYOND.md section 3), rewritten on
+reference implementation's defaults (github.com/google-research/mnist-c), rewritten on
 NumPy, SciPy and scikit-image (the `shift` extra). Images are float32 `(N, 28,
 28)` in `[0, 1]` (:func:`bnjax.experiments.data.load_dataset`), MNIST's or
 Fashion-MNIST's; every corruption keeps the shape and the range and is

@@ -28,7 +28,7 @@ against test batch size per method; error per corruption and method at batch
 Run:
 
 ```bash
-bnjax-shift --data-dir ../shared/data                 # the full run
+bnjax-shift --data-dir DATA      # the full run (DATA holds mnist/ and fashion-mnist/)
 bnjax-shift --quick --workdir runs/smoke              # a smoke test
 bnjax-shift --config.datasets=mnist --config.models=convnet
 ```
