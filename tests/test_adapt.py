@@ -347,3 +347,20 @@ def test_models_without_batch_norm_or_with_whitening_are_refused():
         adapt.tent(optax.sgd(0.1)).init(White(), v, train=False)
     with pytest.raises(TypeError, match="not support"):
         adapt.norm(0).init(bnjax.nnx.BatchWhitening(5, rngs=nnx.Rngs(0)))
+
+
+def test_nnx_variables_are_an_updatable_state(data):
+    """For an NNX model, `variables(state)` is an nnx.State: robust's adapted statistics
+    (and the source parameters) load into a copy with nnx.update; the model is untouched."""
+    x, _, v = data
+    m = _nnx_from_linen(v, flax_bn=True)
+    ad = adapt.robust(momentum=0.5)
+    st = ad.init(m)
+    for xb in (x, x + 1.0):
+        _, st = ad.step(st, xb)
+    copy = nnx.clone(m)
+    nnx.update(copy, ad.variables(st))
+    np.testing.assert_allclose(copy.bn0.mean[...], st.stats["bn0"][0], rtol=1e-6)
+    np.testing.assert_allclose(copy.bn1.var[...], st.stats["bn1"][1], rtol=1e-6)
+    np.testing.assert_array_equal(m.bn0.mean[...], v["batch_stats"]["bn0"]["mean"])
+    np.testing.assert_array_equal(copy.d0.kernel[...], m.d0.kernel[...])
