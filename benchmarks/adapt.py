@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
@@ -63,19 +61,6 @@ def steps(batch: int):
     return out
 
 
-def measure(fns: dict, reps: int) -> dict[str, float]:
-    for f in fns.values():
-        jax.block_until_ready(f())
-        jax.block_until_ready(f())
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
@@ -83,7 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs",
                                                   "benchmarks.md"))
     args = p.parse_args(argv)
-    med = measure(steps(args.batch), args.reps)
+    med = ops.interleaved_medians(steps(args.batch), args.reps)
     goals = {"norm(prior=16)": 1.3, "norm(prior=0)": 1.3, "tent (1 step)": 3.5}
     rows = [
         "## Test-time adaptation: cost per batch (`benchmarks/adapt.py`)",

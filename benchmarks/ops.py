@@ -42,6 +42,7 @@ import importlib
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -513,6 +514,24 @@ def _time(run: Callable[[], Any], reps: int) -> float:
     for _ in range(reps):
         run()
     return (_clock() - t) / reps
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Median wall seconds per call of each function, after two warm-up calls (compile),
+    the functions called round-robin so machine noise hits all of them alike. Each call's
+    result is waited for (`jax.block_until_ready`)."""
+    import jax
+
+    for f in fns.values():
+        jax.block_until_ready(f())
+        jax.block_until_ready(f())
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _reps(run: Callable[[], Any], target_s: float) -> int:

@@ -28,9 +28,7 @@ import argparse
 import datetime
 import functools
 import os
-import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -41,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ops  # noqa: E402  (machine/version info, section writer)
 
 import bnjax  # noqa: E402
+from bnjax import training  # noqa: E402
 from bnjax.experiments.models import ResNet18  # noqa: E402
 
 TORCH_KW = dict(
@@ -62,26 +61,12 @@ def jax_step(norm, batch: int, size: int):
     y = np.arange(batch) % 10
     variables = model.init(jax.random.key(0), x, train=False)
     tx = optax.sgd(0.01, momentum=0.9)
-    params, stats = variables["params"], variables["batch_stats"]
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(params, stats, opt, x, y):
-        def loss(p):
-            logits, upd = model.apply(
-                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
-
-        g, upd = jax.grad(loss, has_aux=True)(params)
-        updates, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, updates), upd["batch_stats"], opt
-
-    carry = [params, stats, opt]
+    step = jax.jit(training.make_train_step(model, tx))
+    state = [training.state_from_variables(variables, tx, jax.random.key(0))]
 
     def run():
-        carry[:] = step(*carry, x, y)
-        jax.block_until_ready(carry)
+        state[0], _ = step(state[0], x, y)
+        jax.block_until_ready(state[0])
 
     return run
 
@@ -111,19 +96,6 @@ def torch_step(batch: int, size: int):
     return run
 
 
-def measure(steps: dict, reps: int) -> dict[str, float]:
-    for run in steps.values():  # warm up (compile)
-        run()
-        run()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(reps):
-        for k, run in steps.items():
-            t = time.perf_counter()
-            run()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=32)
@@ -139,7 +111,7 @@ def main(argv=None) -> int:
     t = torch_step(args.batch, args.size)
     if t is not None:
         steps["torch eager"] = t
-    med = measure(steps, args.reps)
+    med = ops.interleaved_medians(steps, args.reps)
     ref = med["flax"]
     rows = [
         "## ResNet-18 training step: bnjax vs flax vs torch (`benchmarks/resnet18.py`)",

@@ -109,19 +109,22 @@ class _Static:
 
     def __init__(self, kind: str, model: Any, call_kwargs: Mapping[str, Any]):
         self.kind, self.model, self.call_kwargs = kind, model, dict(call_kwargs)
-        items = tuple(sorted(self.call_kwargs.items()))
+        key = (kind, model, tuple(sorted(self.call_kwargs.items())))
         try:
-            self._key = hash((kind, model, items)), (kind, model, items)
-        except TypeError:
-            self._key = id(self), self
+            hash(key)
+        except TypeError:  # an unhashable model or argument: equal only to itself
+            key = None
+        self._key = key
 
     def __hash__(self) -> int:
-        return self._key[0]
+        return id(self) if self._key is None else hash(self._key)
 
     def __eq__(self, other: Any) -> bool:
-        return isinstance(other, _Static) and (
-            self._key[1] is self if self._key[1] is self else self._key[1] == other._key[1]
-        )
+        if not isinstance(other, _Static):
+            return False
+        if self._key is None or other._key is None:
+            return self is other
+        return self._key == other._key
 
 
 @struct.dataclass
@@ -155,14 +158,14 @@ _Rule = Callable[..., tuple[Array, Any]]
 
 def _batch(x: Array, mask: Array | None, cfg: F.BatchNormConfig):
     """`(n examples, mu_B, sigma2_B, values per feature)` of one layer's input."""
-    m = F.batch_moments(x, cfg, mask=mask)
     faxes = F.feature_axes(x.ndim, cfg.axis)
-    per_example = math.prod(s for i, s in enumerate(x.shape) if i not in faxes and i != 0)
     if 0 in faxes:
         raise ValueError(
             f"bnjax.adapt needs axis 0 to be the batch axis; axis={cfg.axis!r} makes it a "
             f"feature axis (input shape {tuple(x.shape)})"
         )
+    per_example = math.prod(s for i, s in enumerate(x.shape) if i not in faxes and i != 0)
+    m = F.batch_moments(x, cfg, mask=mask)
     return m.count / max(per_example, 1), m.mean, m.var(), m.count
 
 

@@ -214,7 +214,7 @@ def _linen_layers(module: nn.Module, x: Any, call_kwargs: Mapping[str, Any]):
 def _record_nnx_calls(record: Callable[[Any], None]) -> Iterator[None]:
     """Temporarily wraps `__call__` of flax's and bnjax's NNX Conv / Linear /
     BatchNorm classes to record each call's module."""
-    classes = (nnx.Conv, nnx.Linear, nnx.BatchNorm, bnnnx.BatchNorm, bnnnx.BatchNormAct)
+    classes = (nnx.Conv, nnx.Linear, nnx.BatchNorm, bnnnx.BatchNorm)  # (subclasses inherit)
     saved = {c: c.__dict__.get("__call__") for c in classes}
 
     def wrap(call):

@@ -184,20 +184,19 @@ def update(
     batches = state.batches + seen.astype(state.batches.dtype)
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
-    var_ok = seen
-    if variance == "unbiased":
-        var_ok = n > 1
-        batch_var = batch.m2 / jnp.where(var_ok, n - 1, 1)
-    else:
-        batch_var = batch.var()
-    if population == "ema":
-        mean = momentum * state.mean + (1 - momentum) * batch.mean
-        var = momentum * state.var + (1 - momentum) * batch_var
-    elif population == "cumulative":
-        # PyTorch's momentum=None: factor 1 / num_batches_tracked (after the increment)
-        factor = 1 / jnp.where(seen, batches, 1)
-        mean = (1 - factor) * state.mean + factor * batch.mean
-        var = (1 - factor) * state.var + factor * batch_var
+    if population in ("ema", "cumulative"):
+        if variance == "unbiased":  # PyTorch's running_var: m2 / (n - 1)
+            var_ok = n > 1
+            batch_var = batch.m2 / jnp.where(var_ok, n - 1, 1)
+        else:
+            var_ok, batch_var = seen, batch.var()
+        if population == "ema":
+            w_old, w_new = momentum, 1 - momentum
+        else:  # PyTorch's momentum=None: factor 1 / num_batches_tracked (after the increment)
+            w_new = 1 / jnp.where(seen, batches, 1)
+            w_old = 1 - w_new
+        mean = w_old * state.mean + w_new * batch.mean
+        var = w_old * state.var + w_new * batch_var
     elif population == "average":
         var_ok = seen
         safe_count = jnp.where(count > 0, count, 1)

@@ -230,17 +230,13 @@ def _run(kind, model, kwargs, carry, batches, mode, variance, progress, write):
         return write(carry, {p: _finalize(a, variance) for p, a in acc.items()})
     source = _batches_source(batches, 2)
     first = next(iter(source()), None)
-    layers = len(stepper.order) if first is None else None
-    if first is not None:
-        stepper.zero(carry, as_args(first))  # (traced once: the layers in call order)
-        layers = len(stepper.order)
-    acc = _accumulate(stepper, carry, source, progress, f"layer 1/{layers}", total)
-    order = stepper.order
-    carry = write(carry, {order[0]: _finalize(acc[order[0]], variance)})
-    for k in range(1, len(order)):
-        desc = f"layer {k + 1}/{len(order)}"
+    if first is not None:  # traced once up front: the layers in call order (the bars' k/K)
+        stepper.zero(carry, as_args(first))
+    for k in range(len(stepper.order) or 1):  # pass k: layer k (no batch or layer: pass 0 raises)
+        desc = f"layer {k + 1}/{len(stepper.order)}"
         acc = _accumulate(stepper, carry, source, progress, desc, total)
-        carry = write(carry, {order[k]: _finalize(acc[order[k]], variance)})
+        path = stepper.order[k]
+        carry = write(carry, {path: _finalize(acc[path], variance)})
     return carry
 
 

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 import bnjax
+from bnjax import training
 from bnjax.experiments.models import ResNet18
 
 torch = pytest.importorskip(
@@ -500,26 +501,14 @@ def test_resnet18_three_sgd_steps_match_torchvision(resnet):
             torch.nn.functional.cross_entropy(logits, torch.tensor(yb)).backward()
             opt_t.step()
 
-        tx = optax.sgd(0.05, momentum=0.9)
-        params, stats = variables["params"], variables["batch_stats"]
-        opt = tx.init(params)
-
-        @jax.jit
-        def step(params, stats, opt, xb, yb):
-            def loss(p):
-                logits, upd = model.apply(
-                    {"params": p, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
-                )
-                return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd
-
-            g, upd = jax.grad(loss, has_aux=True)(params)
-            updates, opt = tx.update(g, opt, params)
-            return optax.apply_updates(params, updates), upd["batch_stats"], opt
-
+        tx = optax.sgd(0.05, momentum=0.9)  # torch.optim.SGD(lr=0.05, momentum=0.9)
+        step = jax.jit(training.make_train_step(model, tx))  # mean cross-entropy, as torch's
+        state = training.state_from_variables(variables, tx, jax.random.key(0))
         for xb, yb in batches:
-            params, stats, opt = step(params, stats, opt, xb, yb)
+            state, _ = step(state, xb, yb)
+        stats = state.batch_stats
         mine = bnjax.interop.to_torch(
-            {"params": params, "batch_stats": stats},
+            {"params": state.params, "batch_stats": stats},
             model,
             tv.models.resnet18(num_classes=10).double(),
             x,

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from bnjax import training
 
 __all__ = [
+    "ConfigError",
     "CommandLine",
     "parse_command_line",
     "run_command_line",
@@ -61,6 +62,10 @@ __all__ = [
     "new_figure",
     "save_figure",
 ]
+
+
+class ConfigError(ValueError):
+    """A config value an experiment cannot run with (the CLI prints it on one line)."""
 
 
 @dataclasses.dataclass

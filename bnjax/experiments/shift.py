@@ -70,9 +70,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A config value the experiment cannot run with (the CLI prints it on one line)."""
-
+ConfigError = _common.ConfigError
 
 CONFIG_HELP = {
     "datasets": "comma-separated: 'mnist', 'fashion-mnist'",
@@ -193,18 +191,15 @@ def evaluate_stream(
     (compiled once per adapter, model and shape, kept in `cache`; the time
     excludes compilation)."""
     key = (id(adapter), model, x.shape)
+    state, x = adapter.init(model, variables, train=False), jnp.asarray(x)
     if key not in cache:
 
         def stream(state, xs):
             return jax.lax.scan(lambda s, xb: adapter.step(s, xb)[::-1], state, xs)[1]
 
-        cache[key] = (
-            jax.jit(stream)
-            .lower(adapter.init(model, variables, train=False), jnp.asarray(x))
-            .compile()
-        )
+        cache[key] = jax.jit(stream).lower(state, x).compile()
     t = time.perf_counter()
-    logits = jax.block_until_ready(cache[key](adapter.init(model, variables, train=False), x))
+    logits = jax.block_until_ready(cache[key](state, x))
     seconds = time.perf_counter() - t
     return float(np.mean(np.argmax(logits, -1) != y)), seconds
 

@@ -100,9 +100,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A config value the experiment cannot run with (the CLI prints it on one line)."""
-
+ConfigError = _common.ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
